@@ -1,0 +1,7 @@
+"""polyak: PyTorch optimizers written from scratch, a drop-in for ``torch.optim``."""
+
+from polyak.algorithms.sgd import SGD
+from polyak.optimizer import Optimizer, required
+
+__all__ = ["SGD", "Optimizer", "required"]
+__version__ = "0.1.0"

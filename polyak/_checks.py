@@ -1,0 +1,151 @@
+"""Every argument check polyak makes, with its message.
+
+Where torch.optim raises for the same condition, the type and wording are torch's, so code and
+tests that match on them keep working. The checks run in torch's order, before any group exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_LEAF_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def check_lr(lr: float | Tensor) -> None:
+    """Check a learning rate as torch.optim does: a float, or a one-element tensor, >= 0."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_nonnegative(name: str, value: float | Tensor) -> None:
+    """Check ``value >= 0`` with torch's wording (``Invalid momentum value: -1``)."""
+    if value < 0.0:
+        raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_nesterov(nesterov: bool, momentum: float, dampening: float) -> None:
+    """Nesterov momentum needs a buffer to look ahead with, and no dampening."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def check_strategy_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
+    """Reject combinations of torch's strategy flags that torch rejects, in torch's order."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def fused_devices() -> list[str]:
+    """Device types on which torch.optim accepts ``fused=True``."""
+    return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia", torch._C._get_privateuse1_backend_name()]
+
+
+def check_fused_param(p: Tensor) -> None:
+    """``fused=True`` needs floating-point parameters on a device with fused kernels."""
+    devices = fused_devices()
+    if not (p.device.type in devices and torch.is_floating_point(p)):
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of "
+            f"supported devices: {devices} but {p.dtype} and {p.device.type}"
+        )
+
+
+def check_params_argument(params: Any) -> list[Any]:
+    """Turn the ``params`` argument into a non-empty list, or raise as torch does."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be "
+            "an iterable of Tensors or dicts, but got " + torch.typename(params)
+        )
+    if not isinstance(params, Iterable):
+        raise TypeError(
+            "params argument given to the optimizer should be "
+            "an iterable of Tensors or dicts, but got " + torch.typename(params)
+        )
+    groups = list(params)
+    if len(groups) == 0:
+        raise ValueError("optimizer got an empty parameter list")
+    return groups
+
+
+def check_group_params(
+    params: list[Any], differentiable: bool
+) -> tuple[list[Tensor], list[str] | None]:
+    """Split a group's params into tensors and (optional) names, checking each as torch does."""
+    tensors: list[Any] = []
+    names: list[Any] = []
+    for item in params:
+        if isinstance(item, tuple):
+            names.append(item[0])
+            tensors.append(item[1])
+        else:
+            tensors.append(item)
+    if names and len(names) != len(tensors):
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names are missing"
+        )
+    for p in tensors:
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                "optimizer can only optimize Tensors, but one of the params is " + torch.typename(p)
+            )
+        if not differentiable and not (p.is_leaf or p.retains_grad):
+            raise ValueError("can't optimize a non-leaf Tensor")
+    return tensors, (names or None)
+
+
+def check_step_count(value: Any) -> int:
+    """A saved step count is a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Invalid _step_count value: {value!r} (expected a non-negative int)")
+    if value < 0:
+        raise ValueError(f"Invalid _step_count value: {value} (expected a non-negative int)")
+    return value
+
+
+def check_mapping(what: str, value: Any) -> Mapping[Any, Any]:
+    """State dicts and their parts are mappings; say which part is not."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"Invalid {what}: expected a dict, but got {torch.typename(value)}")
+    return value
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, (int, float, Tensor)):
+        return "a number or a Tensor"
+    if isinstance(value, (list, tuple)):
+        return "a sequence"
+    if isinstance(value, str):
+        return "a str"
+    return None
+
+
+def check_same_kind(what: str, current: Any, loaded: Any) -> None:
+    """A loaded hyperparameter has the kind of value the optimizer holds for it.
+
+    Numbers and tensors are one kind (a scheduler may turn ``lr`` into a tensor), lists and
+    tuples another; None and values of other types are not checked.
+    """
+    expected, got = _kind(current), _kind(loaded)
+    if expected is None or got is None:
+        return
+    if expected != got:
+        raise TypeError(f"Invalid {what} value: {loaded!r} (expected {expected})")
+    if expected == "a sequence":
+        if len(current) != len(loaded):
+            raise ValueError(f"Invalid {what} value: {loaded!r} (expected {len(current)} elements)")
+        for j, (c, v) in enumerate(zip(current, loaded, strict=True)):
+            check_same_kind(f"{what}[{j}]", c, v)

@@ -1,0 +1,1 @@
+"""One module per optimizer: its docstring, class, checks and update rule."""

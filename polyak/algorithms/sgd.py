@@ -1,0 +1,119 @@
+"""Stochastic gradient descent with momentum, weight decay and Nesterov momentum."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from torch import Tensor
+
+from polyak import _checks, _ops
+from polyak.optimizer import Hyper, Optimizer, ParamsT
+from polyak.strategies import StateLists
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
+
+    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+
+        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        b_t &\leftarrow \mu\, b_{t-1} + (1 - \tau)\, g_t \\
+        d_t &\leftarrow g_t + \mu\, b_t \ \text{(nesterov)} \quad\text{or}\quad b_t \\
+        \theta_t &\leftarrow \theta_{t-1} - \gamma\, d_t
+
+    where :math:`\gamma` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
+    :math:`\lambda` = ``weight_decay``, and the gradient is negated when ``maximize``. With
+    :math:`\mu = 0` there is no buffer and :math:`d_t = g_t`.
+
+    Note:
+        As in torch.optim, and unlike Polyak (1964) and Sutskever et al. (2013), the momentum
+        buffer starts as the first gradient, :math:`b_1 = g_1`, undamped; ``lr`` multiplies the
+        buffer rather than entering it, so changing ``lr`` mid-training does not rescale the
+        velocity.
+
+    Args:
+        params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
+            defining parameter groups.
+        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0
+            (default: 1e-3).
+        momentum: momentum factor :math:`\mu`, >= 0 (default: 0).
+        dampening: dampening :math:`\tau` of the momentum (default: 0).
+        weight_decay: L2 penalty :math:`\lambda`, >= 0 (default: 0).
+        nesterov: use Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``
+            (default: False).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        foreach: run the update over all of a group's tensors per operation; None lets polyak
+            choose (default: None).
+        differentiable: let autograd run through the step, e.g. to differentiate with respect
+            to ``lr`` (default: False).
+        fused: take the fused path, which also unscales gradients inside the step for
+            ``torch.amp.GradScaler``; float parameters only (default: None).
+
+    References:
+        B. T. Polyak. Some methods of speeding up the convergence of iteration methods. USSR
+        Computational Mathematics and Mathematical Physics, 1964.
+        https://doi.org/10.1016/0041-5553(64)90137-5
+
+        I. Sutskever, J. Martens, G. Dahl, G. Hinton. On the importance of initialization and
+        momentum in deep learning. ICML 2013. https://proceedings.mlr.press/v28/sutskever13.html
+    """
+
+    state_keys = ("momentum_buffer",)
+    param_shaped_state = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _checks.check_lr(lr)
+        _checks.check_nonnegative("momentum", momentum)
+        _checks.check_nonnegative("weight_decay", weight_decay)
+        _checks.check_nesterov(nesterov, momentum, dampening)
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+        _checks.check_strategy_flags(foreach, fused, differentiable)
+        if fused:
+            self._step_supports_amp_scaling = True
+
+    @staticmethod
+    def update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
+        """Apply one SGD step to ``params`` given their ``grads``."""
+        g = _ops.neg(grads) if hp.maximize else grads
+        if hp.weight_decay != 0:
+            g = _ops.add_scaled(g, params, hp.weight_decay)
+        if hp.momentum != 0:
+            bufs = state["momentum_buffer"]
+            old = [i for i, b in enumerate(bufs) if b is not None]
+            # The first step sets b_1 = g_1 (no dampening), as torch.optim does.
+            for i in range(len(bufs)):
+                if bufs[i] is None:
+                    bufs[i] = g[i].detach().clone()
+            if old:
+                b_old = [cast(Tensor, bufs[i]) for i in old]
+                _ops.mul_(b_old, hp.momentum)
+                _ops.add_scaled_(b_old, [g[i] for i in old], 1 - hp.dampening)
+            b = [buf for buf in bufs if buf is not None]
+            g = _ops.add_scaled(g, b, hp.momentum) if hp.nesterov else b
+        _ops.sub_scaled_(params, g, hp.lr)

@@ -1,0 +1,545 @@
+"""The optimizer base: parameter groups, state, the step driver, checkpoints and hooks.
+
+It knows no optimizer by name. An algorithm subclass supplies its defaults and checks, and an
+``update`` rule written over lists of tensors; everything else lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import warnings
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
+from typing import Any, ClassVar, TypeAlias, TypeVar, cast, overload
+
+import torch
+import torch.optim
+from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
+
+from polyak import _checks, _ops
+from polyak.strategies import StateLists, choose
+
+ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+StateDict: TypeAlias = dict[str, Any]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: Top-level state_dict key holding the number of completed ``step()`` calls. torch.optim reads
+#: only ``state`` and ``param_groups``, so it loads such a state_dict unchanged.
+STEP_COUNT_KEY = "_step_count"
+
+
+class _Required:
+    """Marks a hyperparameter that every group must give: ``defaults={"lr": required}``."""
+
+    def __repr__(self) -> str:
+        return "<required parameter>"
+
+
+required = _Required()
+
+
+class Hyper:
+    """A group's hyperparameters, frozen, as the update rule reads them: ``hp.lr``.
+
+    One-element tensors are squeezed to 0-dim, as torch.optim does for a tensor ``lr``.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, group: Mapping[str, Any]) -> None:
+        values = {}
+        for key, value in group.items():
+            if key in ("params", "param_names"):
+                continue
+            if isinstance(value, Tensor) and value.dim() != 0:
+                value = value.squeeze()
+            values[key] = value
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("hyperparameters are read-only inside a step")
+
+    def __repr__(self) -> str:
+        return f"Hyper({self._values})"
+
+
+def _with_step_hooks(step: _F) -> _F:
+    """Wrap a ``step`` so that global and per-instance step hooks fire around it, as in torch."""
+
+    @functools.wraps(step)
+    def wrapper(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+        name = f"Optimizer.step#{type(self).__name__}.step"
+        with torch.autograd.profiler.record_function(name):
+            for pre_hook in chain(
+                _torch_optimizer._global_optimizer_pre_hooks.values(),
+                self._optimizer_step_pre_hooks.values(),
+            ):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(
+                            f"{step} must return None or a tuple of (new_args, new_kwargs), "
+                            f"but got {result}."
+                        )
+            out = step(self, *args, **kwargs)
+            for post_hook in chain(
+                self._optimizer_step_post_hooks.values(),
+                _torch_optimizer._global_optimizer_post_hooks.values(),
+            ):
+                post_hook(self, args, kwargs)
+            return out
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return cast(_F, wrapper)
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of polyak's optimizers, and of yours.
+
+    An instance passes ``isinstance(opt, torch.optim.Optimizer)``, so torch's LR schedulers,
+    ``GradScaler`` and training frameworks accept it, but every behaviour is implemented here:
+    none of ``torch.optim.Optimizer``'s methods is called.
+
+    Attributes:
+        defaults: the hyperparameters given to the constructor, used for groups that omit them.
+        state: per-parameter state, keyed by the parameter tensor itself.
+        param_groups: the groups; each group's ``params`` are the model's very tensors.
+        _step_count: the number of completed ``step()`` calls; saved in the state_dict.
+
+    A subclass sets ``defaults`` through ``__init__`` and supplies ``update(params, grads,
+    state, hp)``, the update rule over lists, and optionally ``init_state(param, hp)``.
+    ``state_keys`` names the state the update reads and writes; ``param_shaped_state`` the
+    keys that must have the parameter's shape, which ``load_state_dict`` checks.
+    """
+
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    param_shaped_state: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        self.defaults = defaults
+        self._init_hooks()
+        self._step_count = 0
+        groups = _checks.check_params_argument(params)
+        self.state: defaultdict[Tensor, Any] = defaultdict(dict)
+        self.param_groups: list[dict[str, Any]] = []
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(cast(dict[str, Any], group))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own_step = cls.__dict__.get("step")
+        if own_step is not None and not getattr(own_step, "hooked", False):
+            cls.step = _with_step_hooks(own_step)  # type: ignore[method-assign]
+
+    def _init_hooks(self) -> None:
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+
+    # ----------------------------------------------------------------- pickling and printing
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "defaults": self.defaults,
+            "state": self.state,
+            "param_groups": self.param_groups,
+            STEP_COUNT_KEY: self._step_count,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault(STEP_COUNT_KEY, 0)
+        self._init_hooks()
+        self.defaults.setdefault("differentiable", False)
+
+    def __repr__(self) -> str:
+        lines = [type(self).__name__ + " ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {key}: {group[key]}" for key in sorted(group) if key != "params")
+        return "\n".join(lines) + "\n)"
+
+    # ----------------------------------------------------------------------------- groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of parameters with its own hyperparameters.
+
+        Missing hyperparameters are taken from ``defaults``. The group is checked whole before
+        anything changes: on an error neither the optimizer nor ``param_group`` is modified.
+
+        Args:
+            param_group: ``{"params": tensors or (name, tensor) pairs, **hyperparameters}``.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list "
+                "instead."
+            )
+        else:
+            params = list(params)
+        tensors, names = _checks.check_group_params(
+            params, bool(self.defaults.get("differentiable", False))
+        )
+        filled: dict[str, Any] = {}
+        for name, default in self.defaults.items():
+            if default is required and name not in param_group:
+                raise ValueError(
+                    "parameter group didn't specify a value of required optimization "
+                    f"parameter {name}"
+                )
+            if name not in param_group:
+                filled[name] = default
+        if len(tensors) != len(set(tensors)):
+            warnings.warn(
+                "optimizer contains a parameter group with duplicate parameters; "
+                "in future, this will cause an error; "
+                "see github.com/pytorch/pytorch/issues/40967 for more information",
+                stacklevel=3,
+            )
+        seen: set[Tensor] = set()
+        for group in self.param_groups:
+            seen.update(group["params"])
+            if (names is not None) != ("param_names" in group):
+                which = "with names" if names is not None else "without names"
+                raise ValueError(
+                    "all optimizer param groups should be with/without names. "
+                    f"cannot add param group {which} to the optimizer"
+                )
+        if not seen.isdisjoint(tensors):
+            raise ValueError("some parameters appear in more than one parameter group")
+
+        # Checked: now change the caller's dict in place, as torch does, and keep it.
+        param_group["params"] = tensors
+        if names is not None:
+            param_group["param_names"] = names
+        param_group.update(filled)
+        self.param_groups.append(param_group)
+
+    # ------------------------------------------------------------------------------ steps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of all parameters.
+
+        Args:
+            set_to_none: set each ``.grad`` to None instead of filling it with zeros; this
+                saves memory, and a parameter with no gradient is skipped by ``step()``
+                (default: True).
+        """
+        batched = bool(self.defaults.get("foreach") or self.defaults.get("fused"))
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        with torch.autograd.profiler.record_function(
+            f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        ):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if set_to_none:
+                        p.grad = None
+                        continue
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    if batched and not p.grad.is_sparse:
+                        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+                    else:
+                        p.grad.zero_()
+            for grads in buckets.values():
+                _ops.zero_(grads)
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    @_with_step_hooks
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step over every group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs with autograd
+                enabled, before the update, and its loss is returned.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # GradScaler hands optimizers that unscale in their step (``fused=True``, as in torch)
+        # the scale and the inf flag as attributes; a step with infs is skipped whole.
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            for group in self.param_groups:
+                self._step_group(group, grad_scale)
+        self._step_count += 1
+        return loss
+
+    def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if group.get("fused"):
+            for p in params:
+                _checks.check_fused_param(p)
+        grads = [cast(Tensor, p.grad) for p in params]
+        if grad_scale is not None and group.get("fused"):
+            grads = _ops.div(grads, grad_scale.to(grads[0].device))
+        hp = Hyper(group)
+        for p in params:
+            if not self.state.get(p):
+                fresh = self.init_state(p, hp)
+                if fresh:
+                    self.state[p] = fresh
+        state: StateLists = {
+            key: [self.state[p].get(key) if p in self.state else None for p in params]
+            for key in self.state_keys
+        }
+        choose(group, params, grads).run(type(self).update, params, grads, state, hp)
+        for key, values in state.items():
+            for p, value in zip(params, values, strict=True):
+                if value is not None:
+                    self.state[p][key] = value
+
+    def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
+        """State created for ``param`` before its first update (none by default)."""
+        return {}
+
+    @staticmethod
+    def update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
+        """The update rule, over lists. Subclasses that use the step driver define it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> StateDict:
+        """Return the optimizer's state in torch.optim's format.
+
+        ``state`` maps each parameter's index (counted across groups in order) to its state;
+        ``param_groups`` holds each group's hyperparameters with its ``params`` as indices.
+        ``_step_count`` is the number of completed steps. It holds only tensors and plain
+        Python values, so ``torch.load(..., weights_only=True)`` reads it, and
+        ``torch.optim`` optimizers load it.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {key: value for key, value in group.items() if key != "params"}
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            groups.append(packed)
+        packed_state = {
+            (index[id(key)] if isinstance(key, Tensor) else key): (
+                dict(value) if isinstance(value, dict) else value
+            )
+            for key, value in self.state.items()
+        }
+        state_dict: StateDict = {
+            "state": packed_state,
+            "param_groups": groups,
+            STEP_COUNT_KEY: self._step_count,
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: StateDict) -> None:
+        """Load a state_dict written by :meth:`state_dict` or by a ``torch.optim`` optimizer.
+
+        Everything is checked before anything changes: on any mismatch this raises and the
+        optimizer is exactly as it was. Floating-point state is cast to its parameter's dtype
+        and device (``step`` counters keep theirs, as in torch) and copied, so stepping never
+        writes into the dict that was loaded.
+
+        Args:
+            state_dict: the optimizer state, as returned by ``state_dict()``.
+        """
+        state_dict = dict(_checks.check_mapping("state_dict", state_dict))
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state, groups, step_count = self._read_state_dict(state_dict)
+        self.state = state
+        self.param_groups = groups
+        self._step_count = step_count
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _read_state_dict(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[defaultdict[Any, Any], list[dict[str, Any]], int]:
+        """Check ``state_dict`` against this optimizer and build what loading installs."""
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise KeyError(f"loaded state dict has no {key!r} entry")
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError(
+                "Invalid param_groups: expected a list of dicts, but got "
+                + torch.typename(saved_groups)
+            )
+        saved_state = _checks.check_mapping("state", state_dict["state"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for i, saved in enumerate(saved_groups):
+            _checks.check_mapping(f"param_groups[{i}]", saved)
+            if "params" not in saved:
+                raise KeyError(f"loaded state dict's param_groups[{i}] has no 'params' entry")
+            if not isinstance(saved["params"], (list, tuple)):
+                raise TypeError(
+                    f"Invalid param_groups[{i}]['params']: expected a list of ints, but got "
+                    + torch.typename(saved["params"])
+                )
+        if any(
+            len(g["params"]) != len(s["params"])
+            for g, s in zip(self.param_groups, saved_groups, strict=True)
+        ):
+            raise ValueError(
+                "loaded state dict contains a parameter group "
+                "that doesn't match the size of optimizer's group"
+            )
+
+        id_map: dict[Any, Tensor] = {}
+        owner: dict[Any, Mapping[str, Any]] = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                if isinstance(pid, bool) or not isinstance(pid, int):
+                    raise TypeError(f"Invalid parameter id: {pid!r} (expected an int)")
+                if pid in id_map and id_map[pid] is not p:
+                    raise ValueError(f"loaded state dict lists parameter id {pid} more than once")
+                id_map[pid] = p
+                owner[pid] = saved
+
+        groups = [
+            self._read_group(i, saved, group)
+            for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True))
+        ]
+
+        state: defaultdict[Any, Any] = defaultdict(dict)
+        for pid, value in saved_state.items():
+            if pid not in id_map:
+                # State of no parameter is kept as it is, as torch.optim does.
+                state[pid] = value
+                continue
+            param = id_map[pid]
+            entry = _checks.check_mapping(f"state for parameter {pid}", value)
+            state[param] = {
+                key: self._read_state_value(pid, param, key, item, owner[pid])
+                for key, item in entry.items()
+            }
+
+        if STEP_COUNT_KEY in state_dict:
+            step_count = _checks.check_step_count(state_dict[STEP_COUNT_KEY])
+        else:
+            # A torch.optim state_dict has no step count; per-parameter ``step`` state, where
+            # the algorithm keeps one, tells how many steps were taken.
+            steps = [int(s["step"]) for s in state.values() if isinstance(s, dict) and "step" in s]
+            step_count = max(steps, default=0)
+        return state, groups, step_count
+
+    def _read_group(
+        self, i: int, saved: Mapping[str, Any], group: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        new_group = copy.deepcopy(dict(saved))
+        flags = self._flag_defaults()
+        for key in group:
+            if key in ("params", "param_names") or key in new_group:
+                continue
+            if key in flags:
+                # Checkpoints from older torch versions lack flags added since; they take the
+                # flag's default, as torch.optim does.
+                new_group[key] = flags[key]
+            else:
+                raise KeyError(f"loaded state dict's param_groups[{i}] has no {key!r} entry")
+        for key, value in new_group.items():
+            if key in group and key not in ("params", "param_names"):
+                _checks.check_same_kind(f"param_groups[{i}][{key!r}]", group[key], value)
+        new_group["params"] = group["params"]
+        if "param_names" in group and "param_names" not in new_group:
+            new_group["param_names"] = group["param_names"]
+        return new_group
+
+    def _flag_defaults(self) -> dict[str, Any]:
+        """Constructor arguments whose default is a flag (a bool or None)."""
+        signature = inspect.signature(type(self).__init__)
+        return {
+            name: arg.default
+            for name, arg in signature.parameters.items()
+            if arg.default is None or isinstance(arg.default, bool)
+        }
+
+    def _read_state_value(
+        self, pid: int, param: Tensor, key: Any, value: Any, group: Mapping[str, Any]
+    ) -> Any:
+        if key in self.param_shaped_state and value is not None:
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"Invalid {key} for parameter {pid}: expected a Tensor, but got "
+                    + torch.typename(value)
+                )
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"loaded state dict has a {key} of shape {tuple(value.shape)} for "
+                    f"parameter {pid} of shape {tuple(param.shape)}"
+                )
+            if value.is_complex() != param.is_complex():
+                raise TypeError(
+                    f"Invalid {key} for parameter {pid}: dtype {value.dtype} does not fit a "
+                    f"parameter of dtype {param.dtype}"
+                )
+        return _cast_state(param, key, value, group)
+
+
+def _cast_state(param: Tensor, key: Any, value: Any, group: Mapping[str, Any]) -> Any:
+    """Copy one loaded state value, placing its tensors as torch.optim does."""
+    if isinstance(value, Tensor):
+        if key == "step":
+            # Step counters stay on the CPU in float32/64, unless a fused or capturable step
+            # reads them on the device.
+            if group.get("fused") or group.get("capturable"):
+                return value.to(dtype=torch.float32, device=param.device, copy=True)
+            return value.clone()
+        if param.is_floating_point():
+            return value.to(dtype=param.dtype, device=param.device, copy=True)
+        return value.to(device=param.device, copy=True)
+    if isinstance(value, dict):
+        return {k: _cast_state(param, k, v, group) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_state(param, None, v, group) for v in value)
+    return value
