@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 
 from polyak import _checks, _ops
-from polyak.strategies import StateLists, choose
+from polyak.strategies import StateLists, Strategy, Update, choose
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 StateDict: TypeAlias = dict[str, Any]
@@ -325,7 +325,11 @@ class Optimizer(torch.optim.Optimizer):
             key: [self.state[p].get(key) if p in self.state else None for p in params]
             for key in self.state_keys
         }
-        choose(group, params, grads).run(type(self).update, params, grads, state, hp)
+        strategy = choose(group, params, grads)
+        if group.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
+            _run_promoted(strategy, type(self).update, params, grads, state, hp)
+        else:
+            strategy.run(type(self).update, params, grads, state, hp)
         for key, values in state.items():
             for p, value in zip(params, values, strict=True):
                 if value is not None:
@@ -524,6 +528,47 @@ class Optimizer(torch.optim.Optimizer):
                     f"parameter of dtype {param.dtype}"
                 )
         return _cast_state(param, key, value, group)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _run_promoted(
+    strategy: Strategy,
+    update: Update,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: StateLists,
+    hp: Hyper,
+) -> None:
+    """Run ``update`` with half-precision tensors computed in float32, as fused kernels do.
+
+    Parameters and state are stored back in their own dtype, rounded once per step.
+    """
+
+    def up(t: Tensor) -> Tensor:
+        return t.float() if t.dtype in _LOW_PRECISION else t
+
+    wide_params = [up(p.detach()) for p in params]
+    wide_state: StateLists = {
+        key: [None if t is None else up(t) for t in values] for key, values in state.items()
+    }
+    strategy.run(update, wide_params, [up(g) for g in grads], wide_state, hp)
+    with torch.no_grad():
+        for p, wide in zip(params, wide_params, strict=True):
+            if wide.dtype != p.dtype:
+                p.copy_(wide)
+        for key, values in wide_state.items():
+            for i, (old, new) in enumerate(zip(state[key], values, strict=True)):
+                if new is None or new is old:
+                    continue
+                if old is not None:
+                    old.copy_(new)
+                elif new.is_floating_point() and params[i].dtype in _LOW_PRECISION:
+                    # New state of a half-precision parameter is stored in its dtype.
+                    state[key][i] = new.to(params[i].dtype)
+                else:
+                    state[key][i] = new
 
 
 def _cast_state(param: Tensor, key: Any, value: Any, group: Mapping[str, Any]) -> Any:

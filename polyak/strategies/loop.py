@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
+from polyak import _ops
+
 
 def run(
     update: Any,
@@ -15,8 +17,9 @@ def run(
     hp: Any,
 ) -> None:
     """Call ``update`` for each parameter alone, writing back any state it creates."""
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        own = {key: [values[i]] for key, values in state.items()}
-        update([p], [g], own, hp)
-        for key, values in own.items():
-            state[key][i] = values[0]
+    with _ops.per_tensor():
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            own = {key: [values[i]] for key, values in state.items()}
+            update([p], [g], own, hp)
+            for key, values in own.items():
+                state[key][i] = values[0]

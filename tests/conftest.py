@@ -1,0 +1,86 @@
+"""Shared helpers: build twin parameter sets and step polyak and torch.optim side by side."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+
+def make_params(
+    shapes: list[tuple[int, ...]] = ((3, 4), (5,), (2, 2, 2)),  # type: ignore[assignment]
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        for s in shapes
+    ]
+
+
+def twin(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+
+
+def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(kwargs)
+
+
+def set_grads(
+    params_a: list[torch.Tensor], params_b: list[torch.Tensor], gen: torch.Generator
+) -> None:
+    """Give both parameter sets the same random gradients."""
+    for p, q in zip(params_a, params_b, strict=True):
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if p.is_complex():
+            g = torch.complex(g, torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        p.grad = g.to(p.dtype)
+        q.grad = g.to(q.dtype)
+
+
+def assert_same(a: Any, b: Any, atol: float = 0.0) -> None:
+    """Exact equality (or within ``atol``) of tensors, nested in dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), (a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+        if atol == 0.0:
+            assert torch.equal(a, b), (a - b).abs().max()
+        else:
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (a, b)
+        for k in a:
+            assert_same(a[k], b[k], atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y, atol)
+    else:
+        assert a == b, (a, b)
+
+
+def step_both(
+    opt_a: torch.optim.Optimizer,
+    opt_b: torch.optim.Optimizer,
+    params_a: list[torch.Tensor],
+    params_b: list[torch.Tensor],
+    steps: int,
+    seed: int = 1,
+    between: Callable[[int], None] | None = None,
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        set_grads(params_a, params_b, gen)
+        opt_a.step()
+        opt_b.step()
+        if between is not None:
+            between(i)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

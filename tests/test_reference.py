@@ -1,0 +1,210 @@
+"""polyak against torch.optim, stepped side by side from identical parameters and gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same, clone_kwargs, make_params, step_both, twin
+from registry import REGISTRY, Entry, ids
+
+import polyak
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+FLAGS: list[dict[str, Any]] = [{}, {"foreach": False}, {"foreach": True}]
+
+
+def _cases() -> list[Any]:
+    return [
+        pytest.param(entry, i, config, id=f"{ids(entry)}-{i}")
+        for entry in REGISTRY
+        for i, config in enumerate(entry.configs)
+    ]
+
+
+def _compare(
+    entry: Entry,
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    steps: int = 6,
+    atol: float | None = None,
+) -> None:
+    params = make_params(dtype=dtype)
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    step_both(opt, ref, params, ref_params, steps)
+    tol = 0.0 if atol is None else atol
+    assert_same(params, ref_params, tol)
+    sd, ref_sd = opt.state_dict(), ref.state_dict()
+    assert_same(sd["state"], ref_sd["state"], tol)
+    assert sd["param_groups"] == ref_sd["param_groups"] or _groups_equal(
+        sd["param_groups"], ref_sd["param_groups"]
+    )
+
+
+def _groups_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    assert_same(a, b)
+    return True
+
+
+@pytest.mark.parametrize(("entry", "i", "config"), _cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flags", FLAGS, ids=["default", "loop", "foreach"])
+def test_matches_torch(
+    entry: Entry, i: int, config: dict[str, Any], dtype: torch.dtype, flags: dict[str, Any]
+) -> None:
+    """Bit-identical to torch.optim with the same strategy flags, in every dtype."""
+    _compare(entry, {**config, **flags}, dtype, atol=0.0)
+
+
+@pytest.mark.parametrize(("entry", "i", "config"), _cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_matches_torch_fused(
+    entry: Entry, i: int, config: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """``fused=True`` stays within rounding of torch's fused kernel."""
+    _compare(entry, {**config, "fused": True}, dtype, atol=entry.fused_tolerances[dtype])
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_several_groups_and_add_param_group_mid_training(entry: Entry) -> None:
+    config = entry.configs[-1]
+    params = make_params([(4, 3), (3,), (2, 5), (7,)])
+    ref_params = twin(params)
+
+    def build(cls: type[torch.optim.Optimizer], ps: list[torch.Tensor]) -> Any:
+        return cls(
+            [{"params": ps[:1], "lr": 0.01}, {"params": ps[1:2]}],
+            **clone_kwargs({k: v for k, v in config.items()}),
+        )
+
+    opt, ref = build(entry.cls, params), build(entry.reference, ref_params)
+    step_both(opt, ref, params[:2], ref_params[:2], 3)
+    opt.add_param_group({"params": params[2:], "lr": 0.2})
+    ref.add_param_group({"params": ref_params[2:], "lr": 0.2})
+    step_both(opt, ref, params, ref_params, 4, seed=5)
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.supports_complex], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("flags", FLAGS, ids=["default", "loop", "foreach"])
+def test_complex(entry: Entry, dtype: torch.dtype, flags: dict[str, Any]) -> None:
+    for config in entry.configs:
+        params = make_params(dtype=dtype)
+        ref_params = twin(params)
+        opt = entry.cls(params, **clone_kwargs({**config, **flags}))
+        ref = entry.reference(ref_params, **clone_kwargs({**config, **flags}))
+        step_both(opt, ref, params, ref_params, 4)
+        assert_same(params, ref_params)
+
+
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.supports_sparse], ids=ids)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("flags", FLAGS, ids=["default", "loop", "foreach"])
+def test_sparse_gradients(entry: Entry, momentum: float, flags: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(20, 4, sparse=True)
+    ref_emb = torch.nn.Embedding(20, 4, sparse=True)
+    ref_emb.load_state_dict(emb.state_dict())
+    opt = entry.cls(emb.parameters(), lr=0.1, momentum=momentum, **flags)
+    ref = entry.reference(ref_emb.parameters(), lr=0.1, momentum=momentum, **flags)
+    for step in range(5):
+        idx = torch.randint(0, 20, (6,), generator=torch.Generator().manual_seed(step))
+        for module, o in ((emb, opt), (ref_emb, ref)):
+            o.zero_grad()
+            module(idx).pow(2).sum().backward()
+            assert module.weight.grad is not None and module.weight.grad.is_sparse
+            o.step()
+    assert_same(emb.weight, ref_emb.weight)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_mixed_dtypes_in_one_group(entry: Entry) -> None:
+    params = [
+        *make_params([(3, 3), (4,)], dtype=torch.float32),
+        *make_params([(2, 2)], dtype=torch.float64),
+        *make_params([(5,)], dtype=torch.bfloat16),
+    ]
+    for flags in FLAGS:
+        mine, theirs = twin(params), twin(params)
+        config = {**entry.configs[-1], **flags}
+        opt = entry.cls(mine, **clone_kwargs(config))
+        ref = entry.reference(theirs, **clone_kwargs(config))
+        step_both(opt, ref, mine, theirs, 4)
+        assert_same(mine, theirs)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_params_without_grad_are_skipped(entry: Entry) -> None:
+    params = make_params()
+    before = twin(params)
+    opt = entry.cls(params, **clone_kwargs(entry.configs[-1]))
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert not torch.equal(params[0], before[0])
+    assert_same(params[1:], before[1:])
+    assert all(p not in opt.state for p in params[1:])
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_closure_runs_with_grad_and_returns_loss(entry: Entry) -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    ref_w = torch.nn.Parameter(w.detach().clone())
+    opt = entry.cls([w], lr=0.1)
+    ref = entry.reference([ref_w], lr=0.1)
+    seen: list[bool] = []
+
+    def closure_for(p: torch.Tensor, o: torch.optim.Optimizer) -> Any:
+        def closure() -> torch.Tensor:
+            seen.append(torch.is_grad_enabled())
+            o.zero_grad()
+            loss = (p**2).sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    with torch.no_grad():
+        loss = opt.step(closure_for(w, opt))
+        ref_loss = ref.step(closure_for(ref_w, ref))
+    assert seen == [True, True]
+    assert loss is not None and torch.equal(loss, ref_loss)
+    assert torch.equal(w, ref_w)
+    assert opt.step() is None
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_differentiable_step_matches_torch_gradients(entry: Entry) -> None:
+    """Autograd runs through the step: d(loss after one step)/d(lr, params) equals torch's."""
+    results = []
+    for cls in (entry.cls, entry.reference):
+        lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        leaf = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+        p = leaf.clone()
+        opt = cls([p], lr=lr, momentum=0.9, nesterov=True, differentiable=True)
+        p.grad = torch.tensor([0.3, 0.1, -0.2], dtype=torch.float64, requires_grad=True)
+        opt.step()
+        p.grad = p.detach() * 0.5
+        opt.step()
+        loss = (p**2).sum()
+        results.append(torch.autograd.grad(loss, [lr, leaf]))
+    assert_same(list(results[0]), list(results[1]))
+    assert results[0][0].abs() > 0
+
+
+def test_lr_zero_leaves_params_unchanged() -> None:
+    params = make_params()
+    before = twin(params)
+    opt = polyak.SGD(params, lr=0.0, momentum=0.9, weight_decay=0.1)
+    step_both(opt, polyak.SGD(twin(params), lr=0.0), params, twin(params), 3)
+    assert_same(params, before)
+
+
+def test_is_a_torch_optimizer() -> None:
+    opt = polyak.SGD(make_params(), lr=0.1)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt, polyak.Optimizer)
