@@ -99,11 +99,13 @@ def mul_(xs: list[Tensor], scale: Scale) -> None:
         torch._foreach_mul_(xs, scale)
 
 
-def div(xs: list[Tensor], scale: Tensor) -> list[Tensor]:
-    """``x / scale`` for each x, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
-        return [x / scale for x in xs]
-    return list(torch._foreach_div(xs, scale))
+def div_(xs: list[Tensor], scale: Tensor) -> None:
+    """``x /= scale`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.div_(scale)
+    elif xs:
+        torch._foreach_div_(xs, scale)
 
 
 def zero_(xs: list[Tensor]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +18,7 @@ import torch
 import torch.optim
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
+from torch.utils.hooks import RemovableHandle
 
 from polyak import _checks, _ops
 from polyak.strategies import StateLists, Strategy, Update, choose
@@ -74,12 +74,16 @@ class Hyper:
 
 
 def _with_step_hooks(step: _F) -> _F:
-    """Wrap a ``step`` so that global and per-instance step hooks fire around it, as in torch."""
+    """Wrap a ``step`` so that global and per-instance step hooks fire around it, as in torch.
+
+    Hooks receive ``(optimizer, args, kwargs)`` where ``args`` starts with the optimizer, and a
+    pre-hook may return replacement ``(args, kwargs)``.
+    """
 
     @functools.wraps(step)
-    def wrapper(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
-        name = f"Optimizer.step#{type(self).__name__}.step"
-        with torch.autograd.profiler.record_function(name):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        self = cast(Optimizer, args[0])
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
             for pre_hook in chain(
                 _torch_optimizer._global_optimizer_pre_hooks.values(),
                 self._optimizer_step_pre_hooks.values(),
@@ -93,7 +97,7 @@ def _with_step_hooks(step: _F) -> _F:
                             f"{step} must return None or a tuple of (new_args, new_kwargs), "
                             f"but got {result}."
                         )
-            out = step(self, *args, **kwargs)
+            out = step(*args, **kwargs)
             for post_hook in chain(
                 self._optimizer_step_post_hooks.values(),
                 _torch_optimizer._global_optimizer_post_hooks.values(),
@@ -103,6 +107,16 @@ def _with_step_hooks(step: _F) -> _F:
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return cast(_F, wrapper)
+
+
+def _register(
+    hooks: OrderedDict[int, Callable[..., Any]], hook: Callable[..., Any], prepend: bool = False
+) -> RemovableHandle:
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    if prepend:
+        hooks.move_to_end(handle.id, last=False)
+    return handle
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -121,11 +135,15 @@ class Optimizer(torch.optim.Optimizer):
     A subclass sets ``defaults`` through ``__init__`` and supplies ``update(params, grads,
     state, hp)``, the update rule over lists, and optionally ``init_state(param, hp)``.
     ``state_keys`` names the state the update reads and writes; ``param_shaped_state`` the
-    keys that must have the parameter's shape, which ``load_state_dict`` checks.
+    keys that must have the parameter's shape, which ``load_state_dict`` checks; ``backfill``
+    the values of hyperparameters that old checkpoints lack.
     """
 
     state_keys: ClassVar[tuple[str, ...]] = ()
     param_shaped_state: ClassVar[tuple[str, ...]] = ()
+    #: Hyperparameters that checkpoints of older torch versions may lack, with the value torch
+    #: gives them when loading or unpickling such a checkpoint.
+    backfill: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
@@ -172,13 +190,58 @@ class Optimizer(torch.optim.Optimizer):
         self.__dict__.setdefault(STEP_COUNT_KEY, 0)
         self._init_hooks()
         self.defaults.setdefault("differentiable", False)
+        for group in self.param_groups:
+            for key, value in self.backfill.items():
+                group.setdefault(key, value)
 
     def __repr__(self) -> str:
-        lines = [type(self).__name__ + " ("]
+        text = type(self).__name__ + " ("
         for i, group in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {i}")
-            lines.extend(f"    {key}: {group[key]}" for key in sorted(group) if key != "params")
-        return "\n".join(lines) + "\n)"
+            text += f"\nParameter Group {i}\n"
+            text += "".join(
+                f"    {key}: {group[key]}\n" for key in sorted(group) if key != "params"
+            )
+        return text + ")"
+
+    # ------------------------------------------------------------------------------ hooks
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """Call ``hook(optimizer, args, kwargs)`` before each ``step()``.
+
+        The hook may return replacement ``(args, kwargs)`` for the step; ``args`` starts
+        with the optimizer.
+        """
+        return _register(self._optimizer_step_pre_hooks, hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """Call ``hook(optimizer, args, kwargs)`` after each ``step()``."""
+        return _register(self._optimizer_step_post_hooks, hook)
+
+    def register_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Call ``hook(optimizer)`` before ``state_dict()`` builds its result."""
+        return _register(self._optimizer_state_dict_pre_hooks, hook, prepend)
+
+    def register_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Call ``hook(optimizer, state_dict)`` on ``state_dict()``'s result; a returned dict
+        replaces it."""
+        return _register(self._optimizer_state_dict_post_hooks, hook, prepend)
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Call ``hook(optimizer, state_dict)`` before loading; a returned dict is loaded
+        instead. ``state_dict`` is a shallow copy of the caller's."""
+        return _register(self._optimizer_load_state_dict_pre_hooks, hook, prepend)
+
+    def register_load_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Call ``hook(optimizer)`` after ``load_state_dict()`` has loaded."""
+        return _register(self._optimizer_load_state_dict_post_hooks, hook, prepend)
 
     # ----------------------------------------------------------------------------- groups
 
@@ -314,7 +377,8 @@ class Optimizer(torch.optim.Optimizer):
                 _checks.check_fused_param(p)
         grads = [cast(Tensor, p.grad) for p in params]
         if grad_scale is not None and group.get("fused"):
-            grads = _ops.div(grads, grad_scale.to(grads[0].device))
+            # Unscaled in place, as torch's fused kernels leave ``.grad``.
+            _ops.div_(grads, grad_scale.to(grads[0].device))
         hp = Hyper(group)
         for p in params:
             if not self.state.get(p):
@@ -481,14 +545,13 @@ class Optimizer(torch.optim.Optimizer):
         self, i: int, saved: Mapping[str, Any], group: Mapping[str, Any]
     ) -> dict[str, Any]:
         new_group = copy.deepcopy(dict(saved))
-        flags = self._flag_defaults()
-        for key in group:
-            if key in ("params", "param_names") or key in new_group:
+        # Only the optimizer's own hyperparameters are required: keys that others add to a
+        # group (a scheduler's ``initial_lr``) are replaced by the saved group, as in torch.
+        for key in self.defaults:
+            if key in new_group:
                 continue
-            if key in flags:
-                # Checkpoints from older torch versions lack flags added since; they take the
-                # flag's default, as torch.optim does.
-                new_group[key] = flags[key]
+            if key in self.backfill:
+                new_group[key] = self.backfill[key]
             else:
                 raise KeyError(f"loaded state dict's param_groups[{i}] has no {key!r} entry")
         for key, value in new_group.items():
@@ -498,15 +561,6 @@ class Optimizer(torch.optim.Optimizer):
         if "param_names" in group and "param_names" not in new_group:
             new_group["param_names"] = group["param_names"]
         return new_group
-
-    def _flag_defaults(self) -> dict[str, Any]:
-        """Constructor arguments whose default is a flag (a bool or None)."""
-        signature = inspect.signature(type(self).__init__)
-        return {
-            name: arg.default
-            for name, arg in signature.parameters.items()
-            if arg.default is None or isinstance(arg.default, bool)
-        }
 
     def _read_state_value(
         self, pid: int, param: Tensor, key: Any, value: Any, group: Mapping[str, Any]

@@ -1,0 +1,179 @@
+"""Every bad input raises what torch.optim raises, with the same type and message."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_params
+from registry import REGISTRY, Entry, ErrorCase, ids
+from torch.optim.optimizer import required as torch_required
+
+import polyak
+
+
+def _raised(fn: Callable[[], Any]) -> BaseException:
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.value
+
+
+def assert_same_error(mine: Callable[[], Any], theirs: Callable[[], Any]) -> BaseException:
+    """Both calls raise, with the same exception type and message."""
+    a, b = _raised(mine), _raised(theirs)
+    assert type(a) is type(b), (a, b)
+    assert str(a) == str(b)
+    return a
+
+
+def _error_cases() -> list[Any]:
+    return [
+        pytest.param(entry, case, id=f"{ids(entry)}-{i}")
+        for entry in REGISTRY
+        for i, case in enumerate(entry.errors)
+    ]
+
+
+@pytest.mark.parametrize(("entry", "case"), _error_cases())
+def test_constructor_errors_match_torch(entry: Entry, case: ErrorCase) -> None:
+    err = assert_same_error(
+        lambda: entry.cls(make_params(), **case.kwargs),
+        lambda: entry.reference(make_params(), **case.kwargs),
+    )
+    assert isinstance(err, case.error)
+    assert re.search(case.match, str(err))
+
+
+PARAM_ERRORS: list[Any] = [
+    pytest.param(lambda: torch.zeros(3, requires_grad=True), id="lone-tensor"),
+    pytest.param(lambda: 3, id="not-iterable"),
+    pytest.param(lambda: [], id="empty"),
+    pytest.param(lambda: [torch.zeros(2, requires_grad=True) * 2], id="non-leaf"),
+    pytest.param(lambda: [1.0], id="not-a-tensor"),
+    pytest.param(lambda: {torch.zeros(2, requires_grad=True)}, id="set"),
+    pytest.param(
+        lambda: [("a", torch.zeros(2, requires_grad=True)), torch.zeros(2, requires_grad=True)],
+        id="names-partly-missing",
+    ),
+    pytest.param(
+        lambda: [{"params": torch.zeros(2, requires_grad=True), "lr": 0.1}, 3],
+        id="group-then-not-a-dict",
+    ),
+]
+
+
+@pytest.mark.parametrize("make", PARAM_ERRORS)
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_params_errors_match_torch(entry: Entry, make: Callable[[], Any]) -> None:
+    def build(cls: type[torch.optim.Optimizer]) -> Callable[[], Any]:
+        def go() -> Any:
+            params = make()
+            if isinstance(params, set):
+                return cls([{"params": params}], lr=0.1)
+            return cls(params, lr=0.1)
+
+        return go
+
+    assert_same_error(build(entry.cls), build(entry.reference))
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_parameter_in_two_groups(entry: Entry) -> None:
+    shared = torch.zeros(2, requires_grad=True)
+    assert_same_error(
+        lambda: entry.cls([{"params": [shared]}, {"params": [shared]}], lr=0.1),
+        lambda: entry.reference([{"params": [shared]}, {"params": [shared]}], lr=0.1),
+    )
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_named_and_unnamed_groups_do_not_mix(entry: Entry) -> None:
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    assert_same_error(
+        lambda: entry.cls([{"params": [("a", a)]}, {"params": [b]}], lr=0.1),
+        lambda: entry.reference([{"params": [("a", a)]}, {"params": [b]}], lr=0.1),
+    )
+
+
+def test_required_hyperparameter() -> None:
+    class Mine(polyak.Optimizer):
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"lr": polyak.required})
+
+    class Theirs(torch.optim.Optimizer):
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"lr": torch_required})
+
+    assert_same_error(
+        lambda: Mine([{"params": make_params()}]), lambda: Theirs([{"params": make_params()}])
+    )
+    assert Mine([{"params": make_params(), "lr": 0.5}]).param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_duplicate_parameter_in_a_group_warns(entry: Entry) -> None:
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        entry.cls([p, p], lr=0.1)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_add_param_group_errors_change_nothing(entry: Entry) -> None:
+    params = make_params()
+    opt = entry.cls(params[:1], lr=0.1)
+    theirs = entry.reference(params[:1], lr=0.1)
+    before = repr(opt)
+    bad_groups: list[Callable[[], Any]] = [
+        lambda: {"params": [params[1], params[0]]},  # params[0] is already in a group
+        lambda: {"params": [params[1], "x"]},
+        lambda: {"params": {params[1]}},
+        lambda: {"params": [("b", params[1])]},  # names where the first group has none
+        lambda: [params[1]],
+    ]
+    for make in bad_groups:
+        mine_group, their_group = make(), make()
+        assert_same_error(
+            lambda g=mine_group: opt.add_param_group(g),  # type: ignore[misc]
+            lambda g=their_group: theirs.add_param_group(g),  # type: ignore[misc]
+        )
+        if isinstance(mine_group, dict):
+            assert set(mine_group) == {"params"}, "the caller's dict was changed"
+        assert repr(opt) == before and len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[1:], "lr": 0.3})
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.3]
+    assert opt.param_groups[1]["momentum"] == 0
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_fused_rejects_integer_params_at_step(entry: Entry) -> None:
+    def build(cls: type[torch.optim.Optimizer]) -> Callable[[], Any]:
+        def go() -> None:
+            p = torch.zeros(3, dtype=torch.int64)
+            opt = cls([p], lr=0.1, fused=True)
+            p.grad = torch.ones_like(p)
+            opt.step()
+
+        return go
+
+    assert_same_error(build(entry.cls), build(entry.reference))
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_differentiable_accepts_non_leaf(entry: Entry) -> None:
+    p = torch.zeros(2, requires_grad=True) * 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entry.cls([p], lr=0.1, differentiable=True)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_bad_step_pre_hook_result(entry: Entry) -> None:
+    for cls in (entry.cls, entry.reference):
+        opt = cls(make_params(), lr=0.1)
+        opt.register_step_pre_hook(lambda *_: "nonsense")
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            opt.step()

@@ -1,0 +1,251 @@
+"""Checkpoints: torch's format, both directions, and loading that is all or nothing."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same, clone_kwargs, make_params, step_both, twin
+from registry import REGISTRY, Entry, ids
+
+import polyak
+
+
+def _trained(entry: Entry, config: dict[str, Any], steps: int = 3) -> tuple[Any, Any, Any, Any]:
+    params = make_params()
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    step_both(opt, ref, params, ref_params, steps)
+    return opt, ref, params, ref_params
+
+
+def _roundtrip(obj: Any) -> Any:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _snapshot(opt: torch.optim.Optimizer) -> Any:
+    return copy.deepcopy(
+        {
+            "state_dict": opt.state_dict(),
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "params": [[id(p) for p in g["params"]] for g in opt.param_groups],
+            "step_count": getattr(opt, "_step_count", None),
+        }
+    )
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_format_is_torchs(entry: Entry) -> None:
+    for config in entry.configs:
+        opt, ref, _, _ = _trained(entry, config)
+        sd, ref_sd = opt.state_dict(), ref.state_dict()
+        assert set(sd) == {"state", "param_groups", "_step_count"}
+        assert sd["_step_count"] == 3
+        assert_same(sd["state"], ref_sd["state"])
+        assert_same(sd["param_groups"], ref_sd["param_groups"])
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("direction", ["polyak->torch", "torch->polyak", "polyak->polyak"])
+def test_mid_training_handover_continues_identically(entry: Entry, direction: str) -> None:
+    for config in entry.configs:
+        opt, ref, params, ref_params = _trained(entry, config)
+        # Hand the state over through a file read with weights_only=True, then keep going.
+        source = ref if direction.startswith("torch") else opt
+        target_cls = entry.reference if direction.endswith("torch") else entry.cls
+        loaded = _roundtrip(source.state_dict())
+        new_params = twin(params)
+        target = target_cls(new_params, **clone_kwargs(config))
+        target.load_state_dict(loaded)
+        step_both(target, ref, new_params, ref_params, 3, seed=9)
+        assert_same(new_params, ref_params)
+        assert_same(target.state_dict()["state"], ref.state_dict()["state"])
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_step_count_survives_checkpoints(entry: Entry) -> None:
+    opt, ref, params, _ = _trained(entry, entry.configs[3], steps=4)
+    fresh = entry.cls(twin(params), **clone_kwargs(entry.configs[3]))
+    fresh.load_state_dict(_roundtrip(opt.state_dict()))
+    assert fresh._step_count == 4
+    fresh.step()
+    assert fresh._step_count == 5
+    # torch.optim ignores the extra key, and its own state_dicts carry no count.
+    ref.load_state_dict(opt.state_dict())
+    fresh.load_state_dict(ref.state_dict())
+    assert fresh._step_count == 0
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_load_casts_state_to_param_dtype_and_copies(entry: Entry) -> None:
+    config = {"lr": 0.1, "momentum": 0.9}
+    opt64, _, _, _ = _trained(entry, config)
+    sd = opt64.state_dict()
+    params32 = [p.detach().float().requires_grad_() for p in make_params()]
+    opt32 = entry.cls(params32, **config)
+    opt32.load_state_dict(sd)
+    for p in params32:
+        for value in opt32.state[p].values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert value.dtype == torch.float32
+    # Stepping must not write into the dict that was loaded.
+    kept = copy.deepcopy(sd)
+    same = entry.cls(make_params(), **config)
+    same.load_state_dict(sd)
+    for p in same.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    same.step()
+    assert_same(sd["state"], kept["state"])
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_named_parameters_round_trip(entry: Entry) -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = entry.cls(model.named_parameters(), lr=0.1, momentum=0.9)
+    ref = entry.reference(model.named_parameters(), lr=0.1, momentum=0.9)
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    assert_same(opt.state_dict()["param_groups"], ref.state_dict()["param_groups"])
+    other = entry.cls(model.named_parameters(), lr=0.5)
+    other.load_state_dict(ref.state_dict())
+    assert other.param_groups[0]["param_names"] == ["weight", "bias"]
+    assert other.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_old_checkpoints_without_new_flags_load(entry: Entry) -> None:
+    _opt, ref, params, _ref_params = _trained(entry, entry.configs[5])
+    sd = ref.state_dict()
+    flags = ("maximize", "foreach", "differentiable", "fused")
+    for group in sd["param_groups"]:
+        for flag in flags:
+            group.pop(flag)
+    ref2 = entry.reference(twin(params), lr=1.0)
+    ref2.load_state_dict(copy.deepcopy(sd))
+    mine = entry.cls(twin(params), lr=1.0)
+    mine.load_state_dict(copy.deepcopy(sd))
+    for flag in flags:
+        assert mine.param_groups[0][flag] == ref2.param_groups[0][flag]
+
+
+def _corruptions(sd: dict[str, Any]) -> list[tuple[str, type[Exception], dict[str, Any]]]:
+    def edit(fn: Any) -> dict[str, Any]:
+        new = copy.deepcopy(sd)
+        fn(new)
+        return new
+
+    first = next(iter(sd["state"]))
+    return [
+        ("no param_groups", KeyError, edit(lambda d: d.pop("param_groups"))),
+        ("no state", KeyError, edit(lambda d: d.pop("state"))),
+        (
+            "extra group",
+            ValueError,
+            edit(lambda d: d["param_groups"].append(copy.deepcopy(d["param_groups"][0]))),
+        ),
+        ("short group", ValueError, edit(lambda d: d["param_groups"][0]["params"].pop())),
+        ("bad id", TypeError, edit(lambda d: d["param_groups"][0]["params"].__setitem__(0, "a"))),
+        (
+            "repeated id",
+            ValueError,
+            edit(lambda d: d["param_groups"][0]["params"].__setitem__(1, 0)),
+        ),
+        (
+            "wrong shape",
+            ValueError,
+            edit(lambda d: d["state"][first].__setitem__("momentum_buffer", torch.zeros(7))),
+        ),
+        (
+            "not a tensor",
+            TypeError,
+            edit(lambda d: d["state"][first].__setitem__("momentum_buffer", [1.0])),
+        ),
+        ("state not a dict", TypeError, edit(lambda d: d.__setitem__("state", [1]))),
+        ("param state not a dict", TypeError, edit(lambda d: d["state"].__setitem__(first, 3))),
+        ("groups not a list", TypeError, edit(lambda d: d.__setitem__("param_groups", 3))),
+        ("group not a dict", TypeError, edit(lambda d: d["param_groups"].__setitem__(0, 3))),
+        ("missing lr", KeyError, edit(lambda d: d["param_groups"][0].pop("lr"))),
+        ("lr a string", TypeError, edit(lambda d: d["param_groups"][0].__setitem__("lr", "x"))),
+        (
+            "flag a number",
+            TypeError,
+            edit(lambda d: d["param_groups"][0].__setitem__("nesterov", 0.5)),
+        ),
+        ("bad step count", TypeError, edit(lambda d: d.__setitem__("_step_count", "3"))),
+        ("negative step count", ValueError, edit(lambda d: d.__setitem__("_step_count", -1))),
+    ]
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_corrupt_state_dicts_are_rejected_and_change_nothing(entry: Entry) -> None:
+    opt, _, _, _ = _trained(entry, entry.configs[6])
+    good = opt.state_dict()
+    before = _snapshot(opt)
+    for name, error, bad in _corruptions(copy.deepcopy(good)):
+        with pytest.raises(error):
+            opt.load_state_dict(bad)
+        after = _snapshot(opt)
+        assert_same(after, before), name
+    opt.load_state_dict(good)
+
+
+def test_not_a_mapping() -> None:
+    opt = polyak.SGD(make_params(), lr=0.1)
+    with pytest.raises(TypeError, match="expected a dict"):
+        opt.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_state_dict_hooks(entry: Entry) -> None:
+    opt, _, _, _ = _trained(entry, {"lr": 0.1, "momentum": 0.9})
+    calls: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre-first"), prepend=True)
+
+    def post(o: Any, sd: dict[str, Any]) -> dict[str, Any]:
+        calls.append("post")
+        return {**sd, "extra": 1}
+
+    handle = opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert calls == ["pre-first", "pre", "post"] and sd["extra"] == 1
+    handle.remove()
+    assert "extra" not in opt.state_dict()
+
+    loads: list[str] = []
+
+    def load_pre(o: Any, sd: dict[str, Any]) -> dict[str, Any]:
+        loads.append("pre")
+        sd = copy.deepcopy(sd)
+        sd["param_groups"][0]["lr"] = 0.25
+        return sd
+
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: loads.append("post"))
+    opt.register_load_state_dict_post_hook(lambda o: loads.append("post-first"), prepend=True)
+    opt.load_state_dict(sd)
+    assert loads == ["pre", "post-first", "post"]
+    assert opt.param_groups[0]["lr"] == 0.25
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_keys_added_by_a_scheduler_are_not_required(entry: Entry) -> None:
+    opt, _ref, params, _ = _trained(entry, {"lr": 0.1, "momentum": 0.9})
+    sd = opt.state_dict()
+    resumed = entry.cls(twin(params), lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.StepLR(resumed, step_size=2)
+    assert "initial_lr" in resumed.param_groups[0]
+    resumed.load_state_dict(sd)
+    ref_resumed = entry.reference(twin(params), lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.StepLR(ref_resumed, step_size=2)
+    ref_resumed.load_state_dict(sd)
+    assert_same(
+        {k: v for k, v in resumed.param_groups[0].items() if k != "params"},
+        {k: v for k, v in ref_resumed.param_groups[0].items() if k != "params"},
+    )
