@@ -6,7 +6,7 @@ tests that match on them keep working. The checks run in torch's order, before a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -62,11 +62,6 @@ def check_fused_param(p: Tensor) -> None:
 def check_params_argument(params: Any) -> list[Any]:
     """Turn the ``params`` argument into a non-empty list, or raise as torch does."""
     if isinstance(params, Tensor):
-        raise TypeError(
-            "params argument given to the optimizer should be "
-            "an iterable of Tensors or dicts, but got " + torch.typename(params)
-        )
-    if not isinstance(params, Iterable):
         raise TypeError(
             "params argument given to the optimizer should be "
             "an iterable of Tensors or dicts, but got " + torch.typename(params)

@@ -48,29 +48,24 @@ class Hyper:
     One-element tensors are squeezed to 0-dim, as torch.optim does for a tensor ``lr``.
     """
 
-    __slots__ = ("_values",)
-
     def __init__(self, group: Mapping[str, Any]) -> None:
-        values = {}
+        values = self.__dict__
         for key, value in group.items():
             if key in ("params", "param_names"):
                 continue
             if isinstance(value, Tensor) and value.dim() != 0:
                 value = value.squeeze()
             values[key] = value
-        object.__setattr__(self, "_values", values)
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+        # Only reached for names the group lacks.
+        raise AttributeError(f"the parameter group has no hyperparameter {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("hyperparameters are read-only inside a step")
 
     def __repr__(self) -> str:
-        return f"Hyper({self._values})"
+        return f"Hyper({self.__dict__})"
 
 
 def _with_step_hooks(step: _F) -> _F:
@@ -380,24 +375,28 @@ class Optimizer(torch.optim.Optimizer):
             # Unscaled in place, as torch's fused kernels leave ``.grad``.
             _ops.div_(grads, grad_scale.to(grads[0].device))
         hp = Hyper(group)
+        # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
+        # whose algorithm holds no state (SGD without momentum), and neither does polyak.
+        entries: list[dict[str, Any]] = []
         for p in params:
-            if not self.state.get(p):
-                fresh = self.init_state(p, hp)
-                if fresh:
-                    self.state[p] = fresh
-        state: StateLists = {
-            key: [self.state[p].get(key) if p in self.state else None for p in params]
-            for key in self.state_keys
-        }
+            entry = self.state.get(p)
+            if not entry:
+                entry = self.init_state(p, hp)
+                if entry:
+                    self.state[p] = entry
+            entries.append(entry)
+        state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
         strategy = choose(group, params, grads)
         if group.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
             _run_promoted(strategy, type(self).update, params, grads, state, hp)
         else:
             strategy.run(type(self).update, params, grads, state, hp)
         for key, values in state.items():
-            for p, value in zip(params, values, strict=True):
-                if value is not None:
-                    self.state[p][key] = value
+            for p, entry, value in zip(params, entries, values, strict=True):
+                if value is not None and entry.get(key) is not value:
+                    if not entry:
+                        entry = self.state[p]
+                    entry[key] = value
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """State created for ``param`` before its first update (none by default)."""

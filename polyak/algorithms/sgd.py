@@ -62,6 +62,13 @@ class SGD(Optimizer):
 
     state_keys = ("momentum_buffer",)
     param_shaped_state = ("momentum_buffer",)
+    backfill = {  # noqa: RUF012 - read-only table
+        "nesterov": False,
+        "maximize": False,
+        "foreach": None,
+        "differentiable": False,
+        "fused": False,
+    }
 
     def __init__(
         self,

@@ -1,12 +1,58 @@
-"""The ``loop`` strategy: the update runs once per parameter, on one-element lists."""
+"""The ``loop`` strategy: every primitive runs one tensor at a time.
+
+The numbers are those of torch.optim's per-tensor path. Parameters are taken in chunks: a
+large parameter alone, small neighbours together up to :data:`CHUNK_NUMEL` elements, so the
+temporaries alive at once stay within the larger of one parameter and one chunk (torch's loop
+holds one parameter's), while a model's many small tensors share one call of the update rule.
+
+On the CPU, for every dtype but float16 and bfloat16, torch's ``_foreach_*`` kernels compute
+exactly what the tensor methods compute (the reference tests check it per configuration), so a
+chunk of such tensors runs them and saves a Python call per tensor and primitive. Elsewhere,
+and for sparse gradients and differentiable steps, each primitive calls the tensor method.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from polyak import _ops
+
+#: The most elements a chunk of several parameters may hold.
+CHUNK_NUMEL = 1 << 16
+
+
+def chunks(params: list[Tensor], limit: int = CHUNK_NUMEL) -> Iterator[list[int]]:
+    """Consecutive index runs of ``params`` whose sizes add up to at most ``limit``."""
+    run: list[int] = []
+    total = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        if run and total + n > limit:
+            yield run
+            run, total = [], 0
+        run.append(i)
+        total += n
+    if run:
+        yield run
+
+
+_PER_TENSOR_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _batchable(params: list[Tensor], grads: list[Tensor]) -> bool:
+    return not torch.is_grad_enabled() and all(
+        p.device.type == "cpu" and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse
+        for p, g in zip(params, grads, strict=True)
+    )
+
+
+def _mode(params: list[Tensor], grads: list[Tensor]) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext() if _batchable(params, grads) else _ops.per_tensor()
 
 
 def run(
@@ -16,10 +62,16 @@ def run(
     state: dict[str, list[Tensor | None]],
     hp: Any,
 ) -> None:
-    """Call ``update`` for each parameter alone, writing back any state it creates."""
-    with _ops.per_tensor():
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            own = {key: [values[i]] for key, values in state.items()}
-            update([p], [g], own, hp)
-            for key, values in own.items():
-                state[key][i] = values[0]
+    """Call ``update`` chunk by chunk, writing back any state it creates."""
+    if sum(p.numel() for p in params) <= CHUNK_NUMEL:
+        with _mode(params, grads):
+            update(params, grads, state, hp)
+        return
+    for idx in chunks(params):
+        own = {key: [values[i] for i in idx] for key, values in state.items()}
+        chunk_params, chunk_grads = [params[i] for i in idx], [grads[i] for i in idx]
+        with _mode(chunk_params, chunk_grads):
+            update(chunk_params, chunk_grads, own, hp)
+        for key, values in own.items():
+            for i, value in zip(idx, values, strict=True):
+                state[key][i] = value
