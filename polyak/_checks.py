@@ -119,23 +119,34 @@ def _kind(value: Any) -> str | None:
         return None
     if isinstance(value, bool):
         return "a bool"
-    if isinstance(value, (int, float, Tensor)):
-        return "a number or a Tensor"
+    if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
+        return "a number or a one-element Tensor"
+    if isinstance(value, Tensor):
+        return "a Tensor"
     if isinstance(value, (list, tuple)):
         return "a sequence"
     if isinstance(value, str):
         return "a str"
-    return None
+    return "other"
+
+
+_UNSET_ACCEPTS = (None, "a bool", "a number or a one-element Tensor")
 
 
 def check_same_kind(what: str, current: Any, loaded: Any) -> None:
     """A loaded hyperparameter has the kind of value the optimizer holds for it.
 
-    Numbers and tensors are one kind (a scheduler may turn ``lr`` into a tensor), lists and
-    tuples another; None and values of other types are not checked.
+    Numbers and one-element tensors are one kind (a scheduler may turn ``lr`` into a tensor),
+    lists and tuples another. Where the optimizer holds None (a tri-state flag such as
+    ``foreach``, or an unset number), None, a bool or a number is accepted; where it holds a
+    bool, None too.
     """
     expected, got = _kind(current), _kind(loaded)
-    if expected is None or got is None:
+    if expected is None:
+        if got not in _UNSET_ACCEPTS:
+            raise TypeError(f"Invalid {what} value: {loaded!r} (expected None, a bool or a number)")
+        return
+    if expected == "other" or (got is None and expected == "a bool"):
         return
     if expected != got:
         raise TypeError(f"Invalid {what} value: {loaded!r} (expected {expected})")

@@ -1,0 +1,159 @@
+"""Properties that hold for every optimizer and configuration, checked with Hypothesis."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from conftest import assert_same, clone_kwargs, make_params, set_grads, twin
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from registry import REGISTRY
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+entries = st.sampled_from(REGISTRY)
+
+
+@st.composite
+def entry_and_config(draw: st.DrawFn) -> tuple[Any, dict[str, Any]]:
+    entry = draw(entries)
+    config = clone_kwargs(draw(st.sampled_from(entry.configs)))
+    flags = draw(st.sampled_from([{}, {"foreach": True}, {"foreach": False}]))
+    return entry, {**config, **flags}
+
+
+def _steps(opt: Any, params: list[torch.Tensor], n: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    shadow = twin(params)
+    for _ in range(n):
+        set_grads(params, shadow, gen)
+        opt.step()
+
+
+@SETTINGS
+@given(entry_and_config(), st.integers(1, 4))
+def test_lr_zero_leaves_params_unchanged(case: Any, steps: int) -> None:
+    entry, config = case
+    config["lr"] = 0.0
+    params = make_params()
+    before = twin(params)
+    _steps(entry.cls(params, **config), params, steps, seed=1)
+    assert_same(params, before)
+
+
+@SETTINGS
+@given(entry_and_config(), st.integers(1, 4))
+def test_zero_gradient_without_decay_leaves_params_unchanged(case: Any, steps: int) -> None:
+    entry, config = case
+    config.pop("weight_decay", None)
+    params = make_params()
+    before = twin(params)
+    opt = entry.cls(params, **config)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert_same(params, before)
+
+
+@SETTINGS
+@given(entry_and_config(), st.integers(0, 4), st.integers(1, 4))
+def test_save_load_step_equals_uninterrupted(case: Any, before: int, after: int) -> None:
+    entry, config = case
+    params = make_params()
+    resumed_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    _steps(opt, params, before, seed=1)
+    resumed = entry.cls(resumed_params, **clone_kwargs(config))
+    with torch.no_grad():
+        for p, q in zip(resumed_params, params, strict=True):
+            p.copy_(q)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _steps(opt, params, after, seed=2)
+    _steps(resumed, resumed_params, after, seed=2)
+    assert_same(resumed_params, params)
+    assert resumed._step_count == opt._step_count == before + after
+
+
+@SETTINGS
+@given(entry_and_config(), st.lists(st.integers(0, 3), min_size=4, max_size=4))
+def test_regrouping_does_not_change_results(case: Any, assignment: list[int]) -> None:
+    entry, config = case
+    shapes = [(3, 4), (5,), (2, 2, 2), (7,)]
+    params = make_params(shapes)
+    grouped_params = twin(params)
+    groups: dict[int, list[torch.Tensor]] = {}
+    for p, g in zip(grouped_params, assignment, strict=True):
+        groups.setdefault(g, []).append(p)
+    one = entry.cls(params, **clone_kwargs(config))
+    many = entry.cls([{"params": ps} for ps in groups.values()], **clone_kwargs(config))
+    _steps(one, params, 3, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    shadow = twin(grouped_params)
+    # Same gradients per parameter as the one-group run, whatever the order of the groups.
+    for _ in range(3):
+        set_grads(grouped_params, shadow, gen)
+        many.step()
+    for p, q in zip(params, grouped_params, strict=True):
+        assert_same(p, q)
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.integers(-3, 3),
+    st.floats(-2, 2),
+    st.text(max_size=3),
+    st.booleans(),
+    st.lists(st.integers(0, 5), max_size=3),
+    st.builds(lambda n: torch.zeros(n), st.integers(0, 4)),
+    st.just({}),
+)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    paths = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            paths += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            paths += _paths(v, (*prefix, i))
+    return paths
+
+
+def _snapshot(opt: Any) -> Any:
+    return copy.deepcopy(
+        (opt.state_dict(), [[id(p) for p in g["params"]] for g in opt.param_groups])
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entry_and_config(), st.data())
+def test_corrupt_state_dict_loads_or_changes_nothing(case: Any, data: st.DataObject) -> None:
+    entry, config = case
+    config.setdefault("momentum", 0.9)
+    if config.get("nesterov"):
+        config["dampening"] = 0
+    params = make_params()
+    opt = entry.cls(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 0.3}], **clone_kwargs(config)
+    )
+    _steps(opt, params, 2, seed=1)
+    sd = copy.deepcopy(opt.state_dict())
+    before = _snapshot(opt)
+    path = data.draw(st.sampled_from(_paths(sd)))
+    parent = sd
+    for key in path[:-1]:
+        parent = parent[key]
+    if data.draw(st.booleans()) and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = data.draw(_VALUES)
+    try:
+        opt.load_state_dict(sd)
+    except (ValueError, TypeError, KeyError):
+        assert_same(_snapshot(opt), before)
+    # Whatever happened, the optimizer still steps.
+    _steps(opt, params, 1, seed=3)
