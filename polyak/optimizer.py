@@ -72,17 +72,22 @@ def _with_step_hooks(step: _F) -> _F:
     """Wrap a ``step`` so that global and per-instance step hooks fire around it, as in torch.
 
     Hooks receive ``(optimizer, args, kwargs)`` where ``args`` starts with the optimizer, and a
-    pre-hook may return replacement ``(args, kwargs)``.
+    pre-hook may return replacement ``(args, kwargs)``. Under a profiler the step is recorded
+    as ``Optimizer.step#<class>.step``, the name torch uses.
     """
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = cast(Optimizer, args[0])
+        if not torch._C._autograd._profiler_enabled():
+            return run(self, args, kwargs)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-            for pre_hook in chain(
-                _torch_optimizer._global_optimizer_pre_hooks.values(),
-                self._optimizer_step_pre_hooks.values(),
-            ):
+            return run(self, args, kwargs)
+
+    def run(self: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        global_pre = _torch_optimizer._global_optimizer_pre_hooks
+        if global_pre or self._optimizer_step_pre_hooks:
+            for pre_hook in chain(global_pre.values(), self._optimizer_step_pre_hooks.values()):
                 result = pre_hook(self, args, kwargs)
                 if result is not None:
                     if isinstance(result, tuple) and len(result) == 2:
@@ -92,13 +97,12 @@ def _with_step_hooks(step: _F) -> _F:
                             f"{step} must return None or a tuple of (new_args, new_kwargs), "
                             f"but got {result}."
                         )
-            out = step(*args, **kwargs)
-            for post_hook in chain(
-                self._optimizer_step_post_hooks.values(),
-                _torch_optimizer._global_optimizer_post_hooks.values(),
-            ):
+        out = step(*args, **kwargs)
+        global_post = _torch_optimizer._global_optimizer_post_hooks
+        if global_post or self._optimizer_step_post_hooks:
+            for post_hook in chain(self._optimizer_step_post_hooks.values(), global_post.values()):
                 post_hook(self, args, kwargs)
-            return out
+        return out
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return cast(_F, wrapper)
@@ -310,28 +314,34 @@ class Optimizer(torch.optim.Optimizer):
                 saves memory, and a parameter with no gradient is skipped by ``step()``
                 (default: True).
         """
+        if torch._C._autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(
+                f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+            ):
+                self._zero_grad(set_to_none)
+        else:
+            self._zero_grad(set_to_none)
+
+    def _zero_grad(self, set_to_none: bool) -> None:
         batched = bool(self.defaults.get("foreach") or self.defaults.get("fused"))
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        with torch.autograd.profiler.record_function(
-            f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
-        ):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    if set_to_none:
-                        p.grad = None
-                        continue
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    if batched and not p.grad.is_sparse:
-                        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-                    else:
-                        p.grad.zero_()
-            for grads in buckets.values():
-                _ops.zero_(grads)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                    continue
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                if batched and not p.grad.is_sparse:
+                    buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+                else:
+                    p.grad.zero_()
+        for grads in buckets.values():
+            _ops.zero_(grads)
 
     @overload
     def step(self, closure: None = None) -> None: ...

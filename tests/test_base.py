@@ -212,3 +212,15 @@ def test_model_to_and_replaced_parameters() -> None:
 def test_amp_scaling_flag_only_for_fused() -> None:
     assert not getattr(polyak.SGD(make_params(), lr=0.1), "_step_supports_amp_scaling", False)
     assert polyak.SGD(make_params(), lr=0.1, fused=True)._step_supports_amp_scaling
+
+
+def test_profiler_records_step_and_zero_grad_under_torchs_names() -> None:
+    params = make_params()
+    opt = polyak.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with torch.profiler.profile() as prof:
+        opt.step()
+        opt.zero_grad()
+    names = {event.name for event in prof.events()}
+    assert {"Optimizer.step#SGD.step", "Optimizer.zero_grad#SGD.zero_grad"} <= names

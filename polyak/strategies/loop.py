@@ -46,7 +46,7 @@ _PER_TENSOR_DTYPES = (torch.float16, torch.bfloat16)
 
 def _batchable(params: list[Tensor], grads: list[Tensor]) -> bool:
     return not torch.is_grad_enabled() and all(
-        p.device.type == "cpu" and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse
+        p.is_cpu and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse
         for p, g in zip(params, grads, strict=True)
     )
 
