@@ -1,7 +1,9 @@
 """polyak: PyTorch optimizers written from scratch, a drop-in for ``torch.optim``."""
 
+from polyak.algorithms.adam import Adam
+from polyak.algorithms.adamw import AdamW
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
 
-__all__ = ["SGD", "Optimizer", "required"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "required"]
 __version__ = "0.1.0"

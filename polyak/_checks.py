@@ -155,3 +155,58 @@ def check_same_kind(what: str, current: Any, loaded: Any) -> None:
             raise ValueError(f"Invalid {what} value: {loaded!r} (expected {len(current)} elements)")
         for j, (c, v) in enumerate(zip(current, loaded, strict=True)):
             check_same_kind(f"{what}[{j}]", c, v)
+
+
+def check_adam(
+    lr: float | Tensor,
+    betas: tuple[float | Tensor, float | Tensor],
+    eps: float,
+    weight_decay: float,
+    foreach: bool | None,
+    capturable: bool,
+) -> None:
+    """Adam's argument checks, in torch.optim's order and wording."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if not capturable and foreach:
+                raise ValueError(
+                    f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+def capturable_devices() -> list[str]:
+    """Device types on which torch.optim accepts ``capturable=True``."""
+    return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name(), "xla"]
+
+
+def check_capturable_param(p: Tensor, step: Tensor) -> None:
+    """A capturable step keeps parameters and step counters on an accelerator."""
+    devices = capturable_devices()
+    if not (p.device.type == step.device.type and p.device.type in devices):
+        raise AssertionError(
+            f"If capturable=True, params and state_steps must be on supported devices: {devices}."
+        )

@@ -49,6 +49,11 @@ def clone(xs: list[Tensor]) -> list[Tensor]:
     return [x.detach().clone() for x in xs]
 
 
+def copy(xs: list[Tensor]) -> list[Tensor]:
+    """Copies of ``xs`` that stay in the autograd graph."""
+    return [x.clone() for x in xs]
+
+
 def neg(xs: list[Tensor]) -> list[Tensor]:
     """``-x`` for each x."""
     if _PER_TENSOR.get() or not xs:
@@ -96,16 +101,7 @@ def mul_(xs: list[Tensor], scale: Scale) -> None:
         for x in xs:
             x.mul_(scale)
     elif xs:
-        torch._foreach_mul_(xs, scale)
-
-
-def div_(xs: list[Tensor], scale: Tensor) -> None:
-    """``x /= scale`` for each x."""
-    if _PER_TENSOR.get():
-        for x in xs:
-            x.div_(scale)
-    elif xs:
-        torch._foreach_div_(xs, scale)
+        torch._foreach_mul_(xs, _numbers(scale))
 
 
 def zero_(xs: list[Tensor]) -> None:
@@ -115,3 +111,110 @@ def zero_(xs: list[Tensor]) -> None:
             x.zero_()
     elif xs:
         torch._foreach_zero_(xs)
+
+
+def _pairs(xs: list[Tensor], scales: Scale) -> list[tuple[Tensor, Any]]:
+    """Pair each x with its scale: one scale for all, or one per tensor."""
+    if isinstance(scales, list):
+        return list(zip(xs, scales, strict=True))
+    return [(x, scales) for x in xs]
+
+
+def _numbers(scales: Scale) -> Scale:
+    """Scales as Python numbers, which foreach ops take: one, or a list of one per tensor.
+
+    A 0-dim tensor passed where torch takes a number is read as that number.
+    """
+    if isinstance(scales, list):
+        return [s.item() if isinstance(s, Tensor) else s for s in scales]
+    return scales.item() if isinstance(scales, Tensor) else scales
+
+
+def as_real(xs: list[Tensor]) -> list[Tensor]:
+    """Complex tensors as real views with a trailing dimension of 2; real ones unchanged."""
+    return [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+
+
+def increment_(xs: list[Tensor]) -> None:
+    """``x += 1`` for each x (step counters)."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x += 1
+    elif xs and xs[0].is_cpu:
+        # torch.optim adds a CPU scalar tensor here; the sum is the same.
+        torch._foreach_add_(xs, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    elif xs:
+        torch._foreach_add_(xs, 1)
+
+
+def values(xs: list[Tensor]) -> list[Any]:
+    """The Python numbers held by 0-dim tensors, one per x."""
+    return [x.item() for x in xs]
+
+
+def lerp_(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> None:
+    """``x += weight * (y - x)`` for each pair; ``weight`` is one or one per x."""
+    if _PER_TENSOR.get():
+        for (x, w), y in zip(_pairs(xs, weight), ys, strict=True):
+            x.lerp_(y, w)
+    elif xs:
+        torch._foreach_lerp_(xs, ys, _numbers(weight))
+
+
+def addcmul_(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale) -> None:
+    """``x += value * y * z`` for each triple."""
+    if _PER_TENSOR.get():
+        for x, y, z in zip(xs, ys, zs, strict=True):
+            x.addcmul_(y, z, value=value)
+    elif xs:
+        torch._foreach_addcmul_(xs, ys, zs, _numbers(value))
+
+
+def addcdiv_(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale = 1) -> None:
+    """``x += value * y / z`` for each triple; ``value`` is one number or one per tensor."""
+    if _PER_TENSOR.get():
+        for (x, v), y, z in zip(_pairs(xs, value), ys, zs, strict=True):
+            x.addcdiv_(y, z, value=v)
+    elif xs:
+        torch._foreach_addcdiv_(xs, ys, zs, _numbers(value))
+
+
+def sqrt(xs: list[Tensor]) -> list[Tensor]:
+    """``sqrt(x)`` for each x, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.sqrt() for x in xs]
+    return list(torch._foreach_sqrt(xs))
+
+
+def div(xs: list[Tensor], scales: Scale) -> list[Tensor]:
+    """``x / scale`` for each x, as new tensors; ``scales`` is one or one per x."""
+    if _PER_TENSOR.get() or not xs:
+        return [x / s for x, s in _pairs(xs, scales)]
+    return list(torch._foreach_div(xs, _numbers(scales)))
+
+
+def div_(xs: list[Tensor], scales: Scale) -> None:
+    """``x /= scale`` for each x; ``scales`` is one number or tensor, or one per x."""
+    if _PER_TENSOR.get():
+        for x, s in _pairs(xs, scales):
+            x.div_(s)
+    elif xs:
+        torch._foreach_div_(xs, _numbers(scales))
+
+
+def add_(xs: list[Tensor], scales: Scale) -> None:
+    """``x += scale`` for each x; ``scales`` is one number or tensor, or one per x."""
+    if _PER_TENSOR.get():
+        for x, s in _pairs(xs, scales):
+            x.add_(s)
+    elif xs:
+        torch._foreach_add_(xs, _numbers(scales))
+
+
+def maximum_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x = max(x, y)`` elementwise for each pair, NaN-propagating."""
+    if _PER_TENSOR.get():
+        for x, y in zip(xs, ys, strict=True):
+            torch.maximum(x, y, out=x)
+    elif xs:
+        torch._foreach_maximum_(xs, ys)

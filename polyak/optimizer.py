@@ -42,20 +42,30 @@ class _Required:
 required = _Required()
 
 
+def _resolve(value: Any, as_number: bool) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, as_number) for v in value)
+    if isinstance(value, Tensor):
+        if as_number:
+            return value.item()
+        if value.dim() != 0:
+            return value.squeeze()
+    return value
+
+
 class Hyper:
     """A group's hyperparameters, frozen, as the update rule reads them: ``hp.lr``.
 
-    One-element tensors are squeezed to 0-dim, as torch.optim does for a tensor ``lr``.
+    One-element tensors are squeezed to 0-dim, as torch.optim does for a tensor ``lr``, or,
+    with ``as_numbers`` (fused steps, whose kernels take numbers), read as Python numbers.
     """
 
-    def __init__(self, group: Mapping[str, Any]) -> None:
+    def __init__(self, group: Mapping[str, Any], as_numbers: bool = False) -> None:
         values = self.__dict__
         for key, value in group.items():
             if key in ("params", "param_names"):
                 continue
-            if isinstance(value, Tensor) and value.dim() != 0:
-                value = value.squeeze()
-            values[key] = value
+            values[key] = _resolve(value, as_numbers)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the group lacks.
@@ -377,14 +387,12 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        if group.get("fused"):
-            for p in params:
-                _checks.check_fused_param(p)
         grads = [cast(Tensor, p.grad) for p in params]
+        self.check_step(group, params, grads)
         if grad_scale is not None and group.get("fused"):
             # Unscaled in place, as torch's fused kernels leave ``.grad``.
             _ops.div_(grads, grad_scale.to(grads[0].device))
-        hp = Hyper(group)
+        hp = Hyper(group, as_numbers=bool(group.get("fused")))
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
         # whose algorithm holds no state (SGD without momentum), and neither does polyak.
         entries: list[dict[str, Any]] = []
@@ -407,6 +415,15 @@ class Optimizer(torch.optim.Optimizer):
                     if not entry:
                         entry = self.state[p]
                     entry[key] = value
+
+    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
+        """Bring one parameter's state from an older format to the current one, in place."""
+
+    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Raise, before anything changes, for parameters this step cannot update."""
+        if group.get("fused"):
+            for p in params:
+                _checks.check_fused_param(p)
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """State created for ``param`` before its first update (none by default)."""
@@ -513,15 +530,15 @@ class Optimizer(torch.optim.Optimizer):
             )
 
         id_map: dict[Any, Tensor] = {}
-        owner: dict[Any, Mapping[str, Any]] = {}
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+        owner: dict[Any, int] = {}
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             for pid, p in zip(saved["params"], group["params"], strict=True):
                 if isinstance(pid, bool) or not isinstance(pid, int):
                     raise TypeError(f"Invalid parameter id: {pid!r} (expected an int)")
                 if pid in id_map and id_map[pid] is not p:
                     raise ValueError(f"loaded state dict lists parameter id {pid} more than once")
                 id_map[pid] = p
-                owner[pid] = saved
+                owner[pid] = g
 
         groups = [
             self._read_group(i, saved, group)
@@ -535,9 +552,29 @@ class Optimizer(torch.optim.Optimizer):
                 state[pid] = value
                 continue
             param = id_map[pid]
-            entry = _checks.check_mapping(f"state for parameter {pid}", value)
+            group = groups[owner[pid]]
+            entry = dict(_checks.check_mapping(f"state for parameter {pid}", value))
+            self.upgrade_state(entry, group, param)
+            if entry:
+                # A parameter's state is all or nothing: what init_state makes must be there,
+                # as a tensor of the shape it makes.
+                meta = torch.empty_like(param, device="meta")
+                for key, template in self.init_state(meta, Hyper(group)).items():
+                    if entry.get(key) is None:
+                        raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
+                    item = entry[key]
+                    if not isinstance(item, Tensor):
+                        raise TypeError(
+                            f"Invalid {key} for parameter {pid}: expected a Tensor, but got "
+                            + torch.typename(item)
+                        )
+                    if item.shape != template.shape:
+                        raise ValueError(
+                            f"loaded state dict has a {key} of shape {tuple(item.shape)} for "
+                            f"parameter {pid}, expected {tuple(template.shape)}"
+                        )
             state[param] = {
-                key: self._read_state_value(pid, param, key, item, owner[pid])
+                key: self._read_state_value(pid, param, key, item, group)
                 for key, item in entry.items()
             }
 
@@ -546,7 +583,11 @@ class Optimizer(torch.optim.Optimizer):
         else:
             # A torch.optim state_dict has no step count; per-parameter ``step`` state, where
             # the algorithm keeps one, tells how many steps were taken.
-            steps = [int(s["step"]) for s in state.values() if isinstance(s, dict) and "step" in s]
+            steps = [
+                int(entry["step"])
+                for key, entry in state.items()
+                if isinstance(key, Tensor) and isinstance(entry.get("step"), Tensor)
+            ]
             step_count = max(steps, default=0)
         return state, groups, step_count
 

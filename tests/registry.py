@@ -29,6 +29,12 @@ class Entry:
     errors: list[ErrorCase]
     #: Absolute tolerance per dtype against torch's fused kernels, which may round differently.
     fused_tolerances: dict[torch.dtype, float] = field(default_factory=dict)
+    #: A configuration whose steps create per-parameter state.
+    stateful: dict[str, Any] = field(default_factory=lambda: {"lr": 0.01})
+    #: A configuration for differentiating through steps (autograd w.r.t. ``lr``).
+    differentiable: dict[str, Any] = field(default_factory=dict)
+    #: Absolute tolerance for complex parameters on torch's foreach path.
+    complex_foreach_tolerance: float = 0.0
     elementwise: bool = True
     supports_sparse: bool = False
     supports_complex: bool = True
@@ -50,6 +56,77 @@ def _sgd_configs() -> list[dict[str, Any]]:
         {"lr": 0.05, "momentum": 0.9, "weight_decay": torch.tensor(0.01)},
     ]
     return configs
+
+
+def _adam_configs(decoupled: bool) -> list[dict[str, Any]]:
+    configs: list[dict[str, Any]] = [
+        {"lr": 0.01},
+        {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6},
+        {"lr": 0.01, "weight_decay": 0.1},
+        {"lr": 0.01, "amsgrad": True},
+        {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
+        {"lr": 0.01, "maximize": True},
+        {"lr": torch.tensor(0.01), "weight_decay": 0.05},
+        {"lr": 0.01, "betas": (torch.tensor(0.8), torch.tensor(0.99)), "weight_decay": 0.05},
+        {"lr": 0.02, "eps": 0.0, "weight_decay": 0.0},
+    ]
+    if not decoupled:
+        configs.append({"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True})
+    return configs
+
+
+def _adam_errors() -> list[ErrorCase]:
+    return [
+        ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+        ErrorCase({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"),
+        ErrorCase(
+            {"lr": torch.tensor(0.1), "foreach": True},
+            ValueError,
+            r"^lr as a Tensor is not supported for capturable=False and foreach=True$",
+        ),
+        ErrorCase({"eps": -1e-8}, ValueError, r"^Invalid epsilon value: -1e-08$"),
+        ErrorCase(
+            {"betas": (1.0, 0.999)}, ValueError, r"^Invalid beta parameter at index 0: 1\.0$"
+        ),
+        ErrorCase(
+            {"betas": (0.9, -0.1)}, ValueError, r"^Invalid beta parameter at index 1: -0\.1$"
+        ),
+        ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
+        ErrorCase(
+            {"betas": (0.9, torch.tensor(0.99))},
+            ValueError,
+            r"^betas must be either both floats or both Tensors$",
+        ),
+        ErrorCase(
+            {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True},
+            ValueError,
+            r"^betas\[0\] as a Tensor is not supported for capturable=False and foreach=True$",
+        ),
+        ErrorCase(
+            {"betas": (torch.tensor([0.9, 0.8]), torch.tensor(0.99))},
+            RuntimeError,
+            r"^Boolean value of Tensor with more than one value is ambiguous$",
+        ),
+        ErrorCase(
+            {"fused": True, "differentiable": True},
+            RuntimeError,
+            r"^`fused` does not support `differentiable`$",
+        ),
+        ErrorCase(
+            {"fused": True, "foreach": True},
+            RuntimeError,
+            r"^`fused` and `foreach` cannot be `True` together\.$",
+        ),
+        ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances"),
+    ]
+
+
+_ADAM_FUSED_TOLERANCES = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
 
 
 REGISTRY: list[Entry] = [
@@ -92,8 +169,26 @@ REGISTRY: list[Entry] = [
             torch.float16: 2e-3,
             torch.bfloat16: 1.6e-2,
         },
+        stateful={"lr": 0.05, "momentum": 0.9},
+        differentiable={"momentum": 0.9, "nesterov": True},
         supports_sparse=True,
     ),
+    *[
+        Entry(
+            cls=cls,
+            reference=ref,
+            configs=_adam_configs(decoupled),
+            errors=_adam_errors(),
+            fused_tolerances=_ADAM_FUSED_TOLERANCES,
+            stateful={"lr": 0.01},
+            differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+            complex_foreach_tolerance=1e-6,
+        )
+        for cls, ref, decoupled in (
+            (polyak.Adam, torch.optim.Adam, False),
+            (polyak.AdamW, torch.optim.AdamW, True),
+        )
+    ],
 ]
 
 

@@ -71,8 +71,8 @@ def test_mid_training_handover_continues_identically(entry: Entry, direction: st
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_step_count_survives_checkpoints(entry: Entry) -> None:
-    opt, ref, params, _ = _trained(entry, entry.configs[3], steps=4)
-    fresh = entry.cls(twin(params), **clone_kwargs(entry.configs[3]))
+    opt, ref, params, _ = _trained(entry, entry.stateful, steps=4)
+    fresh = entry.cls(twin(params), **clone_kwargs(entry.stateful))
     fresh.load_state_dict(_roundtrip(opt.state_dict()))
     assert fresh._step_count == 4
     fresh.step()
@@ -80,12 +80,13 @@ def test_step_count_survives_checkpoints(entry: Entry) -> None:
     # torch.optim ignores the extra key, and its own state_dicts carry no count.
     ref.load_state_dict(opt.state_dict())
     fresh.load_state_dict(ref.state_dict())
-    assert fresh._step_count == 0
+    # Where the algorithm keeps a per-parameter step, the count is read from it.
+    assert fresh._step_count == (4 if "step" in entry.cls.state_keys else 0)
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_load_casts_state_to_param_dtype_and_copies(entry: Entry) -> None:
-    config = {"lr": 0.1, "momentum": 0.9}
+    config = entry.stateful
     opt64, _, _, _ = _trained(entry, config)
     sd = opt64.state_dict()
     params32 = [p.detach().float().requires_grad_() for p in make_params()]
@@ -108,19 +109,19 @@ def test_load_casts_state_to_param_dtype_and_copies(entry: Entry) -> None:
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_named_parameters_round_trip(entry: Entry) -> None:
     model = torch.nn.Linear(3, 2)
-    opt = entry.cls(model.named_parameters(), lr=0.1, momentum=0.9)
-    ref = entry.reference(model.named_parameters(), lr=0.1, momentum=0.9)
+    opt = entry.cls(model.named_parameters(), **entry.stateful)
+    ref = entry.reference(model.named_parameters(), **entry.stateful)
     assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
     assert_same(opt.state_dict()["param_groups"], ref.state_dict()["param_groups"])
     other = entry.cls(model.named_parameters(), lr=0.5)
     other.load_state_dict(ref.state_dict())
     assert other.param_groups[0]["param_names"] == ["weight", "bias"]
-    assert other.param_groups[0]["lr"] == 0.1
+    assert other.param_groups[0]["lr"] == entry.stateful["lr"]
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_old_checkpoints_without_new_flags_load(entry: Entry) -> None:
-    _opt, ref, params, _ref_params = _trained(entry, entry.configs[5])
+    _opt, ref, params, _ref_params = _trained(entry, entry.stateful)
     sd = ref.state_dict()
     flags = ("maximize", "foreach", "differentiable", "fused")
     for group in sd["param_groups"]:
@@ -134,7 +135,7 @@ def test_old_checkpoints_without_new_flags_load(entry: Entry) -> None:
         assert mine.param_groups[0][flag] == ref2.param_groups[0][flag]
 
 
-def _corruptions(sd: dict[str, Any]) -> list[tuple[str, type[Exception], dict[str, Any]]]:
+def _corruptions(sd: dict[str, Any], key: str) -> list[tuple[str, type[Exception], dict[str, Any]]]:
     def edit(fn: Any) -> dict[str, Any]:
         new = copy.deepcopy(sd)
         fn(new)
@@ -159,12 +160,12 @@ def _corruptions(sd: dict[str, Any]) -> list[tuple[str, type[Exception], dict[st
         (
             "wrong shape",
             ValueError,
-            edit(lambda d: d["state"][first].__setitem__("momentum_buffer", torch.zeros(7))),
+            edit(lambda d: d["state"][first].__setitem__(key, torch.zeros(7))),
         ),
         (
             "not a tensor",
             TypeError,
-            edit(lambda d: d["state"][first].__setitem__("momentum_buffer", [1.0])),
+            edit(lambda d: d["state"][first].__setitem__(key, [1.0])),
         ),
         ("state not a dict", TypeError, edit(lambda d: d.__setitem__("state", [1]))),
         ("param state not a dict", TypeError, edit(lambda d: d["state"].__setitem__(first, 3))),
@@ -175,7 +176,7 @@ def _corruptions(sd: dict[str, Any]) -> list[tuple[str, type[Exception], dict[st
         (
             "flag a number",
             TypeError,
-            edit(lambda d: d["param_groups"][0].__setitem__("nesterov", 0.5)),
+            edit(lambda d: d["param_groups"][0].__setitem__("maximize", 0.5)),
         ),
         ("bad step count", TypeError, edit(lambda d: d.__setitem__("_step_count", "3"))),
         ("negative step count", ValueError, edit(lambda d: d.__setitem__("_step_count", -1))),
@@ -184,10 +185,10 @@ def _corruptions(sd: dict[str, Any]) -> list[tuple[str, type[Exception], dict[st
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_corrupt_state_dicts_are_rejected_and_change_nothing(entry: Entry) -> None:
-    opt, _, _, _ = _trained(entry, entry.configs[6])
+    opt, _, _, _ = _trained(entry, entry.stateful)
     good = opt.state_dict()
     before = _snapshot(opt)
-    for name, error, bad in _corruptions(copy.deepcopy(good)):
+    for name, error, bad in _corruptions(copy.deepcopy(good), entry.cls.param_shaped_state[0]):
         with pytest.raises(error):
             opt.load_state_dict(bad)
         after = _snapshot(opt)
@@ -203,7 +204,7 @@ def test_not_a_mapping() -> None:
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_state_dict_hooks(entry: Entry) -> None:
-    opt, _, _, _ = _trained(entry, {"lr": 0.1, "momentum": 0.9})
+    opt, _, _, _ = _trained(entry, entry.stateful)
     calls: list[str] = []
     opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
     opt.register_state_dict_pre_hook(lambda o: calls.append("pre-first"), prepend=True)
@@ -236,13 +237,13 @@ def test_state_dict_hooks(entry: Entry) -> None:
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_keys_added_by_a_scheduler_are_not_required(entry: Entry) -> None:
-    opt, _ref, params, _ = _trained(entry, {"lr": 0.1, "momentum": 0.9})
+    opt, _ref, params, _ = _trained(entry, entry.stateful)
     sd = opt.state_dict()
-    resumed = entry.cls(twin(params), lr=0.1, momentum=0.9)
+    resumed = entry.cls(twin(params), **entry.stateful)
     torch.optim.lr_scheduler.StepLR(resumed, step_size=2)
     assert "initial_lr" in resumed.param_groups[0]
     resumed.load_state_dict(sd)
-    ref_resumed = entry.reference(twin(params), lr=0.1, momentum=0.9)
+    ref_resumed = entry.reference(twin(params), **entry.stateful)
     torch.optim.lr_scheduler.StepLR(ref_resumed, step_size=2)
     ref_resumed.load_state_dict(sd)
     assert_same(

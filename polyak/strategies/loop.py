@@ -8,7 +8,8 @@ holds one parameter's), while a model's many small tensors share one call of the
 On the CPU, for every dtype but float16 and bfloat16, torch's ``_foreach_*`` kernels compute
 exactly what the tensor methods compute (the reference tests check it per configuration), so a
 chunk of such tensors runs them and saves a Python call per tensor and primitive. Elsewhere,
-and for sparse gradients and differentiable steps, each primitive calls the tensor method.
+and for sparse gradients, tensor hyperparameters and differentiable steps, each primitive
+calls the tensor method.
 """
 
 from __future__ import annotations
@@ -44,15 +45,29 @@ def chunks(params: list[Tensor], limit: int = CHUNK_NUMEL) -> Iterator[list[int]
 _PER_TENSOR_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _batchable(params: list[Tensor], grads: list[Tensor]) -> bool:
-    return not torch.is_grad_enabled() and all(
-        p.is_cpu and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse
-        for p, g in zip(params, grads, strict=True)
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    return isinstance(value, Tensor)
+
+
+def _batchable(params: list[Tensor], grads: list[Tensor], hp: Any) -> bool:
+    # Tensor hyperparameters enter tensor methods as tensors (lerp's weight, for one), which
+    # the foreach kernels would read as numbers: such groups stay per tensor.
+    return (
+        not torch.is_grad_enabled()
+        and not any(_has_tensor(v) for v in vars(hp).values())
+        and all(
+            p.is_cpu and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse
+            for p, g in zip(params, grads, strict=True)
+        )
     )
 
 
-def _mode(params: list[Tensor], grads: list[Tensor]) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext() if _batchable(params, grads) else _ops.per_tensor()
+def _mode(
+    params: list[Tensor], grads: list[Tensor], hp: Any
+) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext() if _batchable(params, grads, hp) else _ops.per_tensor()
 
 
 def run(
@@ -64,13 +79,13 @@ def run(
 ) -> None:
     """Call ``update`` chunk by chunk, writing back any state it creates."""
     if sum(p.numel() for p in params) <= CHUNK_NUMEL:
-        with _mode(params, grads):
+        with _mode(params, grads, hp):
             update(params, grads, state, hp)
         return
     for idx in chunks(params):
         own = {key: [values[i] for i in idx] for key, values in state.items()}
         chunk_params, chunk_grads = [params[i] for i in idx], [grads[i] for i in idx]
-        with _mode(chunk_params, chunk_grads):
+        with _mode(chunk_params, chunk_grads, hp):
             update(chunk_params, chunk_grads, own, hp)
         for key, values in own.items():
             for i, value in zip(idx, values, strict=True):

@@ -1,0 +1,232 @@
+"""Adam, with optional AMSGrad and decoupled (AdamW) weight decay."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polyak import _checks, _ops
+from polyak.optimizer import Hyper, Optimizer, ParamsT
+from polyak.strategies import StateLists
+
+
+def _scalar_dtype(fused: bool | None) -> torch.dtype:
+    # Step counters are float32, or float64 under a float64 default dtype, as in torch.optim.
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class Adam(Optimizer):
+    r"""Adam: adaptive moment estimation.
+
+    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+
+        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1}
+            \quad\text{(or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,\theta_{t-1}
+            \text{ when decoupled)} \\
+        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \ \text{(amsgrad)} \quad\text{or}\quad v_t \\
+        \theta_t &\leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` =
+    ``eps`` and :math:`\lambda` = ``weight_decay``; the gradient is negated when ``maximize``.
+    Complex parameters are updated as pairs of reals.
+
+    Note:
+        As in torch.optim, :math:`\epsilon` is added after dividing :math:`\sqrt{\hat v_t}` by
+        :math:`\sqrt{1 - \beta_2^t}` (the paper adds :math:`\hat\epsilon` to the bias-corrected
+        root), and the bias corrections fold into the step size. The moments start at zero.
+
+    Args:
+        params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
+            defining parameter groups.
+        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-3).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1), both floats or both tensors
+            (default: (0.9, 0.999)).
+        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
+        weight_decay: :math:`\lambda`, >= 0 (default: 0).
+        amsgrad: use the running maximum of :math:`v_t` (default: False).
+        foreach: run the update over all of a group's tensors per operation; None lets polyak
+            choose (default: None).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        capturable: keep step counters on the device so the step can be graph-captured;
+            accelerators only (default: False).
+        differentiable: let autograd run through the step (default: False).
+        fused: take the fused path, which also unscales gradients for ``GradScaler``;
+            floating-point parameters only (default: None).
+        decoupled_weight_decay: apply weight decay to the parameters directly, as AdamW
+            does, instead of adding it to the gradient (default: False).
+
+    References:
+        D. P. Kingma, J. Ba. Adam: A Method for Stochastic Optimization. ICLR 2015.
+        https://arxiv.org/abs/1412.6980
+
+        S. J. Reddi, S. Kale, S. Kumar. On the Convergence of Adam and Beyond. ICLR 2018.
+        https://openreview.net/forum?id=ryQu7f-RZ
+    """
+
+    state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    param_shaped_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    backfill = {  # noqa: RUF012 - read-only table
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+        "fused": None,
+    }
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        _checks.check_adam(lr, betas, eps, weight_decay, foreach, capturable)
+        betas = tuple(  # type: ignore[assignment]
+            b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas
+        )
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            self._step_supports_amp_scaling = True
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for p in group["params"]:
+                entry = self.state.get(p)
+                if entry:
+                    self.upgrade_state(entry, group, p)
+
+    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
+        """Checkpoints of old torch versions kept the step as a Python number."""
+        step = entry.get("step")
+        if step is not None and not torch.is_tensor(step):
+            on_device = group["capturable"] or group["fused"]
+            entry["step"] = torch.tensor(
+                float(step),
+                dtype=_scalar_dtype(group["fused"]),
+                device=param.device if on_device else None,
+            )
+
+    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Adam takes dense gradients; tensor ``lr`` needs ``capturable`` under ``foreach``."""
+        for p, g in zip(params, grads, strict=True):
+            if g.is_sparse:
+                raise RuntimeError(
+                    "Adam does not support sparse gradients, please consider SparseAdam instead"
+                )
+            if group["fused"] and not self.state.get(p):
+                _checks.check_fused_param(p)
+        if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
+            raise RuntimeError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        if group["capturable"]:
+            for p in params:
+                step = self.state[p]["step"] if self.state.get(p) else p
+                _checks.check_capturable_param(p, step)
+        if group["differentiable"]:
+            for p in params:
+                entry = self.state.get(p)
+                if entry and entry["step"].requires_grad:
+                    raise RuntimeError(
+                        "`requires_grad` is not supported for `step` in differentiable mode"
+                    )
+
+    def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
+        """Zero moments and a zero step counter, as torch.optim creates them."""
+        if hp.capturable or hp.fused:
+            step = torch.zeros((), dtype=_scalar_dtype(hp.fused), device=param.device)
+        else:
+            step = torch.tensor(0.0, dtype=_scalar_dtype(False), device="cpu")
+        state = {
+            "step": step,
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+        }
+        if hp.amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
+        """Apply one Adam step to ``params`` given their ``grads``."""
+        steps: list[Any] = state["step"]
+        beta1, beta2 = hp.betas
+        g = _ops.neg(grads) if hp.maximize else grads
+        _ops.increment_(steps)
+        if hp.weight_decay != 0:
+            if hp.decoupled_weight_decay:
+                _ops.mul_(params, 1 - hp.lr * hp.weight_decay)
+            else:
+                g = _ops.add_scaled(g, params, hp.weight_decay)
+        # Complex parameters are updated as pairs of reals.
+        p, g = _ops.as_real(params), _ops.as_real(g)
+        m: list[Any] = _ops.as_real(state["exp_avg"])  # type: ignore[arg-type]
+        v: list[Any] = _ops.as_real(state["exp_avg_sq"])  # type: ignore[arg-type]
+        if isinstance(beta1, Tensor):
+            # torch.optim rounds a tensor beta1 to each parameter's dtype before using it.
+            _ops.lerp_(m, g, [1 - beta1.to(x.dtype) for x in m])
+        else:
+            _ops.lerp_(m, g, 1 - beta1)
+        _ops.mul_(v, beta2)
+        _ops.addcmul_(v, g, g, 1 - beta2)
+        if hp.amsgrad:
+            v_max: list[Any] = _ops.as_real(state["max_exp_avg_sq"])  # type: ignore[arg-type]
+            _ops.maximum_(v_max, v)
+            v = v_max
+        if hp.capturable or hp.differentiable:
+            # The step stays a tensor, so the whole update is traceable (graphs, autograd).
+            bc1 = [1 - beta1**t for t in steps]
+            bc2_sqrt = [(1 - beta2**t).sqrt() for t in steps]
+            neg_step_size = [(hp.lr / b).neg() for b in bc1]
+            denom = _ops.div(
+                _ops.sqrt(v), [b * s for b, s in zip(bc2_sqrt, neg_step_size, strict=True)]
+            )
+            _ops.add_(denom, [hp.eps / s for s in neg_step_size])
+            # A copy, since autograd keeps m_t and the next step changes it in place.
+            _ops.addcdiv_(p, _ops.copy(m), denom)
+        else:
+            t = _ops.values(steps)
+            bc1 = [1 - beta1**s for s in t]
+            bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in t]
+            denom = _ops.div(_ops.sqrt(v), bc2_sqrt)
+            _ops.add_(denom, hp.eps)
+            _ops.addcdiv_(p, m, denom, [-(hp.lr / b) for b in bc1])
