@@ -21,7 +21,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.utils.hooks import RemovableHandle
 
 from polyak import _checks, _ops
-from polyak.strategies import StateLists, Strategy, Update, choose
+from polyak.strategies import StateLists, Strategy, Update, choose, flat
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 StateDict: TypeAlias = dict[str, Any]
@@ -158,6 +158,9 @@ class Optimizer(torch.optim.Optimizer):
         self.defaults = defaults
         self._init_hooks()
         self._step_count = 0
+        # Bumped whenever state tensors are created or replaced, so that strategies which keep
+        # the group's tensors between steps know to look again.
+        self._state_version = 0
         groups = _checks.check_params_argument(params)
         self.state: defaultdict[Tensor, Any] = defaultdict(dict)
         self.param_groups: list[dict[str, Any]] = []
@@ -197,6 +200,7 @@ class Optimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault(STEP_COUNT_KEY, 0)
+        self._state_version = 0
         self._init_hooks()
         self.defaults.setdefault("differentiable", False)
         for group in self.param_groups:
@@ -384,6 +388,8 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
+        if grad_scale is None and flat.eligible(group) and flat.step(self, group):
+            return
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -402,6 +408,7 @@ class Optimizer(torch.optim.Optimizer):
                 entry = self.init_state(p, hp)
                 if entry:
                     self.state[p] = entry
+                    self._state_version += 1
             entries.append(entry)
         state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
         strategy = choose(group, params, grads)
@@ -415,6 +422,7 @@ class Optimizer(torch.optim.Optimizer):
                     if not entry:
                         entry = self.state[p]
                     entry[key] = value
+                    self._state_version += 1
 
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
         """Bring one parameter's state from an older format to the current one, in place."""
@@ -492,6 +500,7 @@ class Optimizer(torch.optim.Optimizer):
         self.state = state
         self.param_groups = groups
         self._step_count = step_count
+        self._state_version += 1
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

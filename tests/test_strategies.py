@@ -1,0 +1,196 @@
+"""Every strategy runs the same update rule: each matches the reference, and the flat kernel
+keeps every semantic of the per-tensor path."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same, clone_kwargs, make_params, step_both, twin
+from registry import REGISTRY, Entry, ids
+
+import polyak
+from polyak.strategies import _native, flat
+
+needs_kernel = pytest.mark.skipif(_native.load() is None, reason="the flat kernel is unavailable")
+
+
+@pytest.fixture
+def flat_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """Records, for every group step, whether the flat kernel ran it."""
+    calls: list[bool] = []
+    real = flat.step
+
+    def spy(optimizer: Any, group: dict[str, Any]) -> bool:
+        done = real(optimizer, group)
+        calls.append(done)
+        return done
+
+    monkeypatch.setattr(flat, "step", spy)
+    yield calls
+
+
+def _has_tensor(config: dict[str, Any]) -> bool:
+    return any(
+        isinstance(v, torch.Tensor) or (isinstance(v, tuple) and _has_tensor(dict(enumerate(v))))
+        for v in config.values()
+    )
+
+
+def _cases() -> list[Any]:
+    return [
+        pytest.param(entry, config, id=f"{ids(entry)}-{i}")
+        for entry in REGISTRY
+        for i, config in enumerate(entry.configs)
+        if not _has_tensor(config)
+    ]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("entry", "config"), _cases())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_flat_default_is_bit_identical_to_torch(
+    entry: Entry, config: dict[str, Any], dtype: torch.dtype, flat_steps: list[bool]
+) -> None:
+    """The default path runs flat after each parameter's first step, with torch's numbers."""
+    params = make_params([(3, 4), (5,), (300,), (2, 2, 2)], dtype=dtype)
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    step_both(opt, ref, params, ref_params, 5)
+    assert flat_steps[1:] == [True] * 4, flat_steps
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("entry", "config"), _cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_flat_fused_half_precision_matches_torch_fused(
+    entry: Entry, config: dict[str, Any], dtype: torch.dtype, flat_steps: list[bool]
+) -> None:
+    params = make_params(dtype=dtype)
+    ref_params = twin(params)
+    opt = entry.cls(params, fused=True, **clone_kwargs(config))
+    ref = entry.reference(ref_params, fused=True, **clone_kwargs(config))
+    step_both(opt, ref, params, ref_params, 4)
+    assert any(flat_steps)
+    assert_same(params, ref_params, entry.fused_tolerances[dtype])
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_every_strategy_matches_loop(entry: Entry, dtype: torch.dtype) -> None:
+    # Tensor hyperparameters are left out: torch's per-tensor path computes with them as
+    # float32 tensors and its fused path as numbers, which differ beyond rounding.
+    for config in [c for c in entry.configs if not _has_tensor(c)]:
+        runs = []
+        for flags in ({"foreach": False}, {"foreach": True}, {}, {"fused": True}):
+            params = make_params(dtype=dtype)
+            try:
+                opt = entry.cls(params, **clone_kwargs({**config, **flags}))
+            except ValueError:
+                continue  # tensor hyperparameters with foreach, as torch refuses too
+            step_both(opt, opt, params, params, 4)
+            runs.append((flags, params))
+        loop = runs[0][1]
+        for flags, params in runs[1:]:
+            atol = entry.fused_tolerances[dtype] if flags.get("fused") else 0.0
+            assert_same(params, loop, atol)
+
+
+@needs_kernel
+def test_flat_skips_params_without_grad_and_takes_new_ones(flat_steps: list[bool]) -> None:
+    params = make_params([(4,), (5,), (6,)])
+    ref_params = twin(params)
+    opt = polyak.Adam(params, lr=0.1)
+    ref = torch.optim.Adam(ref_params, lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        active = [0, 1] if step < 3 else [0, 1, 2]
+        for i in range(3):
+            g = torch.randn(params[i].shape, generator=gen) if i in active else None
+            params[i].grad = g
+            ref_params[i].grad = None if g is None else g.clone()
+        opt.step()
+        ref.step()
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+    assert True in flat_steps
+
+
+@needs_kernel
+def test_flat_follows_replaced_data_state_and_groups(flat_steps: list[bool]) -> None:
+    model = torch.nn.Linear(4, 3)
+    ref_model = torch.nn.Linear(4, 3)
+    ref_model.load_state_dict(model.state_dict())
+    opt = polyak.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 4)
+
+    def train(steps: int, dtype: torch.dtype = torch.float32) -> None:
+        for _ in range(steps):
+            for m, o in ((model, opt), (ref_model, ref)):
+                o.zero_grad()
+                m(x.to(dtype)).square().sum().backward()
+                o.step()
+
+    train(3)
+    # A momentum buffer changed by hand is the one the kernel updates.
+    for o in (opt, ref):
+        for state in o.state.values():
+            state["momentum_buffer"].mul_(0.5)
+    train(2)
+    # Checkpoints replace the state; module.to() replaces the parameters' data.
+    opt.load_state_dict(opt.state_dict())
+    train(2)
+    model.double()
+    ref_model.double()
+    train(2, torch.float64)
+    extra, ref_extra = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [extra], "lr": 0.01})
+    ref.add_param_group({"params": [ref_extra], "lr": 0.01})
+    extra.grad, ref_extra.grad = torch.ones(3), torch.ones(3)
+    train(2, torch.float64)
+    assert_same(list(model.parameters()), list(ref_model.parameters()))
+    assert_same(extra, ref_extra)
+    assert flat_steps.count(True) >= 5
+
+
+@needs_kernel
+def test_flat_falls_back_for_odd_gradients(flat_steps: list[bool]) -> None:
+    params = make_params([(4, 3)])
+    ref_params = twin(params)
+    opt = polyak.SGD(params, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+    for _ in range(4):
+        g = torch.randn(3, 4).t()  # not contiguous
+        params[0].grad, ref_params[0].grad = g, g.clone()
+        opt.step()
+        ref.step()
+    assert_same(params, ref_params)
+    assert True not in flat_steps
+
+
+def test_no_kernel_means_a_warning_and_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils import cpp_extension
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_failed", False)
+    params = make_params()
+    ref_params = twin(params)
+    with pytest.warns(RuntimeWarning, match="flat kernel could not be built"):
+        opt = polyak.Adam(params, lr=0.1)
+        ref = torch.optim.Adam(ref_params, lr=0.1)
+        step_both(opt, ref, params, ref_params, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step_both(opt, ref, params, ref_params, 2, seed=4)
+    assert_same(params, ref_params)
