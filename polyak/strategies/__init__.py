@@ -1,10 +1,16 @@
 """Execution strategies: how an update rule written over lists of tensors is run.
 
-The update rule is written once. A strategy only decides the shape of the lists it is called
-with: ``loop`` calls it once per parameter with one-element lists, which computes exactly what
-torch.optim's per-tensor path computes; ``foreach`` calls it once per (device, dtype) bucket, so
-each primitive is one ``torch._foreach_*`` call over the bucket. :func:`choose` is the one place
-the default is decided.
+The update rule is written once. A strategy decides how it runs:
+
+- ``flat`` (``flat.py``) traces it into a program that a compiled kernel runs over the whole
+  group in one pass; it takes the default and ``fused=True`` steps wherever it can, with
+  torch's per-tensor numbers on the default path.
+- ``loop`` calls it with primitives that run one tensor at a time, which computes exactly what
+  torch.optim's per-tensor path computes (``foreach=False``, and the fallback).
+- ``foreach`` calls it once per (device, dtype) bucket, so each primitive is one
+  ``torch._foreach_*`` call over the bucket (``foreach=True``).
+
+:func:`flat.eligible` and :func:`choose` are the places the choice is made.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ def _foreach_capable(params: list[Tensor]) -> bool:
 
 
 def choose(group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) -> Strategy:
-    """Pick the strategy for one step of one group.
+    """Pick the strategy for a step of one group that the flat kernel does not take.
 
     Differentiable steps and sparse gradients always run ``loop``: it is the one strategy that
     autograd and sparse tensors support everywhere. Otherwise an explicit ``foreach``/``fused``

@@ -45,7 +45,7 @@ inline void vector_sqrt(double* d, const double* a, int64_t len) {
   }
 }
 
-constexpr int64_t kBlock = 512;
+constexpr int64_t kBlock = 128;
 constexpr int kMaxRegs = 24;
 
 // Vector opcodes; keep in sync with _trace.py.
