@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -75,7 +76,6 @@ enum SOp : int64_t {
   S_NEG = 6,
   S_LOAD = 7,   // d = scalar state [a] of this tensor
   S_STORE = 8,  // scalar state [a] of this tensor = reg b, rounded to its dtype
-  S_ROUND32 = 9,  // d = (double)(float)a
 };
 
 template <typename T>
@@ -139,16 +139,16 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
 
 double read_scalar(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return static_cast<double>(*t.data_ptr<float>());
-    case at::kDouble: return *t.data_ptr<double>();
+    case at::kFloat: return static_cast<double>(*static_cast<const float*>(t.const_data_ptr()));
+    case at::kDouble: return *static_cast<const double*>(t.const_data_ptr());
     default: return t.item<double>();
   }
 }
 
 void write_scalar(at::Tensor& t, double v) {
   switch (t.scalar_type()) {
-    case at::kFloat: *t.data_ptr<float>() = static_cast<float>(v); break;
-    case at::kDouble: *t.data_ptr<double>() = v; break;
+    case at::kFloat: *static_cast<float*>(t.data_ptr()) = static_cast<float>(v); break;
+    case at::kDouble: *static_cast<double*>(t.data_ptr()) = v; break;
     default: t.fill_(v); break;
   }
 }
@@ -172,42 +172,64 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
                    const std::vector<int64_t>& stored) {
   const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
-  std::vector<const S*> grad_ptr(n, nullptr);
+  std::vector<const S*> grad_ptr;
+  std::vector<S*> param_ptr;
+  std::vector<int64_t> numels;
   std::vector<int64_t> live;
   live.reserve(n);
+  grad_ptr.reserve(n);
+  param_ptr.reserve(n);
+  numels.reserve(n);
+  std::vector<std::vector<S*>> state_ptr(nv);
+  for (auto& column : state_ptr) column.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = plan.params[i];
     const at::Tensor& g = p.grad();
     if (!g.defined()) continue;
-    if (p.scalar_type() != plan.dtype || g.scalar_type() != plan.dtype || g.is_sparse() ||
-        !p.is_contiguous() || !g.is_contiguous() || g.numel() != p.numel() ||
-        !p.device().is_cpu() || !g.device().is_cpu())
+    const int64_t numel = p.numel();
+    if (p.scalar_type() != plan.dtype || g.scalar_type() != plan.dtype ||
+        g.layout() != at::kStrided || !p.is_contiguous() || !g.is_contiguous() ||
+        g.numel() != numel || !p.is_cpu() || !g.is_cpu())
       return kFallback;
     for (int64_t k = 0; k < nv; ++k) {
       const at::Tensor& s = plan.vstate[k][i];
-      if (!s.defined() || s.scalar_type() != plan.dtype || !s.is_contiguous() ||
-          s.numel() != p.numel())
+      if (s.scalar_type() != plan.dtype || !s.is_contiguous() || s.numel() != numel)
         return kFallback;
+      state_ptr[k].push_back(static_cast<S*>(s.data_ptr()));
     }
     for (auto& keyed : plan.sstate) {
-      if (!keyed[i].defined() || keyed[i].numel() != 1 || !keyed[i].device().is_cpu())
-        return kFallback;
+      if (keyed[i].numel() != 1 || !keyed[i].is_cpu()) return kFallback;
     }
-    grad_ptr[i] = g.data_ptr<S>();
+    grad_ptr.push_back(static_cast<const S*>(g.const_data_ptr()));
+    param_ptr.push_back(static_cast<S*>(p.data_ptr()));
+    numels.push_back(numel);
     live.push_back(i);
   }
 
-  // Scalar program, once per tensor, in order.
+  // Scalar program, once per tensor, in order. Tensors whose scalar state holds the same values
+  // as the previous tensor's (all of them, in most steps) reuse its results and only store.
   const int64_t* sc = scode.data_ptr<int64_t>();
   const int64_t n_scode = scode.size(0);
   const double* simm = reinterpret_cast<const double*>(sc);  // imm bits travel as int64
   const double* hp = hyper.data_ptr<double>();
   const int64_t n_hp = hyper.numel();
   const int64_t n_live = static_cast<int64_t>(live.size());
+  const int64_t ns = static_cast<int64_t>(plan.sstate.size());
   std::vector<double> sregs(static_cast<size_t>(n_live * n_sregs));
+  std::vector<double> prev_in(ns), cur_in(ns);
   for (int64_t t = 0; t < n_live; ++t) {
     const int64_t i = live[t];
     double* r = sregs.data() + t * n_sregs;
+    for (int64_t k = 0; k < ns; ++k) cur_in[k] = read_scalar(plan.sstate[k][i]);
+    if (t > 0 && cur_in == prev_in) {
+      std::copy(r - n_sregs, r, r);
+      for (int64_t k = 0; k < n_scode; ++k) {
+        const int64_t* ins = sc + 4 * k;
+        if (ins[0] == S_STORE) write_scalar(plan.sstate[ins[2]][i], r[ins[3]]);
+      }
+      continue;
+    }
+    prev_in = cur_in;
     for (int64_t h = 0; h < n_hp; ++h) r[h] = hp[h];
     for (int64_t k = 0; k < n_scode; ++k) {
       const int64_t* ins = sc + 4 * k;
@@ -222,9 +244,9 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
         case S_LOAD: r[ins[1]] = read_scalar(plan.sstate[ins[2]][i]); break;
         case S_STORE:
           write_scalar(plan.sstate[ins[2]][i], r[ins[3]]);
+          // Later reads see the stored value, rounded to the state's dtype.
           r[ins[3]] = read_scalar(plan.sstate[ins[2]][i]);
           break;
-        case S_ROUND32: r[ins[1]] = static_cast<double>(static_cast<float>(r[ins[2]])); break;
         default: break;
       }
     }
@@ -233,15 +255,9 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
   // Work items: (live tensor, first element), at most kChunk elements each.
   constexpr int64_t kChunk = 1 << 14;
   std::vector<std::pair<int64_t, int64_t>> work;
+  work.reserve(n_live);
   for (int64_t t = 0; t < n_live; ++t) {
-    const int64_t numel = plan.params[live[t]].numel();
-    for (int64_t start = 0; start < numel; start += kChunk) work.emplace_back(t, start);
-  }
-  std::vector<S*> param_ptr(n_live);
-  std::vector<std::vector<S*>> state_ptr(nv, std::vector<S*>(n_live));
-  for (int64_t t = 0; t < n_live; ++t) {
-    param_ptr[t] = plan.params[live[t]].template data_ptr<S>();
-    for (int64_t k = 0; k < nv; ++k) state_ptr[k][t] = plan.vstate[k][live[t]].template data_ptr<S>();
+    for (int64_t start = 0; start < numels[t]; start += kChunk) work.emplace_back(t, start);
   }
   const int64_t* vc = vcode.data_ptr<int64_t>();
   const int64_t n_vcode = vcode.size(0);
@@ -264,12 +280,10 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
     std::vector<S*> bound(n_bound);
     for (int64_t w = lo; w < hi; ++w) {
       const int64_t t = work[w].first;
-      const int64_t i = live[t];
-      const int64_t numel = plan.params[i].numel();
-      const int64_t end = std::min(numel, work[w].second + kChunk);
+      const int64_t end = std::min(numels[t], work[w].second + kChunk);
       const double* r = sregs.data() + t * n_sregs;
       bound[0] = param_ptr[t];
-      bound[1] = const_cast<S*>(grad_ptr[i]);
+      bound[1] = const_cast<S*>(grad_ptr[t]);
       for (int64_t k = 0; k < nv; ++k) bound[2 + k] = state_ptr[k][t];
       for (int64_t k = 0; k < kMaxRegs; ++k) reg[k] = local[k];
       for (int64_t off = work[w].second; off < end; off += kBlock) {
