@@ -210,3 +210,18 @@ def check_capturable_param(p: Tensor, step: Tensor) -> None:
         raise AssertionError(
             f"If capturable=True, params and state_steps must be on supported devices: {devices}."
         )
+
+
+def check_state_tensor(pid: int, key: Any, value: Any, shape: torch.Size) -> Tensor:
+    """A loaded state entry that must be a tensor of ``shape``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"Invalid {key} for parameter {pid}: expected a Tensor, but got "
+            + torch.typename(value)
+        )
+    if value.shape != shape:
+        raise ValueError(
+            f"loaded state dict has a {key} of shape {tuple(value.shape)} for parameter {pid}, "
+            f"expected {tuple(shape)}"
+        )
+    return value

@@ -571,17 +571,7 @@ class Optimizer(torch.optim.Optimizer):
                 for key, template in self.init_state(meta, Hyper(group)).items():
                     if entry.get(key) is None:
                         raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
-                    item = entry[key]
-                    if not isinstance(item, Tensor):
-                        raise TypeError(
-                            f"Invalid {key} for parameter {pid}: expected a Tensor, but got "
-                            + torch.typename(item)
-                        )
-                    if item.shape != template.shape:
-                        raise ValueError(
-                            f"loaded state dict has a {key} of shape {tuple(item.shape)} for "
-                            f"parameter {pid}, expected {tuple(template.shape)}"
-                        )
+                    _checks.check_state_tensor(pid, key, entry[key], template.shape)
             state[param] = {
                 key: self._read_state_value(pid, param, key, item, group)
                 for key, item in entry.items()
@@ -625,16 +615,7 @@ class Optimizer(torch.optim.Optimizer):
         self, pid: int, param: Tensor, key: Any, value: Any, group: Mapping[str, Any]
     ) -> Any:
         if key in self.param_shaped_state and value is not None:
-            if not isinstance(value, Tensor):
-                raise TypeError(
-                    f"Invalid {key} for parameter {pid}: expected a Tensor, but got "
-                    + torch.typename(value)
-                )
-            if value.shape != param.shape:
-                raise ValueError(
-                    f"loaded state dict has a {key} of shape {tuple(value.shape)} for "
-                    f"parameter {pid} of shape {tuple(param.shape)}"
-                )
+            _checks.check_state_tensor(pid, key, value, param.shape)
             if value.is_complex() != param.is_complex():
                 raise TypeError(
                     f"Invalid {key} for parameter {pid}: dtype {value.dtype} does not fit a "

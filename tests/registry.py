@@ -40,6 +40,22 @@ class Entry:
     supports_complex: bool = True
 
 
+#: Errors every optimizer here raises as torch does.
+_COMMON_ERRORS = [
+    ErrorCase(
+        {"fused": True, "differentiable": True},
+        RuntimeError,
+        r"^`fused` does not support `differentiable`$",
+    ),
+    ErrorCase(
+        {"fused": True, "foreach": True},
+        RuntimeError,
+        r"^`fused` and `foreach` cannot be `True` together\.$",
+    ),
+    ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances"),
+]
+
+
 def _sgd_configs() -> list[dict[str, Any]]:
     configs: list[dict[str, Any]] = [
         {"lr": 0.1},
@@ -107,17 +123,7 @@ def _adam_errors() -> list[ErrorCase]:
             RuntimeError,
             r"^Boolean value of Tensor with more than one value is ambiguous$",
         ),
-        ErrorCase(
-            {"fused": True, "differentiable": True},
-            RuntimeError,
-            r"^`fused` does not support `differentiable`$",
-        ),
-        ErrorCase(
-            {"fused": True, "foreach": True},
-            RuntimeError,
-            r"^`fused` and `foreach` cannot be `True` together\.$",
-        ),
-        ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances"),
+        *_COMMON_ERRORS,
     ]
 
 
@@ -151,17 +157,7 @@ REGISTRY: list[Entry] = [
                 ValueError,
                 r"^Nesterov momentum requires a momentum and zero dampening$",
             ),
-            ErrorCase(
-                {"fused": True, "differentiable": True},
-                RuntimeError,
-                r"^`fused` does not support `differentiable`$",
-            ),
-            ErrorCase(
-                {"fused": True, "foreach": True},
-                RuntimeError,
-                r"^`fused` and `foreach` cannot be `True` together\.$",
-            ),
-            ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances"),
+            *_COMMON_ERRORS,
         ],
         fused_tolerances={
             torch.float64: 1e-12,
