@@ -18,12 +18,14 @@ from typing import Any
 _SOURCE = Path(__file__).with_name("_vm.cpp")
 # fp-contract off: every rounding is the one written, so results match torch's kernels.
 # no-math-errno: lets sqrt and fma vectorize; it changes no value.
+# fopenmp: at::parallel_for is a header template over OpenMP; without it, it runs serially.
 _FLAGS = [
     "-O3",
     "-march=native",
     "-mprefer-vector-width=512",
     "-ffp-contract=off",
     "-fno-math-errno",
+    "-fopenmp",
 ]
 _lock = threading.Lock()
 _module: Any = None
@@ -51,6 +53,7 @@ def load() -> Any:
                 name=f"polyak_vm_{digest}",
                 sources=[str(_SOURCE)],
                 extra_cflags=_FLAGS,
+                extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
         except Exception as error:  # any build failure means: run without the kernel

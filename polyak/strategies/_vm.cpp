@@ -23,6 +23,7 @@
 extern "C" {
 void vmsSqrt(int n, const float* a, float* r, long long mode) __attribute__((weak));
 void vmdSqrt(int n, const double* a, double* r, long long mode) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace {
@@ -273,6 +274,8 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
       if (used[b]) read.push_back(b);
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+    // MKL would otherwise start threads of its own for each block's sqrt, inside ours.
+    const int mkl_threads = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
     // Temporaries live in L1-sized blocks; where storage and compute types agree, the bound
     // registers point straight into the tensors, so each is read and written once.
     T local[kMaxRegs][kBlock];
@@ -309,6 +312,7 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
         }
       }
     }
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
   });
   (void)n_vregs;
   return kDone;
