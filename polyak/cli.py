@@ -87,6 +87,121 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.set_defaults(handler=_run_demo)
 
 
+def _comma_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A parser of a comma-separated list whose items must be among ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip().lower() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"choose a comma-separated list from {','.join(choices)}; got {text!r}"
+            )
+        return items
+
+    return parse
+
+
+def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from polyak import bench
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="time optimizer steps of polyak, torch.optim and peer libraries side by side",
+        description=(
+            "Time optimizer.step() of torch.optim (for-loop, foreach, fused), polyak (default, "
+            "for-loop, foreach, fused) and the peer libraries torch-optimi, heavyball and "
+            "pytorch-optimizer where installed, interleaved in one process, on several sets of "
+            "parameter shapes. Print one table per optimizer and case: median step time, "
+            "effective bandwidth, its share of the measured in-place bandwidth, speed relative "
+            "to torch's fused step, peak extra memory, state size and first-step time."
+        ),
+    )
+    parser.add_argument(
+        "--optimizers",
+        type=_comma_list(tuple(bench.CLASS_NAMES)),
+        default=",".join(bench.DEFAULT_OPTIMIZERS),
+        help="comma-separated optimizers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cases",
+        type=_comma_list(tuple(bench.CASES)),
+        default=",".join(bench.DEFAULT_CASES),
+        help="comma-separated parameter-shape sets (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=None,
+        help=(
+            f"interleaved timed rounds (default: {bench.DEFAULT_ROUNDS}, "
+            f"or {bench.QUICK_ROUNDS} with --quick)"
+        ),
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=bench.DEFAULT_THREADS,
+        help="torch.set_num_threads for the run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=_positive_float,
+        default=bench.DEFAULT_MEMORY_BUDGET_GIB,
+        metavar="GIB",
+        help=(
+            "GiB that the contenders run together may hold; more contenders run in "
+            "consecutive batches (default: %(default)s)"
+        ),
+    )
+    parser.add_argument(
+        "--step-limit",
+        type=_positive_float,
+        default=bench.DEFAULT_STEP_LIMIT,
+        metavar="SEC",
+        help=(
+            "drop a contender whose warm-up step after the first takes longer than this "
+            "(default: %(default)s)"
+        ),
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="few rounds, one bandwidth measurement, no gpt2"
+    )
+    parser.add_argument(
+        "--no-peers", dest="peers", action="store_false", help="leave the peer libraries out"
+    )
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from polyak import bench
+
+    def progress(line: str) -> None:
+        print(f"polyak bench: {line}", file=sys.stderr, flush=True)
+
+    environment: bench.Environment | None = None
+    for item in bench.iter_benchmark(
+        args.optimizers,
+        args.cases,
+        rounds=args.rounds,
+        threads=args.threads,
+        peers=args.peers,
+        quick=args.quick,
+        memory_budget_gib=args.memory_budget,
+        step_limit=args.step_limit,
+        progress=progress,
+    ):
+        if isinstance(item, bench.Environment):
+            text = bench.format_environment(item, markdown=args.markdown)
+            environment = item
+        else:
+            assert environment is not None, "the environment comes first"
+            text = bench.format_case(item, environment, markdown=args.markdown)
+        print(text + "\n", flush=True)
+    return 0
+
+
 def _format_time(seconds: float) -> str:
     """Format a duration in microseconds below 1 ms, else in milliseconds."""
     if seconds < 1e-3:
@@ -155,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {polyak.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

@@ -1,0 +1,1111 @@
+"""Time ``optimizer.step()`` of polyak, torch.optim and peer libraries side by side.
+
+All contenders of one optimizer and one set of parameter shapes (a *case*) run in the same
+process, interleaved: after a few warm-up steps each, every round times one step of every
+contender, in an order rotated by one each round, so that drifts of the machine (frequency,
+other tenants, cache state) hit all contenders alike. The report gives the median step time of
+each contender, the effective memory bandwidth it reaches (the bytes the update must move,
+divided by the time), that bandwidth as a fraction of the machine's in-place bandwidth measured
+in the same run, the speed relative to ``torch.optim`` with ``fused=True``, the peak memory
+allocated during one step on top of what was there before, the size of the optimizer state and
+the time of the very first step (which includes state allocation and any compilation).
+
+Only torch and polyak are imported with this module; the peer libraries (torch-optimi, heavyball,
+pytorch-optimizer) are imported when a benchmark runs, and any that cannot be imported is
+reported as skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import polyak
+
+#: Defaults of :func:`run_benchmark`, shared with the command line.
+DEFAULT_OPTIMIZERS = ("sgd", "adam", "adamw")
+DEFAULT_CASES = ("small", "mlp", "convnet", "gpt2")
+DEFAULT_ROUNDS = 30
+DEFAULT_WARMUP = 3
+DEFAULT_THREADS = 2
+DEFAULT_BANDWIDTH_MIB = (64, 1024)
+DEFAULT_MEMORY_BUDGET_GIB = 8.0
+QUICK_ROUNDS = 5
+QUICK_WARMUP = 2
+QUICK_BANDWIDTH_MIB = (64,)
+#: Cases that ``quick`` mode leaves out because they take too long.
+QUICK_SKIPS = ("gpt2",)
+
+#: The contender every other one is compared with.
+REFERENCE = "torch fused=True"
+
+#: Hyperparameters of each benchmarked optimizer, as torch.optim spells them.
+HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 1e-3, "momentum": 0.9},
+    "adam": {"lr": 1e-3},
+    "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
+}
+
+#: The class name of each optimizer in torch.optim and polyak.
+CLASS_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+
+#: Parameter-sized tensors one step must read plus those it must write: SGD with momentum reads
+#: p, g, buf and writes p, buf; Adam and AdamW read p, g, m, v and write p, m, v.
+TENSORS_MOVED = {"sgd": 5, "adam": 7, "adamw": 7}
+
+#: Parameter-sized state tensors each optimizer keeps (momentum buffer; first and second moments).
+STATE_TENSORS = {"sgd": 1, "adam": 2, "adamw": 2}
+
+#: Parameter-sized temporaries allowed for when sizing memory-limited batches.
+TEMPORARY_TENSORS = 1
+
+#: A contender whose warm-up step after the first takes longer than this, in seconds, is
+#: dropped from the case rather than timed over every round.
+DEFAULT_STEP_LIMIT = 10.0
+
+#: heavyball compiles its update with torch.compile over the whole list of tensors, unrolled
+#: tensor by tensor, so compilation time grows with the number of tensors: on a shared 2-core
+#: machine its first SGD step took about 20 s on 148 tensors and 220 s on the 2000 of ``small``.
+#: Cases with more tensors than this leave heavyball out; None includes it everywhere.
+HEAVYBALL_MAX_TENSORS: int | None = 1000
+
+#: The peer libraries, as ``(import name, pip distribution name)``.
+PEER_LIBRARIES: tuple[tuple[str, str], ...] = (
+    ("optimi", "torch-optimi"),
+    ("heavyball", "heavyball"),
+    ("pytorch_optimizer", "pytorch-optimizer"),
+)
+
+#: Builds an optimizer over the given parameters.
+OptimizerFactory = Callable[[list[Tensor]], Any]
+
+_MIB = 2**20
+_GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Case:
+    """A set of parameter shapes to optimize.
+
+    Attributes:
+        name: how the case is called on the command line and in the report.
+        shapes: the shape of every parameter tensor.
+        description: a few words on where the shapes come from.
+    """
+
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    description: str = ""
+
+    @property
+    def numel(self) -> int:
+        """The total number of parameter elements."""
+        return sum(math.prod(shape) for shape in self.shapes)
+
+
+def _gpt2_shapes() -> tuple[tuple[int, ...], ...]:
+    """The 148 parameter shapes of GPT-2 small (124M), in ``named_parameters`` order."""
+    d, vocab, ctx = 768, 50257, 1024
+    block = (
+        (d,),
+        (d,),
+        (d, 3 * d),
+        (3 * d,),
+        (d, d),
+        (d,),
+        (d,),
+        (d,),
+        (d, 4 * d),
+        (4 * d,),
+        (4 * d, d),
+        (d,),
+    )
+    return ((vocab, d), (ctx, d), *(block * 12), (d,), (d,))
+
+
+def _convnet_shapes() -> tuple[tuple[int, ...], ...]:
+    """48 ResNet-like shapes: 16 convolutions, 15 batch norms and a classifier, 12.5M in all."""
+    convs = (
+        (64, 3, 7, 7),
+        (64, 64, 3, 3),
+        (64, 64, 3, 3),
+        (128, 64, 3, 3),
+        (128, 128, 3, 3),
+        (128, 64, 1, 1),
+        (256, 128, 3, 3),
+        (256, 256, 3, 3),
+        (256, 256, 3, 3),
+        (256, 128, 1, 1),
+        (512, 256, 3, 3),
+        (512, 512, 3, 3),
+        (512, 512, 3, 3),
+        (512, 512, 3, 3),
+        (512, 256, 1, 1),
+        (1536, 512, 1, 1),
+    )
+    shapes: list[tuple[int, ...]] = []
+    for index, conv in enumerate(convs):
+        shapes.append(conv)
+        if index < len(convs) - 1:
+            shapes += [(conv[0],), (conv[0],)]
+    return (*shapes, (1000, 1536), (1000,))
+
+
+#: The built-in cases, by name.
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in (
+        Case("small", ((1024,),) * 2000, "2000 tensors of 1024"),
+        Case("mlp", ((1024, 1024), (1024,)) * 8, "8 Linear(1024, 1024) layers"),
+        Case("convnet", _convnet_shapes(), "ResNet-like convolutions, batch norms, classifier"),
+        Case("gpt2", _gpt2_shapes(), "GPT-2 small"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One implementation of an optimizer, as it takes part in a benchmark.
+
+    Attributes:
+        label: the row label in the report.
+        make: builds the optimizer over a list of parameters; None when unavailable.
+        unavailable: why the contender cannot run, or None.
+        max_tensors: the most parameter tensors the contender takes part with, or None for
+            no limit; a case with more gets an n/a row saying so.
+        why_max_tensors: the reason for ``max_tensors``, shown in that row.
+    """
+
+    label: str
+    make: OptimizerFactory | None
+    unavailable: str | None = None
+    max_tensors: int | None = None
+    why_max_tensors: str = ""
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """Whether a peer library could be imported.
+
+    Attributes:
+        name: the import name.
+        distribution: the pip distribution name.
+        version: the imported version, or None.
+        error: why the import failed, or None.
+    """
+
+    name: str
+    distribution: str
+    version: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the benchmark ran on.
+
+    Attributes:
+        torch_version: ``torch.__version__``.
+        polyak_version: ``polyak.__version__``.
+        threads: ``torch.get_num_threads()`` during the run.
+        bandwidth: measured in-place bandwidth in bytes per second, by operand size in MiB;
+            the first entry is the reference for the "% of bandwidth" column.
+        peers: the import status of every peer library asked for.
+        rounds: timed rounds per batch of contenders.
+        warmup: warm-up steps per contender, the first of which is reported separately.
+        skipped_cases: cases left out, with the reason.
+        load_average: the one-minute load average when the run started, or None where the
+            platform has none; other work on the machine makes the timings noisier.
+    """
+
+    torch_version: str
+    polyak_version: str
+    threads: int
+    bandwidth: dict[int, float]
+    peers: tuple[PeerStatus, ...]
+    rounds: int
+    warmup: int
+    skipped_cases: tuple[tuple[str, str], ...] = ()
+    load_average: float | None = None
+
+    @property
+    def reference_bandwidth(self) -> float:
+        """The bandwidth, in bytes per second, that the "% of bandwidth" column divides by."""
+        return next(iter(self.bandwidth.values()))
+
+
+@dataclass
+class Row:
+    """The measurements of one contender on one case.
+
+    Attributes:
+        label: the contender's label.
+        times: the wall time in seconds of every timed step.
+        first_step: the wall time in seconds of the very first step.
+        peak_extra_bytes: the peak of CPU memory allocated during a step, above what was
+            allocated before it; None if it could not be measured.
+        state_bytes: the bytes held by the optimizer's state tensors.
+        batch: the index of the memory-limited batch the contender ran in.
+        reference_median: the median step time of the reference in the same batch, or None.
+        error: why the contender has no numbers, or None.
+    """
+
+    label: str
+    times: list[float] = field(default_factory=list)
+    first_step: float | None = None
+    peak_extra_bytes: int | None = None
+    state_bytes: int | None = None
+    batch: int = 0
+    reference_median: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the contender ran and has timings."""
+        return self.error is None and bool(self.times)
+
+    @property
+    def median(self) -> float:
+        """The median timed step, in seconds."""
+        return statistics.median(self.times)
+
+    @property
+    def speedup(self) -> float | None:
+        """How many times faster than the reference in the same batch (> 1: faster)."""
+        if self.reference_median is None or not self.ok:
+            return None
+        return self.reference_median / self.median
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """All contenders of one optimizer on one case.
+
+    Attributes:
+        optimizer: the optimizer's key, e.g. ``"adam"``.
+        case: the parameter shapes.
+        rows: one row per contender, in contender order.
+        batches: how many memory-limited batches the contenders ran in.
+        bytes_moved: the bytes one step must read and write.
+        param_bytes: the bytes of the parameters.
+        load_average: the one-minute load average when the case finished, or None where the
+            platform has none.
+    """
+
+    optimizer: str
+    case: Case
+    rows: tuple[Row, ...]
+    batches: int
+    bytes_moved: int
+    param_bytes: int
+    load_average: float | None = None
+
+    def row(self, label: str) -> Row:
+        """The row of a contender.
+
+        Args:
+            label: the contender's label.
+
+        Returns:
+            The row.
+
+        Raises:
+            KeyError: no contender has that label.
+        """
+        for row in self.rows:
+            if row.label == label:
+                return row
+        raise KeyError(label)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Everything one benchmark run measured.
+
+    Attributes:
+        environment: what it ran on.
+        cases: one result per (optimizer, case), in run order.
+    """
+
+    environment: Environment
+    cases: tuple[CaseResult, ...]
+
+
+def _describe(error: BaseException) -> str:
+    """One line saying what went wrong."""
+    text = str(error).strip().splitlines()
+    message = text[0] if text else ""
+    if len(message) > 160:
+        message = message[:157] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def import_peers(names: Sequence[tuple[str, str]] | None = None) -> dict[str, PeerStatus]:
+    """Import the peer libraries that can be imported.
+
+    Args:
+        names: ``(import name, distribution name)`` pairs; None: :data:`PEER_LIBRARIES`.
+
+    Returns:
+        The status of each, by import name.
+    """
+    status = {}
+    for name, distribution in PEER_LIBRARIES if names is None else names:
+        try:
+            module = importlib.import_module(name)
+        except Exception as error:
+            status[name] = PeerStatus(name, distribution, None, _describe(error))
+        else:
+            version = getattr(module, "__version__", None)
+            if version is None:
+                try:
+                    from importlib.metadata import version as dist_version
+
+                    version = dist_version(distribution)
+                except Exception:
+                    version = "?"
+            status[name] = PeerStatus(name, distribution, str(version), None)
+    return status
+
+
+def _own_class(module: ModuleType, name: str) -> tuple[Any, str | None]:
+    """A peer's class of that name, or why it does not count as the peer's own."""
+    cls = getattr(module, name, None)
+    if cls is None:
+        return None, f"{module.__name__} has no {name}"
+    if cls is getattr(torch.optim, name, None):
+        return None, f"{module.__name__}.{name} is torch.optim.{name} re-exported"
+    return cls, None
+
+
+def _factory(cls: Any, **kwargs: Any) -> OptimizerFactory:
+    """A factory that builds ``cls(params, **kwargs)``."""
+
+    def make(params: list[Tensor]) -> Any:
+        return cls(params, **kwargs)
+
+    return make
+
+
+def _peer_contender(optimizer: str, module: ModuleType) -> Contender:
+    """A peer library's implementation of an optimizer, with hyperparameters matching
+    torch.optim's so that every contender performs the same update."""
+    name = module.__name__
+    lr = HYPERPARAMETERS[optimizer]["lr"]
+    momentum = HYPERPARAMETERS[optimizer].get("momentum", 0.0)
+    weight_decay = HYPERPARAMETERS[optimizer].get("weight_decay", 0.0)
+    adam = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay}
+    if name == "optimi":
+        # optimi's defaults differ from torch's (betas (0.9, 0.99), eps 1e-6, a momentum buffer
+        # starting at zero), so they are set to torch's; its AdamW decays by lr * weight_decay
+        # like torch's. foreach and triton stay at their defaults: on CPU that is a for-loop.
+        cls = getattr(module, CLASS_NAMES[optimizer])
+        if optimizer == "sgd":
+            make = _factory(cls, lr=lr, momentum=momentum, torch_init=True)
+        else:
+            make = _factory(cls, **adam)
+        return Contender(f"optimi.{CLASS_NAMES[optimizer]}", make)
+    if name == "heavyball":
+        # heavyball has SGD with heavy-ball momentum and AdamW (decay by lr * weight_decay);
+        # Adam without weight decay is its AdamW with weight_decay=0. It compiles its update
+        # functions with torch.compile on first use, so its first step includes compilation.
+        why = (
+            "its torch.compile'd update unrolls over every tensor, so compiling for this many "
+            "takes minutes (bench.HEAVYBALL_MAX_TENSORS sets the limit)"
+        )
+        if optimizer == "sgd":
+            make = _factory(module.SGD, lr=lr, beta=momentum)
+            label = "heavyball.SGD"
+        else:
+            make = _factory(module.AdamW, **adam)
+            label = "heavyball.AdamW" + ("(weight_decay=0)" if optimizer == "adam" else "")
+        return Contender(label, make, None, HEAVYBALL_MAX_TENSORS, why)
+    if name == "pytorch_optimizer":
+        # Its SGD, Adam and AdamW are torch.optim's classes re-exported; its own SGD is SGDW,
+        # which with weight_decay=0 is SGD with momentum.
+        class_name = "SGDW" if optimizer == "sgd" else CLASS_NAMES[optimizer]
+        cls, reason = _own_class(module, class_name)
+        label = f"pytorch_optimizer.{class_name}"
+        if cls is None:
+            return Contender(label, None, reason)
+        if optimizer == "sgd":
+            return Contender(label, _factory(cls, lr=lr, momentum=momentum, weight_decay=0.0))
+        return Contender(label, _factory(cls, **HYPERPARAMETERS[optimizer]))
+    return Contender(name, None, "no recipe for this library")
+
+
+def contenders_for(optimizer: str, peers: dict[str, PeerStatus] | None = None) -> list[Contender]:
+    """Every contender for an optimizer: torch.optim, polyak and the peer libraries.
+
+    Args:
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        peers: the peer libraries' import status, from :func:`import_peers`; None leaves the
+            peers out.
+
+    Returns:
+        The contenders; those that cannot run carry the reason in ``unavailable``.
+
+    Raises:
+        ValueError: the optimizer is not one of the benchmarked ones.
+    """
+    if optimizer not in CLASS_NAMES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {sorted(CLASS_NAMES)}")
+    name = CLASS_NAMES[optimizer]
+    hyper = HYPERPARAMETERS[optimizer]
+    torch_cls = getattr(torch.optim, name)
+    polyak_cls = getattr(polyak, name, None)
+
+    contenders = [
+        Contender("torch foreach=False", _factory(torch_cls, **hyper, foreach=False)),
+        Contender("torch foreach=True", _factory(torch_cls, **hyper, foreach=True)),
+        Contender(REFERENCE, _factory(torch_cls, **hyper, fused=True)),
+    ]
+    polyak_flags: tuple[tuple[str, dict[str, bool]], ...] = (
+        ("polyak (default)", {}),
+        ("polyak foreach=False", {"foreach": False}),
+        ("polyak foreach=True", {"foreach": True}),
+        ("polyak fused=True", {"fused": True}),
+    )
+    for label, flags in polyak_flags:
+        if polyak_cls is None:
+            contenders.append(Contender(label, None, f"polyak.{name} does not exist yet"))
+        else:
+            contenders.append(Contender(label, _factory(polyak_cls, **hyper, **flags)))
+    for peer in (peers or {}).values():
+        if peer.error is not None:
+            contenders.append(Contender(peer.name, None, f"not importable: {peer.error}"))
+        else:
+            contenders.append(_peer_contender(optimizer, importlib.import_module(peer.name)))
+    return contenders
+
+
+def measure_bandwidth(mib: int = 64, calls: int = 20) -> float:
+    """Measure the in-place memory bandwidth as ``a.add_(b, alpha=0.5)`` achieves it.
+
+    Each call reads two float32 tensors of ``mib`` MiB and writes one, 3 x ``mib`` MiB in all.
+
+    Args:
+        mib: the size of each operand in MiB.
+        calls: how many calls to take the median of, after one warm-up call.
+
+    Returns:
+        The bandwidth in bytes per second, from the median call.
+    """
+    numel = mib * _MIB // 4
+    a = torch.randn(numel)
+    b = torch.randn(numel)
+    a.add_(b, alpha=0.5)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        a.add_(b, alpha=0.5)
+        times.append(time.perf_counter() - start)
+    return 3 * numel * 4 / statistics.median(times)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to the null device, silencing the profiler's start and stop lines
+    that its C++ side writes there unconditionally."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def step_peak_bytes(step: Callable[[], object]) -> int | None:
+    """The peak of CPU memory allocated while a function runs, above what was allocated before.
+
+    The function runs once under ``torch.profiler.profile(profile_memory=True)``; the profiler
+    records every allocation and free of torch's CPU allocator with a timestamp. Summing them in
+    time order gives the memory allocated since the start, and its running maximum is the peak.
+    Memory held by allocators outside torch's (e.g. a library's own C++ code) is not seen.
+
+    Args:
+        step: the function, e.g. ``optimizer.step``.
+
+    Returns:
+        The peak in bytes (0 if nothing was allocated), or None if the profiler recorded no
+        memory events that can be read.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:
+        results: Any = prof.profiler.kineto_results  # type: ignore[union-attr]
+        events = [(e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]"]
+    except Exception:
+        return None
+    current = peak = 0
+    for _, nbytes in sorted(events):
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def state_bytes(optimizer: Any) -> int:
+    """The bytes held by the tensors in an optimizer's ``state``, each storage counted once.
+
+    Args:
+        optimizer: a torch.optim-style optimizer.
+
+    Returns:
+        The total storage bytes of every tensor reachable from ``optimizer.state``.
+    """
+    seen: set[int] = set()
+    total = 0
+    stack: list[object] = list(getattr(optimizer, "state", {}).values())
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack += item.values()
+        elif isinstance(item, (list, tuple)):
+            stack += item
+    return total
+
+
+def _tensors(case: Case, seed: int) -> list[Tensor]:
+    """Seeded standard-normal float32 tensors of the case's shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for shape in case.shapes]
+
+
+def plan_batches(labels: Sequence[str], per_contender: int, budget: int) -> list[list[str]]:
+    """Split contenders into batches that fit a memory budget, each holding the reference.
+
+    Args:
+        labels: the contenders' labels, the reference among them or not.
+        per_contender: the bytes one contender is expected to hold.
+        budget: the bytes all contenders of a batch may hold together.
+
+    Returns:
+        The batches, in order; every batch starts with the reference if it is in ``labels``.
+    """
+    has_reference = REFERENCE in labels
+    others = [label for label in labels if label != REFERENCE]
+    size = max(2, budget // max(per_contender, 1))
+    room = size - 1 if has_reference else size
+    batches = [others[i : i + room] for i in range(0, len(others), room)] or [[]]
+    if has_reference:
+        batches = [[REFERENCE, *batch] for batch in batches]
+    return batches
+
+
+class _TooSlowError(Exception):
+    """A contender's steps take longer than the step limit."""
+
+
+class _Live:
+    """A contender during a batch: its parameters, gradients and optimizer."""
+
+    def __init__(self, row: Row, params: list[Tensor], grads: list[Tensor], optimizer: Any):
+        self.row = row
+        self.params = params
+        self.grads = grads
+        self.optimizer = optimizer
+
+    def load_grads(self) -> None:
+        """Give every parameter its pre-made gradient again."""
+        for param, grad in zip(self.params, self.grads, strict=True):
+            param.grad = grad
+
+    def timed_step(self) -> float:
+        """Run one step with fresh gradients and return its wall time in seconds."""
+        self.load_grads()
+        start = time.perf_counter()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def bench_case(
+    optimizer: str,
+    case: Case,
+    contenders: Sequence[Contender],
+    *,
+    rounds: int = DEFAULT_ROUNDS,
+    warmup: int = DEFAULT_WARMUP,
+    memory_budget: int = int(DEFAULT_MEMORY_BUDGET_GIB * _GIB),
+    step_limit: float = DEFAULT_STEP_LIMIT,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> CaseResult:
+    """Time every contender of one optimizer on one case, interleaved.
+
+    Each contender gets its own parameters and gradients (the same seeded values for all), so
+    that a library which frees or modifies gradients, or keeps extra state, affects only
+    itself. When all contenders' parameters, gradients, state and temporaries would not fit in
+    ``memory_budget``, they run in consecutive batches that each include the reference, and
+    every contender is compared with the reference of its own batch.
+
+    Args:
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``; sets the bytes a step must move.
+        case: the parameter shapes.
+        contenders: who takes part; those with ``unavailable`` set get an empty row.
+        rounds: timed rounds per batch; each times one step of every contender.
+        warmup: untimed steps per contender before the rounds (at least 1); the first is
+            reported as ``first_step``.
+        memory_budget: bytes the contenders of one batch may hold together.
+        step_limit: seconds; a contender whose warm-up step after the first takes longer is
+            dropped with an n/a row instead of being timed.
+        seed: seeds the parameters and gradients.
+        progress: called with a short line as each batch starts, or None.
+
+    Returns:
+        The result, with one row per contender in the given order.
+    """
+    element = torch.tensor([], dtype=torch.float32).element_size()
+    param_bytes = case.numel * element
+    per_contender = param_bytes * (2 + STATE_TENSORS[optimizer] + TEMPORARY_TENSORS)
+    rows = {c.label: Row(c.label, error=c.unavailable) for c in contenders}
+    for c in contenders:
+        if c.unavailable is None and c.max_tensors is not None and len(case.shapes) > c.max_tensors:
+            rows[c.label].error = (
+                f"left out above {c.max_tensors} tensors ({len(case.shapes)} here): "
+                + c.why_max_tensors
+            )
+    makers = {
+        c.label: c.make for c in contenders if rows[c.label].error is None and c.make is not None
+    }
+    batches = plan_batches(list(makers), per_contender, memory_budget)
+    for index, batch in enumerate(batches):
+        if progress is not None:
+            where = f" (batch {index + 1}/{len(batches)})" if len(batches) > 1 else ""
+            progress(f"{optimizer} / {case.name}{where}: {len(batch)} contenders")
+        reference_times = _run_batch(
+            [(rows[label], makers[label]) for label in batch],
+            case,
+            rounds=rounds,
+            warmup=max(1, warmup),
+            step_limit=step_limit,
+            seed=seed,
+            batch=index,
+            keep_first=index == 0,
+        )
+        if reference_times:
+            reference_median = statistics.median(reference_times)
+            for label in batch:
+                if label != REFERENCE:
+                    rows[label].reference_median = reference_median
+    if REFERENCE in rows and rows[REFERENCE].ok:
+        rows[REFERENCE].reference_median = rows[REFERENCE].median
+    return CaseResult(
+        optimizer=optimizer,
+        case=case,
+        rows=tuple(rows[c.label] for c in contenders),
+        batches=len(batches),
+        bytes_moved=TENSORS_MOVED[optimizer] * param_bytes,
+        param_bytes=param_bytes,
+        load_average=_load_average(),
+    )
+
+
+def _run_batch(
+    members: Sequence[tuple[Row, OptimizerFactory]],
+    case: Case,
+    *,
+    rounds: int,
+    warmup: int,
+    step_limit: float,
+    seed: int,
+    batch: int,
+    keep_first: bool,
+) -> list[float]:
+    """Set up, warm up, profile and time one batch of contenders; fill in their rows.
+
+    Returns:
+        The reference's step times in this batch, or an empty list if it did not run in it.
+    """
+    live: list[tuple[Row, _Live]] = []
+    for row, make in members:
+        fresh = Row(row.label, batch=batch)
+        try:
+            params = [p.requires_grad_() for p in _tensors(case, seed)]
+            grads = _tensors(case, seed + 1)
+            contender = _Live(fresh, params, grads, make(params))
+            for step in range(warmup):
+                elapsed = contender.timed_step()
+                if step == 0:
+                    fresh.first_step = elapsed
+                elif elapsed > step_limit:
+                    raise _TooSlowError(
+                        f"too slow: warm-up step {step + 1} took {elapsed:.1f} s "
+                        f"(limit {step_limit:g} s; first step {fresh.first_step:.1f} s)"
+                    )
+            contender.load_grads()
+            fresh.peak_extra_bytes = step_peak_bytes(contender.optimizer.step)
+            fresh.state_bytes = state_bytes(contender.optimizer)
+        except _TooSlowError as error:
+            row.error = str(error)
+            continue
+        except Exception as error:
+            row.error = _describe(error)
+            continue
+        live.append((row, contender))
+
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_index in range(rounds):
+            shift = round_index % len(live) if live else 0
+            for _, contender in live[shift:] + live[:shift]:
+                if contender.row.error is not None:
+                    continue
+                try:
+                    contender.row.times.append(contender.timed_step())
+                except Exception as error:
+                    contender.row.error = _describe(error)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    reference_times: list[float] = []
+    for row, contender in live:
+        fresh = contender.row
+        if fresh.error is not None:
+            row.error = fresh.error
+            continue
+        if row.label == REFERENCE:
+            reference_times = list(fresh.times)
+        row.times += fresh.times
+        if keep_first or row.first_step is None:
+            row.first_step = fresh.first_step
+            row.peak_extra_bytes = fresh.peak_extra_bytes
+            row.state_bytes = fresh.state_bytes
+            row.batch = batch
+    live.clear()
+    gc.collect()
+    return reference_times
+
+
+def _load_average() -> float | None:
+    """The one-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _resolve_cases(cases: Sequence[str | Case]) -> list[Case]:
+    """Look up named cases; pass custom ones through."""
+    resolved = []
+    for case in cases:
+        if isinstance(case, Case):
+            resolved.append(case)
+        elif case in CASES:
+            resolved.append(CASES[case])
+        else:
+            raise ValueError(f"unknown case {case!r}; choose from {sorted(CASES)}")
+    return resolved
+
+
+def iter_benchmark(
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
+    cases: Sequence[str | Case] = DEFAULT_CASES,
+    *,
+    rounds: int | None = None,
+    warmup: int | None = None,
+    threads: int | None = DEFAULT_THREADS,
+    peers: bool = True,
+    quick: bool = False,
+    bandwidth_mib: Sequence[int] | None = None,
+    memory_budget_gib: float = DEFAULT_MEMORY_BUDGET_GIB,
+    step_limit: float = DEFAULT_STEP_LIMIT,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[Environment | CaseResult]:
+    """Run the benchmark, yielding the environment first and then each result as it is ready.
+
+    Args:
+        optimizers: which optimizers, from ``"sgd"``, ``"adam"``, ``"adamw"``.
+        cases: case names from :data:`CASES`, or custom :class:`Case` objects.
+        rounds: timed rounds per batch; None: 30, or 5 when ``quick``.
+        warmup: warm-up steps per contender; None: 3, or 2 when ``quick``.
+        threads: ``torch.set_num_threads`` for the run (restored afterwards); None leaves it.
+        peers: include the peer libraries that can be imported.
+        quick: fewer rounds and warm-up steps, one bandwidth measurement, and no gpt2.
+        bandwidth_mib: operand sizes, in MiB, to measure the in-place bandwidth at; the first
+            is the reference. None: 64 and 1024, or only 64 when ``quick``.
+        memory_budget_gib: GiB the contenders of one batch may hold together.
+        step_limit: seconds; a contender whose warm-up step after the first takes longer is
+            dropped from that case.
+        seed: seeds the parameters and gradients.
+        progress: called with a short line as each batch starts, or None.
+
+    Yields:
+        The :class:`Environment`, then one :class:`CaseResult` per (optimizer, case).
+
+    Raises:
+        ValueError: an unknown optimizer or case name.
+    """
+    for name in optimizers:
+        if name not in CLASS_NAMES:
+            raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(CLASS_NAMES)}")
+    selected = _resolve_cases(cases)
+    skipped: list[tuple[str, str]] = []
+    if quick:
+        skipped = [(c.name, "left out by quick mode") for c in selected if c.name in QUICK_SKIPS]
+        selected = [c for c in selected if c.name not in QUICK_SKIPS]
+    rounds = rounds if rounds is not None else (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
+    warmup = warmup if warmup is not None else (QUICK_WARMUP if quick else DEFAULT_WARMUP)
+    if bandwidth_mib is None:
+        bandwidth_mib = QUICK_BANDWIDTH_MIB if quick else DEFAULT_BANDWIDTH_MIB
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        load_average = _load_average()
+        if progress is not None:
+            progress("measuring the in-place bandwidth")
+        bandwidth = {mib: measure_bandwidth(mib) for mib in bandwidth_mib}
+        peer_status = import_peers() if peers else {}
+        yield Environment(
+            torch_version=torch.__version__,
+            polyak_version=polyak.__version__,
+            threads=torch.get_num_threads(),
+            bandwidth=bandwidth,
+            peers=tuple(peer_status.values()),
+            rounds=rounds,
+            warmup=warmup,
+            skipped_cases=tuple(skipped),
+            load_average=load_average,
+        )
+        for name in optimizers:
+            contenders = contenders_for(name, peer_status if peers else None)
+            for case in selected:
+                yield bench_case(
+                    name,
+                    case,
+                    contenders,
+                    rounds=rounds,
+                    warmup=warmup,
+                    memory_budget=int(memory_budget_gib * _GIB),
+                    step_limit=step_limit,
+                    seed=seed,
+                    progress=progress,
+                )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_benchmark(
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
+    cases: Sequence[str | Case] = DEFAULT_CASES,
+    **kwargs: Any,
+) -> BenchResult:
+    """Run the benchmark and collect everything it measured.
+
+    Args:
+        optimizers: which optimizers, from ``"sgd"``, ``"adam"``, ``"adamw"``.
+        cases: case names from :data:`CASES`, or custom :class:`Case` objects.
+        **kwargs: the keyword arguments of :func:`iter_benchmark`.
+
+    Returns:
+        The environment and one result per (optimizer, case).
+    """
+    environment: Environment | None = None
+    results: list[CaseResult] = []
+    for item in iter_benchmark(optimizers, cases, **kwargs):
+        if isinstance(item, Environment):
+            environment = item
+        else:
+            results.append(item)
+    assert environment is not None
+    return BenchResult(environment, tuple(results))
+
+
+def _format_ms(seconds: float | None) -> str:
+    """Milliseconds with about three significant digits."""
+    if seconds is None:
+        return "n/a"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def _format_count(n: int) -> str:
+    """A parameter count such as 8.4M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1_000:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+COLUMNS = (
+    "contender",
+    "median ms",
+    "GB/s",
+    "% of bw",
+    "x vs torch fused",
+    "peak extra MiB (%)",
+    "state MiB",
+    "first step ms",
+)
+
+
+def _cells(result: CaseResult, row: Row, bandwidth: float) -> list[str]:
+    """The table cells of one row."""
+    if not row.ok:
+        return [row.label, *(["n/a"] * (len(COLUMNS) - 1))]
+    rate = result.bytes_moved / row.median
+    speedup = row.speedup
+    if row.peak_extra_bytes is None:
+        peak = "n/a"
+    else:
+        share = row.peak_extra_bytes / result.param_bytes
+        mib = row.peak_extra_bytes / _MIB
+        peak = f"{mib:.{2 if mib < 10 else 1}f} ({share:.0%})"
+    return [
+        row.label,
+        _format_ms(row.median),
+        f"{rate / 1e9:.1f}",
+        f"{rate / bandwidth:.0%}",
+        "n/a" if speedup is None else f"{speedup:.2f}",
+        peak,
+        "n/a" if row.state_bytes is None else f"{row.state_bytes / _MIB:.1f}",
+        _format_ms(row.first_step),
+    ]
+
+
+def format_case(result: CaseResult, environment: Environment, *, markdown: bool = False) -> str:
+    """Render one (optimizer, case) result as a table with a title and notes.
+
+    Args:
+        result: what :func:`bench_case` returned.
+        environment: the run's environment, for the reference bandwidth.
+        markdown: render a Markdown table instead of aligned plain text.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    case = result.case
+    title = (
+        f"{result.optimizer} / {case.name}: {len(case.shapes)} tensors, "
+        f"{_format_count(case.numel)} parameters"
+        + (f" ({case.description})" if case.description else "")
+        + f"; a step moves {result.bytes_moved / 1e6:.1f} MB "
+        f"({TENSORS_MOVED[result.optimizer]} x 4 B x numel)"
+    )
+    table = [list(COLUMNS)] + [
+        _cells(result, row, environment.reference_bandwidth) for row in result.rows
+    ]
+    unavailable = [f"{row.label}: {row.error}" for row in result.rows if row.error is not None]
+    batch_note = (
+        f"ran in {result.batches} memory-limited batches, each with {REFERENCE}; "
+        "ratios compare with the reference of the same batch"
+        if result.batches > 1
+        else None
+    )
+    if result.load_average is not None:
+        title += f"; load average {result.load_average:.2f}"
+    lines: list[str]
+    if markdown:
+        lines = [f"#### {title}", ""]
+        lines.append("| " + " | ".join(table[0]) + " |")
+        lines.append("|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|")
+        lines += ["| " + " | ".join(cells) + " |" for cells in table[1:]]
+        notes = [f"n/a {note}" for note in unavailable]
+        if batch_note is not None:
+            notes.append(batch_note)
+        if notes:
+            lines += ["", *(f"- {note}" for note in notes)]
+    else:
+        widths = [max(len(cells[i]) for cells in table) for i in range(len(COLUMNS))]
+        lines = [title]
+        for cells in table:
+            first = cells[0].ljust(widths[0])
+            rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+            lines.append("  ".join([first, *rest]).rstrip())
+        lines += [f"  n/a {note}" for note in unavailable]
+        if batch_note is not None:
+            lines.append(f"  note: {batch_note}")
+    return "\n".join(lines)
+
+
+def format_environment(environment: Environment, *, markdown: bool = False) -> str:
+    """Render the run's environment: versions, threads, bandwidth and peer libraries.
+
+    Args:
+        environment: the run's environment.
+        markdown: render Markdown list items instead of plain lines.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    bandwidth = ", ".join(
+        f"{rate / 1e9:.1f} GB/s with {mib} MiB operands" + (" (reference)" if i == 0 else "")
+        for i, (mib, rate) in enumerate(environment.bandwidth.items())
+    )
+    peers = []
+    for peer in environment.peers:
+        if peer.error is None:
+            peers.append(f"{peer.distribution} {peer.version}")
+        else:
+            peers.append(f"{peer.distribution} skipped ({peer.error})")
+    items = [
+        f"torch {environment.torch_version}, polyak {environment.polyak_version}, "
+        f"{environment.threads} threads, float32 on CPU"
+        + (
+            ""
+            if environment.load_average is None
+            else f", load average {environment.load_average:.2f} at the start "
+            f"(a busy run adds about {environment.threads})"
+        ),
+        f"in-place bandwidth (a.add_(b, alpha=0.5), 3 x operand size moved): {bandwidth}",
+        f"peers: {', '.join(peers) if peers else 'none'}",
+        f"{environment.warmup} warm-up steps per contender, then {environment.rounds} "
+        "interleaved rounds; times are medians",
+    ]
+    items += [f"skipped case {name}: {reason}" for name, reason in environment.skipped_cases]
+    if markdown:
+        return "\n".join(f"- {item}" for item in items)
+    return "\n".join(items)
+
+
+def format_result(result: BenchResult, *, markdown: bool = False) -> str:
+    """Render a whole benchmark run: the environment and one table per (optimizer, case).
+
+    Args:
+        result: what :func:`run_benchmark` returned.
+        markdown: render Markdown instead of plain text.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    parts = [format_environment(result.environment, markdown=markdown)]
+    parts += [format_case(c, result.environment, markdown=markdown) for c in result.cases]
+    return "\n\n".join(parts)

@@ -1,0 +1,194 @@
+"""Tests of the optimizer-step benchmark and the ``polyak bench`` command."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import polyak
+from polyak import bench
+from polyak.cli import main
+
+TINY = bench.Case("tiny", ((64,), (8, 8), (3, 2, 2, 2)), "three small tensors")
+ROUNDS = 3
+
+TORCH_LABELS = ["torch foreach=False", "torch foreach=True", bench.REFERENCE]
+POLYAK_LABELS = [
+    "polyak (default)",
+    "polyak foreach=False",
+    "polyak foreach=True",
+    "polyak fused=True",
+]
+
+
+@pytest.fixture(scope="module")
+def result() -> bench.BenchResult:
+    return bench.run_benchmark(
+        ["sgd", "adam", "adamw"],
+        [TINY],
+        rounds=ROUNDS,
+        warmup=1,
+        peers=False,
+        bandwidth_mib=(4,),
+    )
+
+
+def test_environment(result: bench.BenchResult) -> None:
+    environment = result.environment
+    assert environment.torch_version == torch.__version__
+    assert environment.threads == bench.DEFAULT_THREADS
+    assert environment.reference_bandwidth > 0
+    assert environment.peers == ()
+    assert environment.rounds == ROUNDS
+
+
+def test_one_result_per_optimizer(result: bench.BenchResult) -> None:
+    assert [(c.optimizer, c.case.name) for c in result.cases] == [
+        ("sgd", "tiny"),
+        ("adam", "tiny"),
+        ("adamw", "tiny"),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_contenders_and_numbers(result: bench.BenchResult, index: int) -> None:
+    case = result.cases[index]
+    assert [row.label for row in case.rows] == TORCH_LABELS + POLYAK_LABELS
+    assert case.bytes_moved == bench.TENSORS_MOVED[case.optimizer] * 4 * TINY.numel
+    has_polyak = hasattr(polyak, bench.CLASS_NAMES[case.optimizer])
+    for row in case.rows:
+        if row.label.startswith("polyak") and not has_polyak:
+            assert not row.ok
+            assert row.error is not None
+            continue
+        assert row.ok, row.error
+        assert len(row.times) == ROUNDS
+        assert all(t > 0 for t in row.times)
+        assert row.first_step is not None and row.first_step > 0
+        assert row.speedup is not None and row.speedup > 0
+        assert row.peak_extra_bytes is not None and row.peak_extra_bytes >= 0
+        assert row.state_bytes is not None
+        assert row.state_bytes >= bench.STATE_TENSORS[case.optimizer] * 4 * TINY.numel
+    assert case.row(bench.REFERENCE).speedup == 1.0
+
+
+def test_format(result: bench.BenchResult) -> None:
+    text = bench.format_result(result)
+    for label in TORCH_LABELS:
+        assert label in text
+    for column in bench.COLUMNS:
+        assert column in text
+    markdown = bench.format_result(result, markdown=True)
+    assert "| contender | median ms |" in markdown
+    assert "#### adamw / tiny" in markdown
+
+
+def test_builtin_cases() -> None:
+    assert len(bench.CASES["small"].shapes) == 2000
+    assert len(bench.CASES["mlp"].shapes) == 16
+    assert bench.CASES["mlp"].numel == 8 * (1024 * 1024 + 1024)
+    assert len(bench.CASES["convnet"].shapes) == 48
+    assert abs(bench.CASES["convnet"].numel - 12.5e6) < 0.1e6
+    assert len(bench.CASES["gpt2"].shapes) == 148
+    assert bench.CASES["gpt2"].numel == 124_439_808
+
+
+def test_batches_keep_the_reference() -> None:
+    labels = ["a", bench.REFERENCE, "b", "c", "d", "e"]
+    batches = bench.plan_batches(labels, per_contender=10, budget=30)
+    assert all(batch[0] == bench.REFERENCE for batch in batches)
+    assert sorted(label for batch in batches for label in batch[1:]) == ["a", "b", "c", "d", "e"]
+    assert all(len(batch) <= 3 for batch in batches)
+    assert bench.plan_batches(labels, per_contender=1, budget=100) == [
+        [bench.REFERENCE, "a", "b", "c", "d", "e"]
+    ]
+
+
+def test_memory_batches_compare_within_batch() -> None:
+    per_contender = TINY.numel * 4 * (2 + bench.STATE_TENSORS["sgd"] + bench.TEMPORARY_TENSORS)
+    case = bench.bench_case(
+        "sgd",
+        TINY,
+        bench.contenders_for("sgd"),
+        rounds=2,
+        warmup=1,
+        memory_budget=3 * per_contender,
+    )
+    assert case.batches > 1
+    assert case.row(bench.REFERENCE).ok
+    assert len(case.row(bench.REFERENCE).times) == 2 * case.batches
+    assert all(row.speedup is not None for row in case.rows if row.ok)
+
+
+def test_a_failing_contender_is_reported() -> None:
+    def broken(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        raise RuntimeError("cannot run here")
+
+    contenders = [
+        *bench.contenders_for("sgd")[:3],
+        bench.Contender("broken", broken),
+        bench.Contender("missing", None, "not installed"),
+    ]
+    case = bench.bench_case("sgd", TINY, contenders, rounds=2, warmup=1)
+    assert case.row("broken").error == "RuntimeError: cannot run here"
+    assert case.row("missing").error == "not installed"
+    assert case.row(bench.REFERENCE).ok
+    environment = bench.Environment("torch", "polyak", 1, {64: 1e9}, (), rounds=2, warmup=1)
+    text = bench.format_case(case, environment)
+    assert "n/a broken: RuntimeError: cannot run here" in text
+
+
+class _Sleepy(torch.optim.Optimizer):
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        time.sleep(0.3)
+
+
+def test_slow_and_too_many_tensors_are_left_out() -> None:
+    contenders = [
+        *bench.contenders_for("sgd")[:3],
+        bench.Contender("sleepy", _Sleepy),
+        bench.Contender("few", bench.contenders_for("sgd")[0].make, None, 1, "a reason"),
+    ]
+    case = bench.bench_case("sgd", TINY, contenders, rounds=2, warmup=2, step_limit=0.15)
+    assert (case.row("sleepy").error or "").startswith("too slow: warm-up step 2 took")
+    assert case.row("few").error == "left out above 1 tensors (3 here): a reason"
+    assert case.row(bench.REFERENCE).ok
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        bench.run_benchmark(["lion"], [TINY], peers=False)
+    with pytest.raises(ValueError, match="unknown case"):
+        bench.run_benchmark(["sgd"], ["resnet"], peers=False)
+
+
+def test_step_peak_bytes_sees_temporaries() -> None:
+    def allocate() -> None:
+        a = torch.empty(2**20)
+        del a
+        torch.empty(2**19)
+
+    peak = bench.step_peak_bytes(allocate)
+    assert peak is not None
+    assert 4 * 2**20 <= peak < 4.1 * 2**20
+
+
+def test_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(bench, "PEER_LIBRARIES", ())
+    assert (
+        main(["bench", "--quick", "--cases", "small", "--optimizers", "sgd", "--rounds", "3"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "sgd / small: 2000 tensors" in out
+    assert bench.REFERENCE in out
+
+
+def test_cli_rejects_unknown_case(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--cases", "small,resnet"])
+    assert "resnet" in capsys.readouterr().err
