@@ -227,6 +227,9 @@ class Adam(Optimizer):
             t = _ops.values(steps)
             bc1 = [1 - beta1**s for s in t]
             bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in t]
-            denom = _ops.div(_ops.sqrt(v), bc2_sqrt)
+            # In place: this branch never runs under autograd, and a second list of
+            # parameter-sized temporaries would double the step's extra memory.
+            denom = _ops.sqrt(v)
+            _ops.div_(denom, bc2_sqrt)
             _ops.add_(denom, hp.eps)
             _ops.addcdiv_(p, m, denom, [-(hp.lr / b) for b in bc1])
