@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -48,6 +49,8 @@ inline void vector_sqrt(double* d, const double* a, int64_t len) {
 }
 
 constexpr int64_t kBlock = 128;
+// How many blocks ahead the kernel prefetches.
+constexpr int64_t kAhead = 4;
 constexpr int kMaxRegs = 24;
 
 // Vector opcodes; keep in sync with _trace.py.
@@ -167,43 +170,64 @@ struct Plan {
 constexpr int64_t kDone = 0;
 constexpr int64_t kFallback = 1;  // something this step cannot do: run the reference path
 
+template <typename S>
+inline void prefetch_block(const std::vector<S*>& bound, const std::vector<int64_t>& read,
+                           int64_t offset, int64_t len) {
+  const int64_t bytes = len * static_cast<int64_t>(sizeof(S));
+  for (int64_t b : read) {
+    const char* base = reinterpret_cast<const char*>(bound[b] + offset);
+    for (int64_t q = 0; q < bytes; q += 64) __builtin_prefetch(base + q, 0, 3);
+  }
+}
+
 template <typename S, typename T>
 int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
                    const at::Tensor& hyper, int64_t n_sregs, int64_t n_vregs,
                    const std::vector<int64_t>& stored) {
   const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
+  // Check every tensor and take its pointers, in parallel: a model may have thousands.
+  std::vector<const S*> grad_all(n, nullptr);
+  std::vector<S*> param_all(n, nullptr);
+  std::vector<int64_t> numel_all(n, -1);  // -1: no gradient this step
+  std::vector<std::vector<S*>> state_all(nv, std::vector<S*>(n, nullptr));
+  std::atomic<bool> unfit{false};
+  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const at::Tensor& p = plan.params[i];
+      const at::Tensor& g = p.grad();
+      if (!g.defined()) continue;
+      const int64_t numel = p.numel();
+      bool fit = p.scalar_type() == plan.dtype && g.scalar_type() == plan.dtype &&
+                 g.layout() == at::kStrided && p.is_contiguous() && g.is_contiguous() &&
+                 g.numel() == numel && p.is_cpu() && g.is_cpu();
+      for (int64_t k = 0; fit && k < nv; ++k) {
+        const at::Tensor& st = plan.vstate[k][i];
+        fit = st.scalar_type() == plan.dtype && st.is_contiguous() && st.numel() == numel;
+        if (fit) state_all[k][i] = static_cast<S*>(st.data_ptr());
+      }
+      for (const auto& keyed : plan.sstate) fit = fit && keyed[i].numel() == 1 && keyed[i].is_cpu();
+      if (!fit) {
+        unfit.store(true, std::memory_order_relaxed);
+        return;
+      }
+      grad_all[i] = static_cast<const S*>(g.const_data_ptr());
+      param_all[i] = static_cast<S*>(p.data_ptr());
+      numel_all[i] = numel;
+    }
+  });
+  if (unfit.load()) return kFallback;
   std::vector<const S*> grad_ptr;
   std::vector<S*> param_ptr;
   std::vector<int64_t> numels;
   std::vector<int64_t> live;
-  live.reserve(n);
-  grad_ptr.reserve(n);
-  param_ptr.reserve(n);
-  numels.reserve(n);
   std::vector<std::vector<S*>> state_ptr(nv);
-  for (auto& column : state_ptr) column.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = plan.params[i];
-    const at::Tensor& g = p.grad();
-    if (!g.defined()) continue;
-    const int64_t numel = p.numel();
-    if (p.scalar_type() != plan.dtype || g.scalar_type() != plan.dtype ||
-        g.layout() != at::kStrided || !p.is_contiguous() || !g.is_contiguous() ||
-        g.numel() != numel || !p.is_cpu() || !g.is_cpu())
-      return kFallback;
-    for (int64_t k = 0; k < nv; ++k) {
-      const at::Tensor& s = plan.vstate[k][i];
-      if (s.scalar_type() != plan.dtype || !s.is_contiguous() || s.numel() != numel)
-        return kFallback;
-      state_ptr[k].push_back(static_cast<S*>(s.data_ptr()));
-    }
-    for (auto& keyed : plan.sstate) {
-      if (keyed[i].numel() != 1 || !keyed[i].is_cpu()) return kFallback;
-    }
-    grad_ptr.push_back(static_cast<const S*>(g.const_data_ptr()));
-    param_ptr.push_back(static_cast<S*>(p.data_ptr()));
-    numels.push_back(numel);
+    if (numel_all[i] < 0) continue;
+    grad_ptr.push_back(grad_all[i]);
+    param_ptr.push_back(param_all[i]);
+    numels.push_back(numel_all[i]);
+    for (int64_t k = 0; k < nv; ++k) state_ptr[k].push_back(state_all[k][i]);
     live.push_back(i);
   }
 
@@ -216,9 +240,12 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
   const int64_t n_hp = hyper.numel();
   const int64_t n_live = static_cast<int64_t>(live.size());
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
-  std::vector<double> sregs(static_cast<size_t>(n_live * n_sregs));
+  // Without scalar state every tensor has the same scalars: one register file serves all.
+  const bool shared = ns == 0;
+  const int64_t stride = shared ? 0 : n_sregs;
+  std::vector<double> sregs(static_cast<size_t>((shared ? 1 : n_live) * n_sregs));
   std::vector<double> prev_in(ns), cur_in(ns);
-  for (int64_t t = 0; t < n_live; ++t) {
+  for (int64_t t = 0; t < (shared ? std::min<int64_t>(n_live, 1) : n_live); ++t) {
     const int64_t i = live[t];
     double* r = sregs.data() + t * n_sregs;
     for (int64_t k = 0; k < ns; ++k) cur_in[k] = read_scalar(plan.sstate[k][i]);
@@ -281,24 +308,39 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
     T local[kMaxRegs][kBlock];
     T* reg[kMaxRegs];
     std::vector<S*> bound(n_bound);
+    std::vector<S*> next_bound(n_bound);
+    if (lo < hi) {
+      const int64_t u = work[lo].first;
+      next_bound[0] = param_ptr[u];
+      next_bound[1] = const_cast<S*>(grad_ptr[u]);
+      for (int64_t k = 0; k < nv; ++k) next_bound[2 + k] = state_ptr[k][u];
+      prefetch_block(next_bound, read, work[lo].second,
+                     std::min(kAhead * kBlock, numels[u] - work[lo].second));
+    }
     for (int64_t w = lo; w < hi; ++w) {
       const int64_t t = work[w].first;
       const int64_t end = std::min(numels[t], work[w].second + kChunk);
-      const double* r = sregs.data() + t * n_sregs;
+      const double* r = sregs.data() + t * stride;
       bound[0] = param_ptr[t];
       bound[1] = const_cast<S*>(grad_ptr[t]);
       for (int64_t k = 0; k < nv; ++k) bound[2 + k] = state_ptr[k][t];
       for (int64_t k = 0; k < kMaxRegs; ++k) reg[k] = local[k];
       for (int64_t off = work[w].second; off < end; off += kBlock) {
         const int64_t len = std::min(kBlock, end - off);
-        // Ask for the next block of every stream now, so that all of them arrive together.
-        const int64_t next = off + kBlock;
+        // Ask for the block kAhead blocks on of every stream now, so that all of them arrive
+        // in time; at the start of a chunk, also for the next chunk's first blocks, which the
+        // hardware prefetcher would not guess (another page, often of another tensor).
+        const int64_t next = off + kAhead * kBlock;
         if (next < end) {
-          const int64_t bytes = std::min(kBlock, end - next) * static_cast<int64_t>(sizeof(S));
-          for (int64_t b : read) {
-            const char* base = reinterpret_cast<const char*>(bound[b] + next);
-            for (int64_t q = 0; q < bytes; q += 64) __builtin_prefetch(base + q, 0, 3);
-          }
+          prefetch_block(bound, read, next, std::min(kBlock, end - next));
+        }
+        if (off == work[w].second && w + 1 < hi) {
+          const int64_t u = work[w + 1].first;
+          next_bound[0] = param_ptr[u];
+          next_bound[1] = const_cast<S*>(grad_ptr[u]);
+          for (int64_t k = 0; k < nv; ++k) next_bound[2 + k] = state_ptr[k][u];
+          const int64_t start = work[w + 1].second;
+          prefetch_block(next_bound, read, start, std::min(kAhead * kBlock, numels[u] - start));
         }
         if constexpr (std::is_same_v<S, T>) {
           for (int64_t b = 0; b < n_bound; ++b) reg[b] = bound[b] + off;
