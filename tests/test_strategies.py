@@ -194,3 +194,25 @@ def test_no_kernel_means_a_warning_and_the_same_numbers(monkeypatch: pytest.Monk
         warnings.simplefilter("error")
         step_both(opt, ref, params, ref_params, 2, seed=4)
     assert_same(params, ref_params)
+
+
+@needs_kernel
+def test_flat_sees_hyperparameter_changes(flat_steps: list[bool]) -> None:
+    """A scheduler's new lr, a flag flipped mid-training, and a tensor lr all take effect."""
+    params = make_params()
+    ref_params = twin(params)
+    opt = polyak.SGD(params, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+
+    def every_step(i: int) -> None:
+        for o in (opt, ref):
+            group = o.param_groups[0]
+            group["lr"] = 0.1 / (i + 2)
+            group["nesterov"] = i % 2 == 1
+            group["weight_decay"] = 0.0 if i < 3 else 0.01
+            if i == 5:
+                group["lr"] = torch.tensor(0.02)
+
+    step_both(opt, ref, params, ref_params, 8, between=every_step)
+    assert_same(params, ref_params)
+    assert flat_steps.count(True) >= 4

@@ -38,6 +38,8 @@ class _Entry:
     plan: Any
     vector_keys: list[str] = field(default_factory=list)
     scalar_keys: list[str] = field(default_factory=list)
+    #: The hyperparameter values of the last step, with its program and numbers.
+    last: tuple[tuple[Any, ...], _trace.Program, Tensor] | None = field(default=None, repr=False)
 
     def fresh(self, group: dict[str, Any], optimizer: Any) -> bool:
         return (
@@ -46,6 +48,17 @@ class _Entry:
             and self.state is optimizer.state
             and self.version == optimizer._state_version
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values are the same numbers and flags (tensors never are)."""
+    if isinstance(a, tuple):
+        return (
+            isinstance(b, tuple)
+            and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return type(a) is type(b) and not isinstance(a, Tensor) and bool(a == b)
 
 
 def eligible(group: dict[str, Any]) -> bool:
@@ -123,17 +136,21 @@ def step(optimizer: Any, group: dict[str, Any]) -> bool:
         entry = cache[id(group)] = _build(optimizer, group)
     if entry.plan is None:
         return False
-    hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
-    numbers = _trace.slots(hyper)
-    if numbers is None:
-        return False
-    program = _program(optimizer, entry, hyper, numbers)
-    if program is None:
-        return False
+    values = tuple(v for k, v in group.items() if k not in _NOT_HYPER)
+    if entry.last is not None and _same(entry.last[0], values):
+        program, numbers = entry.last[1], entry.last[2]
+    else:
+        hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
+        slots = _trace.slots(hyper)
+        found = None if slots is None else _program(optimizer, entry, hyper, slots)
+        if slots is None or found is None:
+            return False
+        program, numbers = found, torch.tensor(slots, dtype=torch.float64)
+        entry.last = (values, program, numbers)
     done = entry.plan.step(
         program.vcode,
         program.scode,
-        torch.tensor(numbers, dtype=torch.float64),
+        numbers,
         program.n_sregs,
         program.n_vregs,
         program.stored,
