@@ -600,3 +600,90 @@ def test_step_hooks_see_the_same_args_as_torch() -> None:
         seen[name] = record
     # torch: [("pre", (True,), {}), ("post", (True,), {})]: args[0] is the optimizer.
     assert seen["polyak"] == seen["torch"]
+
+
+# ------------------------------------------------------------------- Adam and AdamW likewise
+
+ADAMS = [
+    pytest.param(polyak.Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True}, id="Adam"),
+    pytest.param(polyak.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}, id="AdamW"),
+]
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), ADAMS)
+def test_adam_family_with_scheduler_clipping_and_checkpoint(
+    cls: Any, ref_cls: Any, kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    """A OneCycle schedule, gradient clipping and a mid-run save/load through files, identical to
+    torch bit for bit; torch.optim resumes from polyak's checkpoint files and vice versa."""
+    batches = make_batches(12)
+
+    def build(opt_cls: Any) -> tuple[nn.Sequential, Any, Any]:
+        model = make_model()
+        opt = opt_cls(model.parameters(), **kwargs)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=len(batches))
+        return model, opt, sched
+
+    def run(model: nn.Sequential, opt: Any, sched: Any, part: list[Any]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for x, y in part:
+                opt.zero_grad()
+                F.mse_loss(model(x), y).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+                sched.step()
+
+    mine, theirs = build(cls), build(ref_cls)
+    run(*mine, batches[:6])
+    run(*theirs, batches[:6])
+    for name, (model, opt, sched) in (("mine", mine), ("theirs", theirs)):
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+            tmp_path / f"{name}.pt",
+        )
+    # Each resumes from the other's files.
+    resumed = {}
+    for name, opt_cls, source in (("mine", cls, "theirs"), ("theirs", ref_cls, "mine")):
+        saved = torch.load(tmp_path / f"{source}.pt", weights_only=True)
+        model, opt, sched = build(opt_cls)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        run(model, opt, sched, batches[6:])
+        resumed[name] = model
+    run(*theirs, batches[6:])
+    assert_params_equal(resumed["mine"], theirs[0])
+    assert_params_equal(resumed["theirs"], theirs[0])
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), ADAMS)
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+def test_adam_family_grad_scaler(
+    cls: Any, ref_cls: Any, kwargs: dict[str, Any], fused: bool
+) -> None:
+    def run(opt_cls: Any) -> list[list[torch.Tensor]]:
+        model = make_model()
+        opt = opt_cls(model.parameters(), fused=fused, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+        seen = []
+        for i, (x, y) in enumerate(make_batches(8)):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            if i == INF_STEP:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            seen.append(params_of(model))
+        return seen
+
+    got, ref = run(cls), run(ref_cls)
+    for p_got, p_ref in zip(got, ref, strict=True):
+        if fused:
+            for a, b in zip(p_got, p_ref, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert_params_equal(p_got, p_ref)
+    assert_params_equal(got[INF_STEP], got[INF_STEP - 1])
