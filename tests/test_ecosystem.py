@@ -258,10 +258,15 @@ INF_STEP = 4  # not the first step: the momentum buffers already exist when it i
 
 
 def run_amp(
-    opt_cls: SGDFactory, fused: bool, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    opt_cls: Any,
+    fused: bool,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    hyper: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     model = make_model()
-    kwargs: dict[str, Any] = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
+    kwargs: dict[str, Any] = dict(
+        hyper or {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
+    )
     if fused:
         kwargs["fused"] = True
     opt = opt_cls(model.parameters(), **kwargs)
@@ -662,24 +667,9 @@ def test_adam_family_with_scheduler_clipping_and_checkpoint(
 def test_adam_family_grad_scaler(
     cls: Any, ref_cls: Any, kwargs: dict[str, Any], fused: bool
 ) -> None:
-    def run(opt_cls: Any) -> list[list[torch.Tensor]]:
-        model = make_model()
-        opt = opt_cls(model.parameters(), fused=fused, **kwargs)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
-        seen = []
-        for i, (x, y) in enumerate(make_batches(8)):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.mse_loss(model(x).float(), y)
-            scaler.scale(loss).backward()
-            if i == INF_STEP:
-                model[0].weight.grad[0, 0] = float("inf")
-            scaler.step(opt)
-            scaler.update()
-            seen.append(params_of(model))
-        return seen
-
-    got, ref = run(cls), run(ref_cls)
+    batches = make_batches(8)
+    got = run_amp(cls, fused, batches, kwargs)["params"]
+    ref = run_amp(ref_cls, fused, batches, kwargs)["params"]
     for p_got, p_ref in zip(got, ref, strict=True):
         if fused:
             for a, b in zip(p_got, p_ref, strict=True):
