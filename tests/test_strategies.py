@@ -216,3 +216,17 @@ def test_flat_sees_hyperparameter_changes(flat_steps: list[bool]) -> None:
     step_both(opt, ref, params, ref_params, 8, between=every_step)
     assert_same(params, ref_params)
     assert flat_steps.count(True) >= 4
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_a_parameter_listed_twice_is_updated_twice_in_turn(entry: Entry) -> None:
+    params = make_params([(300,), (4,)])
+    ref_params = twin(params)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = entry.cls([params[0], params[1], params[0]], **clone_kwargs(entry.stateful))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ref = entry.reference(
+            [ref_params[0], ref_params[1], ref_params[0]], **clone_kwargs(entry.stateful)
+        )
+    step_both(opt, ref, params, ref_params, 4)
+    assert_same(params, ref_params)

@@ -75,6 +75,10 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     entry = _Entry(params, len(params), optimizer.state, optimizer._state_version, None)
     if not params or _native.load() is None:
         return entry
+    if len({id(p) for p in params}) != len(params):
+        # A parameter listed twice is updated twice in turn on the reference path; the kernel
+        # would update both copies at once.
+        return entry
     dtype = params[0].dtype
     allowed = _FLOATS + _HALVES if group.get("fused") else _FLOATS
     if dtype not in allowed or any(

@@ -78,6 +78,16 @@ def run(
     hp: Any,
 ) -> None:
     """Call ``update`` chunk by chunk, writing back any state it creates."""
+    if len({id(p) for p in params}) != len(params):
+        # A parameter listed twice is updated twice in turn, as torch.optim's loop does: one
+        # parameter per call, so the second update sees the first.
+        for i in range(len(params)):
+            own = {key: [state[key][i]] for key in state}
+            with _ops.per_tensor():
+                update([params[i]], [grads[i]], own, hp)
+            for key, values in own.items():
+                state[key][i] = values[0]
+        return
     if sum(p.numel() for p in params) <= CHUNK_NUMEL:
         with _mode(params, grads, hp):
             update(params, grads, state, hp)
