@@ -230,3 +230,17 @@ def test_a_parameter_listed_twice_is_updated_twice_in_turn(entry: Entry) -> None
         )
     step_both(opt, ref, params, ref_params, 4)
     assert_same(params, ref_params)
+
+
+def test_a_parameter_replaced_in_the_group_list_is_the_one_updated() -> None:
+    params = make_params([(300,), (4,)])
+    ref_params = twin(params)
+    opt = polyak.SGD(params, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+    step_both(opt, ref, params, ref_params, 3)
+    new, ref_new = make_params([(300,)], seed=7)[0], make_params([(300,)], seed=7)[0]
+    opt.param_groups[0]["params"][0] = new
+    ref.param_groups[0]["params"][0] = ref_new
+    params[0], ref_params[0] = new, ref_new
+    step_both(opt, ref, params, ref_params, 3, seed=2)
+    assert_same(params, ref_params)

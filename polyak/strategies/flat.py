@@ -13,6 +13,7 @@ hyperparameter, a changed dtype) runs the reference path for that step.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ _programs: dict[tuple[Any, ...], list[_trace.Program] | None] = {}
 
 @dataclass
 class _Entry:
-    params: list[Tensor] = field(repr=False)
+    params: tuple[Tensor, ...] = field(repr=False)
     size: int
     state: Any = field(repr=False)
     version: int
@@ -42,11 +43,13 @@ class _Entry:
     last: tuple[tuple[Any, ...], _trace.Program, Tensor] | None = field(default=None, repr=False)
 
     def fresh(self, group: dict[str, Any], optimizer: Any) -> bool:
+        # The parameters are compared one by one (at C speed): a parameter replaced in the
+        # group's list, as model surgery does, must be the one that is updated.
         return (
-            self.params is group["params"]
-            and self.size == len(group["params"])
-            and self.state is optimizer.state
+            self.state is optimizer.state
             and self.version == optimizer._state_version
+            and self.size == len(group["params"])
+            and all(map(operator.is_, self.params, group["params"]))
         )
 
 
@@ -72,7 +75,7 @@ def eligible(group: dict[str, Any]) -> bool:
 
 def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     params: list[Tensor] = group["params"]
-    entry = _Entry(params, len(params), optimizer.state, optimizer._state_version, None)
+    entry = _Entry(tuple(params), len(params), optimizer.state, optimizer._state_version, None)
     if not params or _native.load() is None:
         return entry
     if len({id(p) for p in params}) != len(params):
