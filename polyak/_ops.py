@@ -44,11 +44,6 @@ def _traced(scale: Scale) -> TypeGuard[Tensor]:
     return isinstance(scale, Tensor) and scale.requires_grad
 
 
-def clone(xs: list[Tensor]) -> list[Tensor]:
-    """Detached copies of ``xs``."""
-    return [x.detach().clone() for x in xs]
-
-
 def copy(xs: list[Tensor]) -> list[Tensor]:
     """Copies of ``xs`` that stay in the autograd graph."""
     return [x.clone() for x in xs]
