@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from polyak.strategies.buckets import by_device_and_dtype
+from polyak.strategies.buckets import by_device_and_dtype, run_on
 
 
 def run(
@@ -22,8 +22,4 @@ def run(
         update(params, grads, state, hp)
         return
     for idx in buckets:
-        own = {key: [values[i] for i in idx] for key, values in state.items()}
-        update([params[i] for i in idx], [grads[i] for i in idx], own, hp)
-        for key, values in own.items():
-            for i, value in zip(idx, values, strict=True):
-                state[key][i] = value
+        run_on(update, idx, params, grads, state, hp)

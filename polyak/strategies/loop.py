@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from polyak import _ops
+from polyak.strategies.buckets import run_on
 
 #: The most elements a chunk of several parameters may hold.
 CHUNK_NUMEL = 1 << 16
@@ -82,21 +83,11 @@ def run(
         # A parameter listed twice is updated twice in turn, as torch.optim's loop does: one
         # parameter per call, so the second update sees the first.
         for i in range(len(params)):
-            own = {key: [state[key][i]] for key in state}
-            with _ops.per_tensor():
-                update([params[i]], [grads[i]], own, hp)
-            for key, values in own.items():
-                state[key][i] = values[0]
+            run_on(update, [i], params, grads, state, hp, lambda *_: _ops.per_tensor())
         return
     if sum(p.numel() for p in params) <= CHUNK_NUMEL:
         with _mode(params, grads, hp):
             update(params, grads, state, hp)
         return
     for idx in chunks(params):
-        own = {key: [values[i] for i in idx] for key, values in state.items()}
-        chunk_params, chunk_grads = [params[i] for i in idx], [grads[i] for i in idx]
-        with _mode(chunk_params, chunk_grads, hp):
-            update(chunk_params, chunk_grads, own, hp)
-        for key, values in own.items():
-            for i, value in zip(idx, values, strict=True):
-                state[key][i] = value
+        run_on(update, idx, params, grads, state, hp, lambda ps, gs: _mode(ps, gs, hp))
