@@ -33,7 +33,6 @@ _programs: dict[tuple[Any, ...], list[_trace.Program] | None] = {}
 @dataclass
 class _Entry:
     params: tuple[Tensor, ...] = field(repr=False)
-    size: int
     state: Any = field(repr=False)
     version: int
     plan: Any
@@ -48,7 +47,7 @@ class _Entry:
         return (
             self.state is optimizer.state
             and self.version == optimizer._state_version
-            and self.size == len(group["params"])
+            and len(self.params) == len(group["params"])
             and all(map(operator.is_, self.params, group["params"]))
         )
 
@@ -75,7 +74,7 @@ def eligible(group: dict[str, Any]) -> bool:
 
 def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     params: list[Tensor] = group["params"]
-    entry = _Entry(tuple(params), len(params), optimizer.state, optimizer._state_version, None)
+    entry = _Entry(tuple(params), optimizer.state, optimizer._state_version, None)
     if not params or _native.load() is None:
         return entry
     if len({id(p) for p in params}) != len(params):
