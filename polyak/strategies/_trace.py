@@ -323,8 +323,6 @@ def trace(
     try:
         with _ops.per_tensor(), torch.no_grad():
             update([Vec(tracer, PARAM)], [Vec(tracer, GRAD)], state, hp)
-    except TraceError:
-        raise
     except KeyError as error:
         raise MissingState(str(error)) from error
     except (AttributeError, TypeError) as error:
