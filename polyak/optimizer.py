@@ -98,7 +98,9 @@ def _with_step_hooks(step: _F) -> _F:
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = cast(Optimizer, args[0])
-        with _recorded(f"Optimizer.step#{type(self).__name__}.step"):
+        if not torch._C._autograd._profiler_enabled():
+            return run(self, args, kwargs)
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
             return run(self, args, kwargs)
 
     def run(self: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -380,15 +382,20 @@ class Optimizer(torch.optim.Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
             return loss
-        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
-            for group in self.param_groups:
-                self._step_group(group, grad_scale)
+        # The groups the flat kernel steps need neither autograd's mode nor the machinery below.
+        rest = (
+            self.param_groups
+            if grad_scale is not None
+            else [g for g in self.param_groups if not (flat.eligible(g) and flat.step(self, g))]
+        )
+        if rest:
+            with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+                for group in rest:
+                    self._step_group(group, grad_scale)
         self._step_count += 1
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
-        if grad_scale is None and flat.eligible(group) and flat.step(self, group):
-            return
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return

@@ -244,3 +244,42 @@ def test_a_parameter_replaced_in_the_group_list_is_the_one_updated() -> None:
     params[0], ref_params[0] = new, ref_new
     step_both(opt, ref, params, ref_params, 3, seed=2)
     assert_same(params, ref_params)
+
+
+@needs_kernel
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_flat_counts_steps_of_parameters_without_elements(
+    entry: Entry, flat_steps: list[bool]
+) -> None:
+    params = make_params([(0,), (5,), (0, 3)])
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(entry.stateful))
+    ref = entry.reference(ref_params, **clone_kwargs(entry.stateful))
+    step_both(opt, ref, params, ref_params, 4)
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+    assert flat_steps[-1]
+
+
+@needs_kernel
+def test_flat_keeps_running_when_equal_hyperparameters_are_new_objects(
+    flat_steps: list[bool],
+) -> None:
+    """Schedulers assign new floats and tuples every step; equal values keep the program, new
+    values and new keys take effect."""
+    params = make_params()
+    ref_params = twin(params)
+    opt = polyak.Adam(params, lr=0.1)
+    ref = torch.optim.Adam(ref_params, lr=0.1)
+
+    def every_step(i: int) -> None:
+        for o in (opt, ref):
+            group = o.param_groups[0]
+            group["lr"] = float(str(0.05 if i < 4 else 0.02))
+            group["betas"] = (float(str(0.9)), 0.999 if i < 6 else 0.99)
+            if i == 3:
+                group["extra_key"] = "ignored by the update"
+
+    step_both(opt, ref, params, ref_params, 9, between=every_step)
+    assert_same(params, ref_params)
+    assert all(flat_steps[1:])

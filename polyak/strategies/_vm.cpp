@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -141,155 +142,253 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
   }
 }
 
-double read_scalar(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return static_cast<double>(*static_cast<const float*>(t.const_data_ptr()));
-    case at::kDouble: return *static_cast<const double*>(t.const_data_ptr());
-    default: return t.item<double>();
-  }
-}
-
-void write_scalar(at::Tensor& t, double v) {
-  switch (t.scalar_type()) {
-    case at::kFloat: *static_cast<float*>(t.data_ptr()) = static_cast<float>(v); break;
-    case at::kDouble: *static_cast<double*>(t.data_ptr()) = v; break;
-    default: t.fill_(v); break;
-  }
-}
-
 // One group's tensors, held across steps: the parameters themselves (so that a replaced
-// ``.data`` or a new ``.grad`` is seen), and each parameter's state tensors.
+// ``.data`` or a new ``.grad`` is seen), and each parameter's state tensors. The arrays after
+// them are each step's scratch, kept so that a step allocates nothing.
 struct Plan {
+  std::vector<pybind11::object> owners;  // the parameters as the group's list holds them
   std::vector<at::Tensor> params;
   std::vector<std::vector<at::Tensor>> vstate;  // [key][i], param-shaped
   std::vector<std::vector<at::Tensor>> sstate;  // [key][i], 0-dim
   at::ScalarType dtype;
+  std::vector<void*> ptr;        // [i][param, grad, vector state...]: where each stream starts
+  std::vector<int64_t> numel;    // [i]; -1: no gradient this step
+  std::vector<void*> sptr;       // [i][key]: where each scalar state value lives
+  std::vector<double> sval;      // [i][key]: its value at the start of the step
+  std::vector<uint8_t> sdouble;  // [i][key]: whether it is a double (else a float)
+  std::vector<double> sregs;     // [i][register]: each tensor's scalar registers
+  // The program to run (see _trace.py): vector and scalar code, the hyperparameter registers'
+  // values, the scalar register count, and the bound registers the vector code writes.
+  at::Tensor vcode, scode, hyper;
+  int64_t n_sregs = 0;
+  std::vector<int64_t> stored;
+  // What the plan was made for: the optimizer's state dict and its version, and the group's
+  // hyperparameters (key, value) when the program was loaded, with the group's size then.
+  pybind11::object state;
+  int64_t version = 0;
+  std::vector<std::pair<pybind11::object, pybind11::object>> hyper_items;
+  Py_ssize_t group_size = -1;
 };
 
 // Return codes of step().
 constexpr int64_t kDone = 0;
 constexpr int64_t kFallback = 1;  // something this step cannot do: run the reference path
+constexpr int64_t kStale = 2;     // the group's parameters or the state changed: build anew
+constexpr int64_t kReload = 3;    // the hyperparameters changed: load a program for them
 
-template <typename S>
-inline void prefetch_block(const std::vector<S*>& bound, const std::vector<int64_t>& read,
-                           int64_t offset, int64_t len) {
-  const int64_t bytes = len * static_cast<int64_t>(sizeof(S));
-  for (int64_t b : read) {
-    const char* base = reinterpret_cast<const char*>(bound[b] + offset);
-    for (int64_t q = 0; q < bytes; q += 64) __builtin_prefetch(base + q, 0, 3);
+inline void prefetch(const void* at) { __builtin_prefetch(at, 0, 3); }
+
+inline c10::TensorImpl* impl_of(const at::Tensor& t) { return t.unsafeGetTensorImpl(); }
+
+// Asks for the lines of a tensor's metadata that the checks read: the storage and autograd
+// pointers at the head of the object, and the element count, dtype, device and flags, declared
+// last, at its tail.
+inline void prefetch_impl(const c10::TensorImpl* impl) {
+  const char* base = reinterpret_cast<const char*>(impl);
+  prefetch(&impl->unsafe_storage());
+  prefetch(base + sizeof(c10::TensorImpl) - 48);
+  prefetch(base + sizeof(c10::TensorImpl) - 1);
+}
+
+// Asks for the line of a storage that holds its data pointer.
+inline void prefetch_storage(const c10::TensorImpl* impl) {
+  const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
+  if (storage != nullptr) prefetch(reinterpret_cast<const char*>(storage) + 16);
+}
+
+// Rounds a scalar state value to its dtype.
+inline double rounded(bool is_double, double v) {
+  return is_double ? v : static_cast<double>(static_cast<float>(v));
+}
+
+// Runs the scalar program for tensor ``i`` into its registers ``r``: the hyperparameters, then
+// what the program computes from them and from the tensor's scalar state (read in ``in``).
+// Stores are not made here but when the tensor is updated; later loads see the value stored,
+// rounded to the state's dtype.
+void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r, double* cur) {
+  const int64_t* sc = plan.scode.data_ptr<int64_t>();
+  const int64_t n_scode = plan.scode.size(0);
+  const double* simm = reinterpret_cast<const double*>(sc);  // imm bits travel as int64
+  const double* hp = plan.hyper.data_ptr<double>();
+  const int64_t ns = static_cast<int64_t>(plan.sstate.size());
+  const uint8_t* is_double = plan.sdouble.data() + i * ns;
+  std::copy(in, in + ns, cur);
+  std::copy(hp, hp + plan.hyper.numel(), r);
+  for (int64_t k = 0; k < n_scode; ++k) {
+    const int64_t* ins = sc + 4 * k;
+    switch (ins[0]) {
+      case S_CONST: r[ins[1]] = simm[4 * k + 3]; break;
+      case S_ADD: r[ins[1]] = r[ins[2]] + r[ins[3]]; break;
+      case S_SUB: r[ins[1]] = r[ins[2]] - r[ins[3]]; break;
+      case S_MUL: r[ins[1]] = r[ins[2]] * r[ins[3]]; break;
+      case S_DIV: r[ins[1]] = r[ins[2]] / r[ins[3]]; break;
+      case S_POW: r[ins[1]] = std::pow(r[ins[2]], r[ins[3]]); break;
+      case S_NEG: r[ins[1]] = -r[ins[2]]; break;
+      case S_LOAD: r[ins[1]] = cur[ins[2]]; break;
+      case S_STORE: cur[ins[2]] = r[ins[3]] = rounded(is_double[ins[2]], r[ins[3]]); break;
+      default: break;
+    }
   }
 }
 
-template <typename S, typename T>
-int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
-                   const at::Tensor& hyper, int64_t n_sregs, int64_t n_vregs,
-                   const std::vector<int64_t>& stored) {
+// Checks every tensor of the group, records where its data lives and runs its scalar program,
+// or returns false where this step cannot run flat; nothing is written to the tensors.
+//
+// The tensors' metadata is scattered over the heap and, in a training loop, seldom in cache,
+// so the loop runs as a pipeline that asks for each tensor's objects a few tensors ahead of
+// where it reads them (the tensor, then its storage and autograd record, then its gradient,
+// then the gradient's storage): their latencies overlap.
+template <typename S>
+bool check_group(Plan& plan) {
   const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
-  // Check every tensor and take its pointers, in parallel: a model may have thousands.
-  std::vector<const S*> grad_all(n, nullptr);
-  std::vector<S*> param_all(n, nullptr);
-  std::vector<int64_t> numel_all(n, -1);  // -1: no gradient this step
-  std::vector<std::vector<S*>> state_all(nv, std::vector<S*>(n, nullptr));
+  const int64_t ns = static_cast<int64_t>(plan.sstate.size());
+  const int64_t n_bound = 2 + nv;
+  const int64_t n_sregs = plan.n_sregs;
+  plan.ptr.resize(n * n_bound);
+  plan.numel.resize(n);
+  plan.sptr.resize(n * ns);
+  plan.sval.resize(n * ns);
+  plan.sdouble.resize(n * ns);
+  // Without scalar state every tensor has the same scalars: one register file serves all.
+  plan.sregs.resize(static_cast<size_t>((ns == 0 ? 1 : n) * n_sregs));
+  if (ns == 0) run_scalar_program(plan, 0, nullptr, plan.sregs.data(), nullptr);
+  constexpr int64_t kAheadTensors = 4;  // tensors between two stages of the pipeline
   std::atomic<bool> unfit{false};
   at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
+    // Tensors whose scalar state holds the same values as the previous one's (all of them, in
+    // most steps) reuse its registers.
+    const double* prev_in = nullptr;
+    const double* prev_r = nullptr;
+    std::vector<double> cur(ns);
+    for (int64_t j = lo; j < hi + 4 * kAheadTensors; ++j) {
+      if (int64_t i = j; i < hi) {
+        prefetch_impl(impl_of(plan.params[i]));
+        for (const auto& keyed : plan.vstate) prefetch_impl(impl_of(keyed[i]));
+        for (const auto& keyed : plan.sstate) prefetch_impl(impl_of(keyed[i]));
+      }
+      if (int64_t i = j - kAheadTensors; i >= lo && i < hi) {
+        const c10::TensorImpl* p = impl_of(plan.params[i]);
+        prefetch_storage(p);
+        if (const auto* meta = p->autograd_meta(); meta != nullptr) {
+          // The record's virtual table pointer, and the gradient declared near its head.
+          prefetch(meta);
+          prefetch(reinterpret_cast<const char*>(meta) + 48);
+        }
+        for (const auto& keyed : plan.vstate) prefetch_storage(impl_of(keyed[i]));
+        for (const auto& keyed : plan.sstate) prefetch_storage(impl_of(keyed[i]));
+      }
+      if (int64_t i = j - 2 * kAheadTensors; i >= lo && i < hi) {
+        const at::Tensor& g = impl_of(plan.params[i])->grad();
+        if (g.defined()) prefetch_impl(impl_of(g));
+        for (const auto& keyed : plan.sstate) {
+          const c10::StorageImpl* storage = impl_of(keyed[i])->unsafe_storage().unsafeGetStorageImpl();
+          if (storage != nullptr) prefetch(storage->data());
+        }
+      }
+      if (int64_t i = j - 3 * kAheadTensors; i >= lo && i < hi) {
+        const at::Tensor& g = impl_of(plan.params[i])->grad();
+        if (g.defined()) prefetch_storage(impl_of(g));
+      }
+      const int64_t i = j - 4 * kAheadTensors;
+      if (i < lo) continue;
       const at::Tensor& p = plan.params[i];
-      const at::Tensor& g = p.grad();
+      const at::Tensor& g = impl_of(p)->grad();
+      plan.numel[i] = -1;
       if (!g.defined()) continue;
       const int64_t numel = p.numel();
       bool fit = p.scalar_type() == plan.dtype && g.scalar_type() == plan.dtype &&
                  g.layout() == at::kStrided && p.is_contiguous() && g.is_contiguous() &&
                  g.numel() == numel && p.is_cpu() && g.is_cpu();
+      void** ptr = plan.ptr.data() + i * n_bound;
       for (int64_t k = 0; fit && k < nv; ++k) {
         const at::Tensor& st = plan.vstate[k][i];
-        fit = st.scalar_type() == plan.dtype && st.is_contiguous() && st.numel() == numel;
-        if (fit) state_all[k][i] = static_cast<S*>(st.data_ptr());
+        fit = st.scalar_type() == plan.dtype && st.is_contiguous() && st.numel() == numel &&
+              st.is_cpu();
+        if (fit) ptr[2 + k] = st.data_ptr();
       }
-      for (const auto& keyed : plan.sstate) fit = fit && keyed[i].numel() == 1 && keyed[i].is_cpu();
+      double* in = plan.sval.data() + i * ns;
+      for (int64_t k = 0; fit && k < ns; ++k) {
+        const at::Tensor& st = plan.sstate[k][i];
+        const at::ScalarType type = st.scalar_type();
+        fit = st.numel() == 1 && st.is_cpu() && st.layout() == at::kStrided &&
+              (type == at::kFloat || type == at::kDouble);
+        if (!fit) break;
+        void* at = st.data_ptr();
+        plan.sptr[i * ns + k] = at;
+        plan.sdouble[i * ns + k] = type == at::kDouble;
+        in[k] = type == at::kDouble ? *static_cast<const double*>(at)
+                                    : static_cast<double>(*static_cast<const float*>(at));
+      }
       if (!fit) {
         unfit.store(true, std::memory_order_relaxed);
         return;
       }
-      grad_all[i] = static_cast<const S*>(g.const_data_ptr());
-      param_all[i] = static_cast<S*>(p.data_ptr());
-      numel_all[i] = numel;
+      ptr[0] = p.data_ptr();
+      ptr[1] = const_cast<void*>(g.const_data_ptr());
+      plan.numel[i] = numel;
+      if (ns > 0) {
+        double* r = plan.sregs.data() + i * n_sregs;
+        if (prev_in != nullptr && std::equal(in, in + ns, prev_in)) {
+          std::copy(prev_r, prev_r + n_sregs, r);
+        } else {
+          run_scalar_program(plan, i, in, r, cur.data());
+          prev_in = in;
+          prev_r = r;
+        }
+      }
     }
   });
-  if (unfit.load()) return kFallback;
-  std::vector<const S*> grad_ptr;
-  std::vector<S*> param_ptr;
-  std::vector<int64_t> numels;
-  std::vector<int64_t> live;
-  std::vector<std::vector<S*>> state_ptr(nv);
-  for (int64_t i = 0; i < n; ++i) {
-    if (numel_all[i] < 0) continue;
-    grad_ptr.push_back(grad_all[i]);
-    param_ptr.push_back(param_all[i]);
-    numels.push_back(numel_all[i]);
-    for (int64_t k = 0; k < nv; ++k) state_ptr[k].push_back(state_all[k][i]);
-    live.push_back(i);
-  }
+  return !unfit.load();
+}
 
-  // Scalar program, once per tensor, in order. Tensors whose scalar state holds the same values
-  // as the previous tensor's (all of them, in most steps) reuse its results and only store.
-  const int64_t* sc = scode.data_ptr<int64_t>();
-  const int64_t n_scode = scode.size(0);
-  const double* simm = reinterpret_cast<const double*>(sc);  // imm bits travel as int64
-  const double* hp = hyper.data_ptr<double>();
-  const int64_t n_hp = hyper.numel();
-  const int64_t n_live = static_cast<int64_t>(live.size());
+// Writes a scalar state value, already rounded to its dtype.
+inline void store_scalar(void* at, bool is_double, double v) {
+  if (is_double) {
+    *static_cast<double*>(at) = v;
+  } else {
+    *static_cast<float*>(at) = static_cast<float>(v);
+  }
+}
+
+template <typename S, typename T>
+int64_t step_typed(Plan& plan) {
+  if (!check_group<S>(plan)) return kFallback;
+  const at::Tensor& vcode = plan.vcode;
+  const int64_t n_sregs = plan.n_sregs;
+  const std::vector<int64_t>& stored = plan.stored;
+  const int64_t n = static_cast<int64_t>(plan.params.size());
+  const int64_t nv = static_cast<int64_t>(plan.vstate.size());
+  const int64_t n_bound = 2 + nv;
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
-  // Without scalar state every tensor has the same scalars: one register file serves all.
-  const bool shared = ns == 0;
-  const int64_t stride = shared ? 0 : n_sregs;
-  std::vector<double> sregs(static_cast<size_t>((shared ? 1 : n_live) * n_sregs));
-  std::vector<double> prev_in(ns), cur_in(ns);
-  for (int64_t t = 0; t < (shared ? std::min<int64_t>(n_live, 1) : n_live); ++t) {
-    const int64_t i = live[t];
-    double* r = sregs.data() + t * n_sregs;
-    for (int64_t k = 0; k < ns; ++k) cur_in[k] = read_scalar(plan.sstate[k][i]);
-    if (t > 0 && cur_in == prev_in) {
-      std::copy(r - n_sregs, r, r);
-      for (int64_t k = 0; k < n_scode; ++k) {
-        const int64_t* ins = sc + 4 * k;
-        if (ins[0] == S_STORE) write_scalar(plan.sstate[ins[2]][i], r[ins[3]]);
-      }
-      continue;
-    }
-    prev_in = cur_in;
-    for (int64_t h = 0; h < n_hp; ++h) r[h] = hp[h];
-    for (int64_t k = 0; k < n_scode; ++k) {
-      const int64_t* ins = sc + 4 * k;
-      switch (ins[0]) {
-        case S_CONST: r[ins[1]] = simm[4 * k + 3]; break;
-        case S_ADD: r[ins[1]] = r[ins[2]] + r[ins[3]]; break;
-        case S_SUB: r[ins[1]] = r[ins[2]] - r[ins[3]]; break;
-        case S_MUL: r[ins[1]] = r[ins[2]] * r[ins[3]]; break;
-        case S_DIV: r[ins[1]] = r[ins[2]] / r[ins[3]]; break;
-        case S_POW: r[ins[1]] = std::pow(r[ins[2]], r[ins[3]]); break;
-        case S_NEG: r[ins[1]] = -r[ins[2]]; break;
-        case S_LOAD: r[ins[1]] = read_scalar(plan.sstate[ins[2]][i]); break;
-        case S_STORE:
-          write_scalar(plan.sstate[ins[2]][i], r[ins[3]]);
-          // Later reads see the stored value, rounded to the state's dtype.
-          r[ins[3]] = read_scalar(plan.sstate[ins[2]][i]);
-          break;
-        default: break;
-      }
-    }
+  const int64_t stride = ns == 0 ? 0 : n_sregs;
+  // The scalar program's stores: (state key, register), made as each tensor is updated.
+  std::vector<std::pair<int64_t, int64_t>> stores;
+  {
+    const int64_t* sc = plan.scode.data_ptr<int64_t>();
+    for (int64_t k = 0; k < plan.scode.size(0); ++k)
+      if (sc[4 * k] == S_STORE) stores.emplace_back(sc[4 * k + 2], sc[4 * k + 3]);
   }
 
-  // Work items: (live tensor, first element), at most kChunk elements each.
+  // Work items: (tensor, first element, end), at most kChunk elements each; a tensor without
+  // elements has one, which makes its scalar stores.
   constexpr int64_t kChunk = 1 << 14;
-  std::vector<std::pair<int64_t, int64_t>> work;
-  work.reserve(n_live);
-  for (int64_t t = 0; t < n_live; ++t) {
-    for (int64_t start = 0; start < numels[t]; start += kChunk) work.emplace_back(t, start);
+  struct Work {
+    int64_t i, start, end;
+  };
+  std::vector<Work> work;
+  work.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t numel = plan.numel[i];
+    if (numel < 0) continue;  // no gradient
+    int64_t start = 0;
+    do {
+      work.push_back({i, start, std::min(numel, start + kChunk)});
+      start += kChunk;
+    } while (start < numel);
   }
   const int64_t* vc = vcode.data_ptr<int64_t>();
   const int64_t n_vcode = vcode.size(0);
-  const int64_t n_bound = 2 + nv;
   // The memory-bound registers the program reads: only these are loaded and prefetched.
   std::vector<int64_t> read;
   {
@@ -300,48 +399,45 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
     for (int64_t b = 0; b < n_bound; ++b)
       if (used[b]) read.push_back(b);
   }
+  S* const* ptr = reinterpret_cast<S* const*>(plan.ptr.data());
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
     // MKL would otherwise start threads of its own for each block's sqrt, inside ours.
     const int mkl_threads = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+    // A second cursor walks the same blocks kAhead blocks ahead, across chunks and tensors,
+    // and asks for each of them: every stream is fetched the same distance ahead, which the
+    // hardware prefetcher would not do past the end of a page, let alone of a tensor.
+    int64_t pw = lo;
+    int64_t poff = lo < hi ? work[lo].start : 0;
+    auto prefetch_next = [&]() {
+      if (pw >= hi) return;
+      const Work& item = work[pw];
+      S* const* at = ptr + item.i * n_bound;
+      const int64_t bytes = std::min(kBlock, item.end - poff) * static_cast<int64_t>(sizeof(S));
+      for (int64_t b : read) {
+        const char* base = reinterpret_cast<const char*>(at[b] + poff);
+        for (int64_t q = 0; q < bytes; q += 64) __builtin_prefetch(base + q, 0, 3);
+      }
+      poff += kBlock;
+      if (poff >= item.end && ++pw < hi) poff = work[pw].start;
+    };
+    for (int64_t k = 0; k < kAhead; ++k) prefetch_next();
     // Temporaries live in L1-sized blocks; where storage and compute types agree, the bound
     // registers point straight into the tensors, so each is read and written once.
     T local[kMaxRegs][kBlock];
     T* reg[kMaxRegs];
-    std::vector<S*> bound(n_bound);
-    std::vector<S*> next_bound(n_bound);
-    if (lo < hi) {
-      const int64_t u = work[lo].first;
-      next_bound[0] = param_ptr[u];
-      next_bound[1] = const_cast<S*>(grad_ptr[u]);
-      for (int64_t k = 0; k < nv; ++k) next_bound[2 + k] = state_ptr[k][u];
-      prefetch_block(next_bound, read, work[lo].second,
-                     std::min(kAhead * kBlock, numels[u] - work[lo].second));
-    }
+    for (int64_t k = 0; k < kMaxRegs; ++k) reg[k] = local[k];
     for (int64_t w = lo; w < hi; ++w) {
-      const int64_t t = work[w].first;
-      const int64_t end = std::min(numels[t], work[w].second + kChunk);
-      const double* r = sregs.data() + t * stride;
-      bound[0] = param_ptr[t];
-      bound[1] = const_cast<S*>(grad_ptr[t]);
-      for (int64_t k = 0; k < nv; ++k) bound[2 + k] = state_ptr[k][t];
-      for (int64_t k = 0; k < kMaxRegs; ++k) reg[k] = local[k];
-      for (int64_t off = work[w].second; off < end; off += kBlock) {
-        const int64_t len = std::min(kBlock, end - off);
-        // Ask for the block kAhead blocks on of every stream now, so that all of them arrive
-        // in time; at the start of a chunk, also for the next chunk's first blocks, which the
-        // hardware prefetcher would not guess (another page, often of another tensor).
-        const int64_t next = off + kAhead * kBlock;
-        if (next < end) {
-          prefetch_block(bound, read, next, std::min(kBlock, end - next));
+      const Work& item = work[w];
+      const double* r = plan.sregs.data() + item.i * stride;
+      S* const* bound = ptr + item.i * n_bound;
+      if (item.start == 0) {
+        for (const auto& [key, reg] : stores) {
+          store_scalar(plan.sptr[item.i * ns + key], plan.sdouble[item.i * ns + key], r[reg]);
         }
-        if (off == work[w].second && w + 1 < hi) {
-          const int64_t u = work[w + 1].first;
-          next_bound[0] = param_ptr[u];
-          next_bound[1] = const_cast<S*>(grad_ptr[u]);
-          for (int64_t k = 0; k < nv; ++k) next_bound[2 + k] = state_ptr[k][u];
-          const int64_t start = work[w + 1].second;
-          prefetch_block(next_bound, read, start, std::min(kAhead * kBlock, numels[u] - start));
-        }
+      }
+      for (int64_t off = item.start; off < item.end; off += kBlock) {
+        const int64_t len = std::min(kBlock, item.end - off);
+        prefetch_next();
         if constexpr (std::is_same_v<S, T>) {
           for (int64_t b = 0; b < n_bound; ++b) reg[b] = bound[b] + off;
           run_block<T>(vc, n_vcode, reg, r, len);
@@ -356,19 +452,61 @@ int64_t step_typed(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
     }
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
   });
-  (void)n_vregs;
   return kDone;
 }
 
-int64_t step(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
-             const at::Tensor& hyper, int64_t n_sregs, int64_t n_vregs,
-             const std::vector<int64_t>& stored) {
-  TORCH_CHECK(n_vregs <= kMaxRegs, "update rule needs too many registers");
+// Whether two hyperparameter values are the same numbers and flags. Only the types a
+// program can be loaded for are compared by value; anything else is the same only if it is
+// the same object.
+bool same_value(PyObject* a, PyObject* b) {
+  if (a == b) return true;
+  if (Py_TYPE(a) != Py_TYPE(b)) return false;
+  if (PyFloat_CheckExact(a)) {
+    const double x = PyFloat_AS_DOUBLE(a), y = PyFloat_AS_DOUBLE(b);
+    return std::memcmp(&x, &y, sizeof(double)) == 0;
+  }
+  if (PyLong_CheckExact(a) || PyUnicode_CheckExact(a)) {
+    return PyObject_RichCompareBool(a, b, Py_EQ) == 1;
+  }
+  if (PyTuple_CheckExact(a)) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(a);
+    if (PyTuple_GET_SIZE(b) != n) return false;
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      if (!same_value(PyTuple_GET_ITEM(a, k), PyTuple_GET_ITEM(b, k))) return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+// Runs one step of the group ``group`` (a param_groups dict) with the program last loaded.
+// Everything the plan was made for is checked first, without touching the parameters, which
+// in a training loop are seldom in cache: the group's list must hold the plan's parameters
+// (a parameter replaced there, as model surgery does, must be the one updated), the
+// optimizer's state must be the same dict at the same version, and the hyperparameters the
+// values the program was loaded for.
+int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t version) {
+  if (state.ptr() != plan.state.ptr() || version != plan.version) return kStale;
+  PyObject* params = PyDict_GetItemString(group.ptr(), "params");
+  if (params == nullptr || (!PyList_Check(params) && !PyTuple_Check(params))) return kStale;
+  if (PySequence_Fast_GET_SIZE(params) != static_cast<Py_ssize_t>(plan.owners.size())) {
+    return kStale;
+  }
+  PyObject** items = PySequence_Fast_ITEMS(params);
+  for (size_t i = 0; i < plan.owners.size(); ++i) {
+    if (items[i] != plan.owners[i].ptr()) return kStale;
+  }
+  if (!plan.vcode.defined() || PyDict_Size(group.ptr()) != plan.group_size) return kReload;
+  for (const auto& [key, value] : plan.hyper_items) {
+    PyObject* now = PyDict_GetItem(group.ptr(), key.ptr());
+    if (now == nullptr || !same_value(now, value.ptr())) return kReload;
+  }
+  pybind11::gil_scoped_release released;
   switch (plan.dtype) {
-    case at::kFloat: return step_typed<float, float>(plan, vcode, scode, hyper, n_sregs, n_vregs, stored);
-    case at::kDouble: return step_typed<double, double>(plan, vcode, scode, hyper, n_sregs, n_vregs, stored);
-    case at::kHalf: return step_typed<c10::Half, float>(plan, vcode, scode, hyper, n_sregs, n_vregs, stored);
-    case at::kBFloat16: return step_typed<c10::BFloat16, float>(plan, vcode, scode, hyper, n_sregs, n_vregs, stored);
+    case at::kFloat: return step_typed<float, float>(plan);
+    case at::kDouble: return step_typed<double, double>(plan);
+    case at::kHalf: return step_typed<c10::Half, float>(plan);
+    case at::kBFloat16: return step_typed<c10::BFloat16, float>(plan);
     default: return kFallback;
   }
 }
@@ -377,15 +515,38 @@ int64_t step(Plan& plan, const at::Tensor& vcode, const at::Tensor& scode,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Plan>(m, "Plan")
-      .def(pybind11::init([](std::vector<at::Tensor> params,
-                             std::vector<std::vector<at::Tensor>> vstate,
-                             std::vector<std::vector<at::Tensor>> sstate) {
+      .def(pybind11::init([](pybind11::list params, std::vector<std::vector<at::Tensor>> vstate,
+                             std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
+                             int64_t version) {
         Plan plan;
-        plan.dtype = params.empty() ? at::kFloat : params[0].scalar_type();
-        plan.params = std::move(params);
+        plan.state = std::move(state);
+        plan.version = version;
+        for (pybind11::handle p : params) {
+          plan.owners.push_back(pybind11::reinterpret_borrow<pybind11::object>(p));
+          plan.params.push_back(p.cast<at::Tensor>());
+        }
+        plan.dtype = plan.params.empty() ? at::kFloat : plan.params[0].scalar_type();
         plan.vstate = std::move(vstate);
         plan.sstate = std::move(sstate);
         return plan;
       }))
+      .def("load",
+           [](Plan& plan, pybind11::dict group, at::Tensor vcode, at::Tensor scode,
+              at::Tensor hyper, int64_t n_sregs, int64_t n_vregs, std::vector<int64_t> stored) {
+             TORCH_CHECK(n_vregs <= kMaxRegs, "update rule needs too many registers");
+             plan.hyper_items.clear();
+             for (auto [key, value] : group) {
+               const auto name = pybind11::str(key).cast<std::string>();
+               if (name == "params" || name == "param_names") continue;
+               plan.hyper_items.emplace_back(pybind11::reinterpret_borrow<pybind11::object>(key),
+                                             pybind11::reinterpret_borrow<pybind11::object>(value));
+             }
+             plan.group_size = PyDict_Size(group.ptr());
+             plan.vcode = std::move(vcode);
+             plan.scode = std::move(scode);
+             plan.hyper = std::move(hyper);
+             plan.n_sregs = n_sregs;
+             plan.stored = std::move(stored);
+           })
       .def("step", &step);
 }

@@ -25,6 +25,8 @@ from polyak.strategies import _native, _trace
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _NOT_HYPER = ("params", "param_names")
+# The kernel's answers to a step.
+_DONE, _STALE, _RELOAD = 0, 2, 3
 
 #: Traced programs, by (update rule, state layout, hyperparameter structure).
 _programs: dict[tuple[Any, ...], list[_trace.Program] | None] = {}
@@ -32,35 +34,26 @@ _programs: dict[tuple[Any, ...], list[_trace.Program] | None] = {}
 
 @dataclass
 class _Entry:
-    params: tuple[Tensor, ...] = field(repr=False)
-    state: Any = field(repr=False)
-    version: int
+    """What the strategy knows of one group: the kernel's plan for it, or why it has none."""
+
     plan: Any
     vector_keys: list[str] = field(default_factory=list)
     scalar_keys: list[str] = field(default_factory=list)
-    #: The hyperparameter values of the last step, with its program and numbers.
-    last: tuple[tuple[Any, ...], _trace.Program, Tensor] | None = field(default=None, repr=False)
+    #: Without a plan: what the group held when it was found unfit, to see when it changes.
+    params: tuple[Tensor, ...] = field(default=(), repr=False)
+    state: Any = field(default=None, repr=False)
+    version: int = -1
 
-    def fresh(self, group: dict[str, Any], optimizer: Any) -> bool:
-        # The parameters are compared one by one (at C speed): a parameter replaced in the
-        # group's list, as model surgery does, must be the one that is updated.
+    def unchanged(self, group: dict[str, Any], optimizer: Any) -> bool:
+        """Whether an entry without a plan still describes ``group``."""
+        # Compared one by one (at C speed): a parameter replaced in the group's list, as model
+        # surgery does, must be seen.
         return (
             self.state is optimizer.state
             and self.version == optimizer._state_version
             and len(self.params) == len(group["params"])
             and all(map(operator.is_, self.params, group["params"]))
         )
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two hyperparameter values are the same numbers and flags (tensors never are)."""
-    if isinstance(a, tuple):
-        return (
-            isinstance(b, tuple)
-            and len(a) == len(b)
-            and all(_same(x, y) for x, y in zip(a, b, strict=True))
-        )
-    return type(a) is type(b) and not isinstance(a, Tensor) and bool(a == b)
 
 
 def eligible(group: dict[str, Any]) -> bool:
@@ -74,20 +67,22 @@ def eligible(group: dict[str, Any]) -> bool:
 
 def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     params: list[Tensor] = group["params"]
-    entry = _Entry(tuple(params), optimizer.state, optimizer._state_version, None)
+    unfit = _Entry(
+        None, params=tuple(params), state=optimizer.state, version=optimizer._state_version
+    )
     if not params or _native.load() is None:
-        return entry
+        return unfit
     if len({id(p) for p in params}) != len(params):
         # A parameter listed twice is updated twice in turn on the reference path; the kernel
         # would update both copies at once.
-        return entry
+        return unfit
     dtype = params[0].dtype
     allowed = _FLOATS + _HALVES if group.get("fused") else _FLOATS
     if dtype not in allowed or any(
         p.dtype != dtype or not p.is_cpu or type(p) not in (Tensor, torch.nn.Parameter)
         for p in params
     ):
-        return entry
+        return unfit
     vector_keys: list[str] = []
     scalar_keys: list[str] = []
     for key in type(optimizer).state_keys:
@@ -95,7 +90,7 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         if not found:
             continue
         if not all(isinstance(t, Tensor) for t in found):
-            return entry
+            return unfit
         (scalar_keys if found[0].dim() == 0 else vector_keys).append(key)
     empty = torch.empty(0, dtype=dtype)
 
@@ -105,11 +100,14 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
             for p in params
         ]
 
-    entry.vector_keys, entry.scalar_keys = vector_keys, scalar_keys
-    entry.plan = _native.load().Plan(
-        list(params), [column(k) for k in vector_keys], [column(k) for k in scalar_keys]
+    plan = _native.load().Plan(
+        list(params),
+        [column(k) for k in vector_keys],
+        [column(k) for k in scalar_keys],
+        optimizer.state,
+        optimizer._state_version,
     )
-    return entry
+    return _Entry(plan, vector_keys, scalar_keys)
 
 
 def _program(
@@ -134,35 +132,45 @@ def _program(
     return program
 
 
-def step(optimizer: Any, group: dict[str, Any]) -> bool:
-    """Run one step of ``group`` flat; False where this step must take another strategy."""
-    cache: dict[int, _Entry] = optimizer.__dict__.setdefault("_flat_entries", {})
-    entry = cache.get(id(group))
-    if entry is None or not entry.fresh(group, optimizer):
-        entry = cache[id(group)] = _build(optimizer, group)
-    if entry.plan is None:
+def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
+    """Load the program for the group's hyperparameters into its plan; False if none can run."""
+    hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
+    slots = _trace.slots(hyper)
+    program = None if slots is None else _program(optimizer, entry, hyper, slots)
+    if slots is None or program is None:
         return False
-    values = tuple(v for k, v in group.items() if k not in _NOT_HYPER)
-    if entry.last is not None and _same(entry.last[0], values):
-        program, numbers = entry.last[1], entry.last[2]
-    else:
-        hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
-        slots = _trace.slots(hyper)
-        found = None if slots is None else _program(optimizer, entry, hyper, slots)
-        if slots is None or found is None:
-            return False
-        program, numbers = found, torch.tensor(slots, dtype=torch.float64)
-        entry.last = (values, program, numbers)
-    done = entry.plan.step(
+    entry.plan.load(
+        group,
         program.vcode,
         program.scode,
-        numbers,
+        torch.tensor(slots, dtype=torch.float64),
         program.n_sregs,
         program.n_vregs,
         program.stored,
     )
-    if done != 0:
-        # This step cannot run flat; look at the group afresh next time.
-        del cache[id(group)]
-        return False
     return True
+
+
+def step(optimizer: Any, group: dict[str, Any]) -> bool:
+    """Run one step of ``group`` flat; False where this step must take another strategy."""
+    cache: dict[int, _Entry] = optimizer.__dict__.setdefault("_flat_entries", {})
+    entry = cache.get(id(group))
+    # The kernel checks that its plan still fits the group, so the usual step is one call.
+    for _ in range(3):
+        if entry is None:
+            entry = cache[id(group)] = _build(optimizer, group)
+        if entry.plan is None:
+            if entry.unchanged(group, optimizer):
+                return False
+            entry = None
+            continue
+        done = entry.plan.step(group, optimizer.state, optimizer._state_version)
+        if done == _DONE:
+            return True
+        if done == _STALE:
+            entry = None
+        elif done != _RELOAD or not _load(optimizer, entry, group):
+            break
+    # This step cannot run flat; look at the group afresh next time.
+    cache.pop(id(group), None)
+    return False
