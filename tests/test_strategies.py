@@ -283,3 +283,30 @@ def test_flat_keeps_running_when_equal_hyperparameters_are_new_objects(
     step_both(opt, ref, params, ref_params, 9, between=every_step)
     assert_same(params, ref_params)
     assert all(flat_steps[1:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_flat_follows_state_whose_storage_is_swapped_by_hand(
+    entry: Entry, flat_steps: list[bool]
+) -> None:
+    """``.data =`` on a state tensor gives it new memory, or a layout the kernel does not run:
+    the new memory is the one updated, and the odd tensor alone takes the reference path."""
+    params = make_params([(4, 3), (5,), (6,)])
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(entry.stateful))
+    ref = entry.reference(ref_params, **clone_kwargs(entry.stateful))
+    step_both(opt, ref, params, ref_params, 3)
+    for o, ps in ((opt, params), (ref, ref_params)):
+        for value in o.state[ps[0]].values():
+            if value.dim() > 0:
+                value.data = value.clone()
+        for value in o.state[ps[1]].values():
+            if value.dim() > 0:
+                value.data = torch.empty(2 * value.numel())[::2].copy_(value)  # strided
+    before = len(flat_steps)
+    step_both(opt, ref, params, ref_params, 3, seed=5)
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+    # A strided state tensor sends its group's step to the reference path.
+    assert not any(flat_steps[before:])
