@@ -378,8 +378,8 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         # GradScaler hands optimizers that unscale in their step (``fused=True``, as in torch)
         # the scale and the inf flag as attributes; a step with infs is skipped whole.
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        grad_scale: Tensor | None = self.__dict__.get("grad_scale")
+        found_inf: Tensor | None = self.__dict__.get("found_inf")
         if found_inf is not None and bool(found_inf.item()):
             return loss
         # The groups the flat kernel steps need neither autograd's mode nor the machinery below.

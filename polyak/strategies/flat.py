@@ -153,7 +153,9 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
 
 def step(optimizer: Any, group: dict[str, Any]) -> bool:
     """Run one step of ``group`` flat; False where this step must take another strategy."""
-    cache: dict[int, _Entry] = optimizer.__dict__.setdefault("_flat_entries", {})
+    cache: dict[int, _Entry] | None = optimizer.__dict__.get("_flat_entries")
+    if cache is None:
+        cache = optimizer.__dict__["_flat_entries"] = {}
     entry = cache.get(id(group))
     # The kernel checks that its plan still fits the group, so the usual step is one call.
     for _ in range(3):
