@@ -52,6 +52,13 @@ QUICK_SKIPS = ("gpt2",)
 #: The contender every other one is compared with.
 REFERENCE = "torch fused=True"
 
+#: The row that measures the memory bandwidth every other row's "% of bw" divides by: an in-place
+#: add moving the bytes of one step, timed in the same rounds.
+MEMORY = "in-place add, same bytes"
+
+#: The rows that run in every memory-limited batch, so that each batch has its own.
+IN_EVERY_BATCH = (REFERENCE, MEMORY)
+
 #: Hyperparameters of each benchmarked optimizer, as torch.optim spells them.
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 1e-3, "momentum": 0.9},
@@ -221,8 +228,9 @@ class Environment:
         torch_version: ``torch.__version__``.
         polyak_version: ``polyak.__version__``.
         threads: ``torch.get_num_threads()`` during the run.
-        bandwidth: measured in-place bandwidth in bytes per second, by operand size in MiB;
-            the first entry is the reference for the "% of bandwidth" column.
+        bandwidth: in-place bandwidth in bytes per second, measured on its own before the cases,
+            by operand size in MiB: context for the tables, whose "% of bw" column divides by
+            the bandwidth of the same bytes measured within each case (:data:`MEMORY`).
         peers: the import status of every peer library asked for.
         rounds: timed rounds per batch of contenders.
         warmup: warm-up steps per contender, the first of which is reported separately.
@@ -241,11 +249,6 @@ class Environment:
     skipped_cases: tuple[tuple[str, str], ...] = ()
     load_average: float | None = None
 
-    @property
-    def reference_bandwidth(self) -> float:
-        """The bandwidth, in bytes per second, that the "% of bandwidth" column divides by."""
-        return next(iter(self.bandwidth.values()))
-
 
 @dataclass
 class Row:
@@ -260,6 +263,8 @@ class Row:
         state_bytes: the bytes held by the optimizer's state tensors.
         batch: the index of the memory-limited batch the contender ran in.
         reference_median: the median step time of the reference in the same batch, or None.
+        memory_median: the median time of the same-bytes in-place add (:data:`MEMORY`) in the
+            same batch, or None.
         error: why the contender has no numbers, or None.
     """
 
@@ -270,6 +275,7 @@ class Row:
     state_bytes: int | None = None
     batch: int = 0
     reference_median: float | None = None
+    memory_median: float | None = None
     error: str | None = None
 
     @property
@@ -288,6 +294,14 @@ class Row:
         if self.reference_median is None or not self.ok:
             return None
         return self.reference_median / self.median
+
+    @property
+    def bandwidth_share(self) -> float | None:
+        """The share of the memory bandwidth measured in the same batch that the step reaches:
+        the same-bytes in-place add's time over this row's (1: as fast as memory allows)."""
+        if self.memory_median is None or not self.ok:
+            return None
+        return self.memory_median / self.median
 
 
 @dataclass(frozen=True)
@@ -468,7 +482,13 @@ def contenders_for(optimizer: str, peers: dict[str, PeerStatus] | None = None) -
     torch_cls = getattr(torch.optim, name)
     polyak_cls = getattr(polyak, name, None)
 
+    moved = TENSORS_MOVED[optimizer]
+
+    def in_place_add(params: list[Tensor]) -> Any:
+        return _InPlaceAdd(moved * sum(p.numel() * p.element_size() for p in params))
+
     contenders = [
+        Contender(MEMORY, in_place_add),
         Contender("torch foreach=False", _factory(torch_cls, **hyper, foreach=False)),
         Contender("torch foreach=True", _factory(torch_cls, **hyper, foreach=True)),
         Contender(REFERENCE, _factory(torch_cls, **hyper, fused=True)),
@@ -599,24 +619,44 @@ def _tensors(case: Case, seed: int) -> list[Tensor]:
 
 
 def plan_batches(labels: Sequence[str], per_contender: int, budget: int) -> list[list[str]]:
-    """Split contenders into batches that fit a memory budget, each holding the reference.
+    """Split contenders into batches that fit a memory budget, each holding the reference rows.
 
     Args:
-        labels: the contenders' labels, the reference among them or not.
+        labels: the contenders' labels, the rows of :data:`IN_EVERY_BATCH` among them or not.
         per_contender: the bytes one contender is expected to hold.
         budget: the bytes all contenders of a batch may hold together.
 
     Returns:
-        The batches, in order; every batch starts with the reference if it is in ``labels``.
+        The batches, in order; every batch starts with those of :data:`IN_EVERY_BATCH` that are
+        in ``labels``, in that order.
     """
-    has_reference = REFERENCE in labels
-    others = [label for label in labels if label != REFERENCE]
-    size = max(2, budget // max(per_contender, 1))
-    room = size - 1 if has_reference else size
+    kept = [label for label in IN_EVERY_BATCH if label in labels]
+    others = [label for label in labels if label not in IN_EVERY_BATCH]
+    size = max(len(kept) + 1, budget // max(per_contender, 1))
+    room = size - len(kept)
     batches = [others[i : i + room] for i in range(0, len(others), room)] or [[]]
-    if has_reference:
-        batches = [[REFERENCE, *batch] for batch in batches]
-    return batches
+    return [[*kept, *batch] for batch in batches]
+
+
+class _InPlaceAdd:
+    """Not an optimizer: ``a.add_(b, alpha=0.5)`` over operands sized so that one call reads and
+    writes the bytes one optimizer step moves.
+
+    Timed in the same rounds as the optimizers, with the same interleaving, it measures the
+    bandwidth the machine gives that much memory traffic in the same cache conditions, which a
+    separate measurement with operands of one size does not: a step whose data other contenders
+    have just evicted runs at memory speed, one run back to back partly from cache.
+    """
+
+    def __init__(self, bytes_moved: int) -> None:
+        numel = max(1, bytes_moved // (3 * 4))
+        self.a = torch.randn(numel)
+        self.b = torch.randn(numel)
+        self.state: dict[Any, Any] = {}
+        self.param_groups: list[dict[str, Any]] = []
+
+    def step(self) -> None:
+        self.a.add_(self.b, alpha=0.5)
 
 
 class _TooSlowError(Exception):
@@ -699,7 +739,7 @@ def bench_case(
         if progress is not None:
             where = f" (batch {index + 1}/{len(batches)})" if len(batches) > 1 else ""
             progress(f"{optimizer} / {case.name}{where}: {len(batch)} contenders")
-        reference_times = _run_batch(
+        kept_times = _run_batch(
             [(rows[label], makers[label]) for label in batch],
             case,
             rounds=rounds,
@@ -709,13 +749,16 @@ def bench_case(
             batch=index,
             keep_first=index == 0,
         )
-        if reference_times:
-            reference_median = statistics.median(reference_times)
-            for label in batch:
-                if label != REFERENCE:
-                    rows[label].reference_median = reference_median
+        medians = {label: statistics.median(times) for label, times in kept_times.items()}
+        for label in batch:
+            if label != REFERENCE and REFERENCE in medians:
+                rows[label].reference_median = medians[REFERENCE]
+            if label != MEMORY and MEMORY in medians:
+                rows[label].memory_median = medians[MEMORY]
     if REFERENCE in rows and rows[REFERENCE].ok:
         rows[REFERENCE].reference_median = rows[REFERENCE].median
+    if MEMORY in rows and rows[MEMORY].ok:
+        rows[MEMORY].memory_median = rows[MEMORY].median
     return CaseResult(
         optimizer=optimizer,
         case=case,
@@ -737,11 +780,11 @@ def _run_batch(
     seed: int,
     batch: int,
     keep_first: bool,
-) -> list[float]:
+) -> dict[str, list[float]]:
     """Set up, warm up, profile and time one batch of contenders; fill in their rows.
 
     Returns:
-        The reference's step times in this batch, or an empty list if it did not run in it.
+        The step times in this batch of the rows of :data:`IN_EVERY_BATCH` that ran in it.
     """
     live: list[tuple[Row, _Live]] = []
     for row, make in members:
@@ -787,14 +830,14 @@ def _run_batch(
         if gc_was_enabled:
             gc.enable()
 
-    reference_times: list[float] = []
+    kept_times: dict[str, list[float]] = {}
     for row, contender in live:
         fresh = contender.row
         if fresh.error is not None:
             row.error = fresh.error
             continue
-        if row.label == REFERENCE:
-            reference_times = list(fresh.times)
+        if row.label in IN_EVERY_BATCH:
+            kept_times[row.label] = list(fresh.times)
         row.times += fresh.times
         if keep_first or row.first_step is None:
             row.first_step = fresh.first_step
@@ -803,7 +846,7 @@ def _run_batch(
             row.batch = batch
     live.clear()
     gc.collect()
-    return reference_times
+    return kept_times
 
 
 def _load_average() -> float | None:
@@ -977,12 +1020,13 @@ COLUMNS = (
 )
 
 
-def _cells(result: CaseResult, row: Row, bandwidth: float) -> list[str]:
+def _cells(result: CaseResult, row: Row) -> list[str]:
     """The table cells of one row."""
     if not row.ok:
         return [row.label, *(["n/a"] * (len(COLUMNS) - 1))]
     rate = result.bytes_moved / row.median
     speedup = row.speedup
+    bandwidth_share = row.bandwidth_share
     if row.peak_extra_bytes is None:
         peak = "n/a"
     else:
@@ -993,7 +1037,7 @@ def _cells(result: CaseResult, row: Row, bandwidth: float) -> list[str]:
         row.label,
         _format_ms(row.median),
         f"{rate / 1e9:.1f}",
-        f"{rate / bandwidth:.0%}",
+        "n/a" if bandwidth_share is None else f"{bandwidth_share:.0%}",
         "n/a" if speedup is None else f"{speedup:.2f}",
         peak,
         "n/a" if row.state_bytes is None else f"{row.state_bytes / _MIB:.1f}",
@@ -1001,12 +1045,11 @@ def _cells(result: CaseResult, row: Row, bandwidth: float) -> list[str]:
     ]
 
 
-def format_case(result: CaseResult, environment: Environment, *, markdown: bool = False) -> str:
+def format_case(result: CaseResult, *, markdown: bool = False) -> str:
     """Render one (optimizer, case) result as a table with a title and notes.
 
     Args:
         result: what :func:`bench_case` returned.
-        environment: the run's environment, for the reference bandwidth.
         markdown: render a Markdown table instead of aligned plain text.
 
     Returns:
@@ -1020,13 +1063,11 @@ def format_case(result: CaseResult, environment: Environment, *, markdown: bool 
         + f"; a step moves {result.bytes_moved / 1e6:.1f} MB "
         f"({TENSORS_MOVED[result.optimizer]} x 4 B x numel)"
     )
-    table = [list(COLUMNS)] + [
-        _cells(result, row, environment.reference_bandwidth) for row in result.rows
-    ]
+    table = [list(COLUMNS)] + [_cells(result, row) for row in result.rows]
     unavailable = [f"{row.label}: {row.error}" for row in result.rows if row.error is not None]
     batch_note = (
-        f"ran in {result.batches} memory-limited batches, each with {REFERENCE}; "
-        "ratios compare with the reference of the same batch"
+        f"ran in {result.batches} memory-limited batches, each with {REFERENCE} and "
+        f"{MEMORY}; ratios and shares compare with those of the same batch"
         if result.batches > 1
         else None
     )
@@ -1067,8 +1108,8 @@ def format_environment(environment: Environment, *, markdown: bool = False) -> s
         The text, without a trailing newline.
     """
     bandwidth = ", ".join(
-        f"{rate / 1e9:.1f} GB/s with {mib} MiB operands" + (" (reference)" if i == 0 else "")
-        for i, (mib, rate) in enumerate(environment.bandwidth.items())
+        f"{rate / 1e9:.1f} GB/s with {mib} MiB operands"
+        for mib, rate in environment.bandwidth.items()
     )
     peers = []
     for peer in environment.peers:
@@ -1085,7 +1126,10 @@ def format_environment(environment: Environment, *, markdown: bool = False) -> s
             else f", load average {environment.load_average:.2f} at the start "
             f"(a busy run adds about {environment.threads})"
         ),
-        f"in-place bandwidth (a.add_(b, alpha=0.5), 3 x operand size moved): {bandwidth}",
+        f"in-place bandwidth measured on its own (a.add_(b, alpha=0.5), 3 x operand size "
+        f"moved, back to back): {bandwidth}",
+        f"% of bw: the share of the bandwidth of the row {MEMORY!r}, an in-place add moving "
+        "the bytes of one step, timed in the same rounds and so in the same cache conditions",
         f"peers: {', '.join(peers) if peers else 'none'}",
         f"{environment.warmup} warm-up steps per contender, then {environment.rounds} "
         "interleaved rounds; times are medians",
@@ -1107,5 +1151,5 @@ def format_result(result: BenchResult, *, markdown: bool = False) -> str:
         The text, without a trailing newline.
     """
     parts = [format_environment(result.environment, markdown=markdown)]
-    parts += [format_case(c, result.environment, markdown=markdown) for c in result.cases]
+    parts += [format_case(c, markdown=markdown) for c in result.cases]
     return "\n\n".join(parts)

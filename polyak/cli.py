@@ -180,7 +180,6 @@ def _run_bench(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"polyak bench: {line}", file=sys.stderr, flush=True)
 
-    environment: bench.Environment | None = None
     for item in bench.iter_benchmark(
         args.optimizers,
         args.cases,
@@ -194,10 +193,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     ):
         if isinstance(item, bench.Environment):
             text = bench.format_environment(item, markdown=args.markdown)
-            environment = item
         else:
-            assert environment is not None, "the environment comes first"
-            text = bench.format_case(item, environment, markdown=args.markdown)
+            text = bench.format_case(item, markdown=args.markdown)
         print(text + "\n", flush=True)
     return 0
 

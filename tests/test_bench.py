@@ -14,7 +14,7 @@ from polyak.cli import main
 TINY = bench.Case("tiny", ((64,), (8, 8), (3, 2, 2, 2)), "three small tensors")
 ROUNDS = 3
 
-TORCH_LABELS = ["torch foreach=False", "torch foreach=True", bench.REFERENCE]
+TORCH_LABELS = [bench.MEMORY, "torch foreach=False", "torch foreach=True", bench.REFERENCE]
 POLYAK_LABELS = [
     "polyak (default)",
     "polyak foreach=False",
@@ -39,7 +39,7 @@ def test_environment(result: bench.BenchResult) -> None:
     environment = result.environment
     assert environment.torch_version == torch.__version__
     assert environment.threads == bench.DEFAULT_THREADS
-    assert environment.reference_bandwidth > 0
+    assert environment.bandwidth and all(rate > 0 for rate in environment.bandwidth.values())
     assert environment.peers == ()
     assert environment.rounds == ROUNDS
 
@@ -69,9 +69,12 @@ def test_contenders_and_numbers(result: bench.BenchResult, index: int) -> None:
         assert row.first_step is not None and row.first_step > 0
         assert row.speedup is not None and row.speedup > 0
         assert row.peak_extra_bytes is not None and row.peak_extra_bytes >= 0
+        assert row.bandwidth_share is not None and row.bandwidth_share > 0
         assert row.state_bytes is not None
-        assert row.state_bytes >= bench.STATE_TENSORS[case.optimizer] * 4 * TINY.numel
+        if row.label != bench.MEMORY:
+            assert row.state_bytes >= bench.STATE_TENSORS[case.optimizer] * 4 * TINY.numel
     assert case.row(bench.REFERENCE).speedup == 1.0
+    assert case.row(bench.MEMORY).bandwidth_share == 1.0
 
 
 def test_format(result: bench.BenchResult) -> None:
@@ -80,6 +83,8 @@ def test_format(result: bench.BenchResult) -> None:
         assert label in text
     for column in bench.COLUMNS:
         assert column in text
+    memory_line = next(line for line in text.splitlines() if line.startswith(bench.MEMORY))
+    assert " 100% " in memory_line
     markdown = bench.format_result(result, markdown=True)
     assert "| contender | median ms |" in markdown
     assert "#### adamw / tiny" in markdown
@@ -95,15 +100,16 @@ def test_builtin_cases() -> None:
     assert bench.CASES["gpt2"].numel == 124_439_808
 
 
-def test_batches_keep_the_reference() -> None:
-    labels = ["a", bench.REFERENCE, "b", "c", "d", "e"]
-    batches = bench.plan_batches(labels, per_contender=10, budget=30)
-    assert all(batch[0] == bench.REFERENCE for batch in batches)
-    assert sorted(label for batch in batches for label in batch[1:]) == ["a", "b", "c", "d", "e"]
-    assert all(len(batch) <= 3 for batch in batches)
+def test_batches_keep_the_reference_rows() -> None:
+    labels = ["a", bench.REFERENCE, "b", "c", bench.MEMORY, "d", "e"]
+    batches = bench.plan_batches(labels, per_contender=10, budget=40)
+    assert all(batch[:2] == [bench.REFERENCE, bench.MEMORY] for batch in batches)
+    assert sorted(label for batch in batches for label in batch[2:]) == ["a", "b", "c", "d", "e"]
+    assert all(len(batch) <= 4 for batch in batches)
     assert bench.plan_batches(labels, per_contender=1, budget=100) == [
-        [bench.REFERENCE, "a", "b", "c", "d", "e"]
+        [bench.REFERENCE, bench.MEMORY, "a", "b", "c", "d", "e"]
     ]
+    assert bench.plan_batches(["a", "b"], per_contender=10, budget=10) == [["a"], ["b"]]
 
 
 def test_memory_batches_compare_within_batch() -> None:
@@ -117,9 +123,11 @@ def test_memory_batches_compare_within_batch() -> None:
         memory_budget=3 * per_contender,
     )
     assert case.batches > 1
-    assert case.row(bench.REFERENCE).ok
-    assert len(case.row(bench.REFERENCE).times) == 2 * case.batches
+    for label in bench.IN_EVERY_BATCH:
+        assert case.row(label).ok
+        assert len(case.row(label).times) == 2 * case.batches
     assert all(row.speedup is not None for row in case.rows if row.ok)
+    assert all(row.bandwidth_share is not None for row in case.rows if row.ok)
 
 
 def test_a_failing_contender_is_reported() -> None:
@@ -127,7 +135,7 @@ def test_a_failing_contender_is_reported() -> None:
         raise RuntimeError("cannot run here")
 
     contenders = [
-        *bench.contenders_for("sgd")[:3],
+        *bench.contenders_for("sgd")[:4],
         bench.Contender("broken", broken),
         bench.Contender("missing", None, "not installed"),
     ]
@@ -135,8 +143,7 @@ def test_a_failing_contender_is_reported() -> None:
     assert case.row("broken").error == "RuntimeError: cannot run here"
     assert case.row("missing").error == "not installed"
     assert case.row(bench.REFERENCE).ok
-    environment = bench.Environment("torch", "polyak", 1, {64: 1e9}, (), rounds=2, warmup=1)
-    text = bench.format_case(case, environment)
+    text = bench.format_case(case)
     assert "n/a broken: RuntimeError: cannot run here" in text
 
 
@@ -150,7 +157,7 @@ class _Sleepy(torch.optim.Optimizer):
 
 def test_slow_and_too_many_tensors_are_left_out() -> None:
     contenders = [
-        *bench.contenders_for("sgd")[:3],
+        *bench.contenders_for("sgd")[:4],
         bench.Contender("sleepy", _Sleepy),
         bench.Contender("few", bench.contenders_for("sgd")[0].make, None, 1, "a reason"),
     ]
