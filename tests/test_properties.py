@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 from conftest import assert_same, clone_kwargs, make_params, set_grads, twin
 from hypothesis import HealthCheck, assume, given, settings
@@ -154,9 +155,21 @@ def test_corrupt_state_dict_loads_or_changes_nothing(case: Any, data: st.DataObj
         del parent[path[-1]]
     else:
         parent[path[-1]] = data.draw(_VALUES)
+    saved = copy.deepcopy(sd)
     try:
         opt.load_state_dict(sd)
     except (ValueError, TypeError, KeyError):
         assert_same(_snapshot(opt), before)
-    # Whatever happened, the optimizer still steps.
-    _steps(opt, params, 1, seed=3)
+    # Whatever happened, the optimizer still steps, or fails as torch.optim fails with the same
+    # state dict (both take a flag such as capturable=True at load and refuse it at the step).
+    try:
+        _steps(opt, params, 1, seed=3)
+    except Exception as error:
+        ref_params = twin(params)
+        ref = entry.reference(
+            [{"params": ref_params[:2]}, {"params": ref_params[2:], "lr": 0.3}],
+            **clone_kwargs(config),
+        )
+        with pytest.raises(type(error)):
+            ref.load_state_dict(saved)
+            _steps(ref, ref_params, 1, seed=3)

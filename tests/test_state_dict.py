@@ -250,3 +250,19 @@ def test_keys_added_by_a_scheduler_are_not_required(entry: Entry) -> None:
         {k: v for k, v in resumed.param_groups[0].items() if k != "params"},
         {k: v for k, v in ref_resumed.param_groups[0].items() if k != "params"},
     )
+
+
+@pytest.mark.parametrize(
+    "value", [-1, -2.5, float("nan"), torch.tensor(-1.0), torch.tensor(float("inf"))]
+)
+def test_a_step_counter_that_no_training_makes_is_rejected(value: Any) -> None:
+    """torch.optim loads a negative or non-finite step and fails in ``step()`` (a division by
+    zero, a complex power); polyak refuses it at load and keeps its state."""
+    entry = next(e for e in REGISTRY if e.cls is polyak.Adam)
+    opt, _, _, _ = _trained(entry, entry.stateful)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][next(iter(bad["state"]))]["step"] = value
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="step"):
+        opt.load_state_dict(bad)
+    assert_same(_snapshot(opt), before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -135,8 +136,17 @@ class Adam(Optimizer):
                     self.upgrade_state(entry, group, p)
 
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
-        """Checkpoints of old torch versions kept the step as a Python number."""
+        """Checkpoints of old torch versions kept the step as a Python number.
+
+        Raises:
+            ValueError: the step is negative or not finite, which no training makes; torch.optim
+                loads it and fails in ``step()``.
+        """
         step = entry.get("step")
+        if isinstance(step, (int, float)) or (torch.is_tensor(step) and step.numel() == 1):
+            value = float(step)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"Invalid step {value}: a step count is a finite number >= 0")
         if step is not None and not torch.is_tensor(step):
             on_device = group["capturable"] or group["fused"]
             entry["step"] = torch.tensor(
