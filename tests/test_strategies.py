@@ -310,3 +310,38 @@ def test_flat_follows_state_whose_storage_is_swapped_by_hand(
     assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
     # A strided state tensor sends its group's step to the reference path.
     assert not any(flat_steps[before:])
+
+
+@needs_kernel
+def test_new_numbers_from_a_scheduler_are_taken_by_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OneCycleLR changes lr and betas every step: while the program's branches stay the same,
+    the kernel takes the new numbers itself, and a branch that flips loads a new program."""
+    loads: list[int] = []  # the step count at each load
+    real = flat._load
+
+    def spy(optimizer: Any, entry: Any, group: dict[str, Any]) -> bool:
+        loads.append(optimizer._step_count)
+        return real(optimizer, entry, group)
+
+    monkeypatch.setattr(flat, "_load", spy)
+    params = make_params()
+    ref_params = twin(params)
+    opt = polyak.AdamW(params, lr=0.1, weight_decay=0.0)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, weight_decay=0.0)
+    scheds = [
+        torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20) for o in (opt, ref)
+    ]
+
+    def every_step(i: int) -> None:
+        for sched in scheds:
+            sched.step()
+        if i == 8:
+            for o in (opt, ref):
+                o.param_groups[0]["weight_decay"] = 0.01  # a branch of the rule flips
+
+    step_both(opt, ref, params, ref_params, 12, between=every_step)
+    assert_same(params, ref_params)
+    # The first step creates the state, the second loads a program, the tenth another one.
+    assert loads == [0, 1, 9]

@@ -49,10 +49,17 @@ class Program:
     n_vregs: int
     stored: list[int]
     guards: list[tuple[int, Callable[[Any], Any], Any]]
+    #: The guards as the kernel tests them, ``(slot, comparison, number, expected)`` with the
+    #: comparisons of :data:`GUARD_OPS`; None where one compares with something not a number.
+    checks: list[tuple[int, int, float, bool]] | None = None
 
     def holds(self, slots: list[float]) -> bool:
         """Whether the branches taken while tracing are taken with these hyperparameters."""
         return all(test(slots[slot]) == expected for slot, test, expected in self.guards)
+
+
+#: The comparisons a guard can make, numbered as the kernel numbers them.
+GUARD_OPS = ("==", "!=", "<", "<=", ">", ">=", "bool")
 
 
 @dataclass
@@ -62,6 +69,7 @@ class _Tracer:
     vcode: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     scode: list[tuple[int, int, int, int]] = field(default_factory=list)
     guards: list[tuple[int, Callable[[Any], Any], Any]] = field(default_factory=list)
+    checks: list[tuple[int, int, float, bool]] | None = field(default_factory=list)
     stored: set[int] = field(default_factory=set)
     consts: dict[float, int] = field(default_factory=dict)
     n_sregs: int = 0
@@ -156,33 +164,39 @@ class Scalar:
         self.tracer.scode.append((S_NEG, reg, self.reg, 0))
         return Scalar(self.tracer, reg, -self.value, None)
 
-    def _guard(self, test: Callable[[Any], Any]) -> Any:
+    def _guard(self, test: Callable[[Any], Any], op: str, other: Any = 0.0) -> Any:
         if self.slot is None:
             raise TraceError("a branch on a computed scalar")
         result = test(self.value)
-        self.tracer.guards.append((self.slot, test, result))
+        tracer = self.tracer
+        tracer.guards.append((self.slot, test, result))
+        number = isinstance(other, (int, float)) and not isinstance(other, bool)
+        if tracer.checks is not None and number:
+            tracer.checks.append((self.slot, GUARD_OPS.index(op), float(other), bool(result)))
+        else:
+            tracer.checks = None
         return result
 
     def __eq__(self, o: object) -> bool:  # type: ignore[override]
-        return bool(self._guard(lambda v: v == o))
+        return bool(self._guard(lambda v: v == o, "==", o))
 
     def __ne__(self, o: object) -> bool:  # type: ignore[override]
-        return bool(self._guard(lambda v: v != o))
+        return bool(self._guard(lambda v: v != o, "!=", o))
 
     def __lt__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v < o))
+        return bool(self._guard(lambda v: v < o, "<", o))
 
     def __le__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v <= o))
+        return bool(self._guard(lambda v: v <= o, "<=", o))
 
     def __gt__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v > o))
+        return bool(self._guard(lambda v: v > o, ">", o))
 
     def __ge__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v >= o))
+        return bool(self._guard(lambda v: v >= o, ">=", o))
 
     def __bool__(self) -> bool:
-        return bool(self._guard(bool))
+        return bool(self._guard(bool, "bool"))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -299,13 +313,14 @@ def trace(
 
     Args:
         update: the algorithm's update rule.
-        hyper: the group's hyperparameters, numbers already flattened by :func:`slots`.
+        hyper: the group's hyperparameters; their numbers become the slots of :func:`split`.
         vector_keys: state keys holding param-shaped tensors, in the kernel's order.
         scalar_keys: state keys holding 0-dim tensors, in the kernel's order.
     """
-    numbers = slots(hyper)
-    if numbers is None:
+    parts = split(hyper)
+    if parts is None:
         raise TraceError("a hyperparameter the flat kernel cannot take")
+    numbers = parts[0]
     tracer = _Tracer(len(vector_keys), numbers)
     index = iter(range(len(numbers)))
 
@@ -336,34 +351,27 @@ def trace(
         n_vregs=tracer.n_vregs,
         stored=sorted(tracer.stored),
         guards=tracer.guards,
+        checks=tracer.checks,
     )
 
 
-def slots(hyper: dict[str, Any]) -> list[float] | None:
-    """The numeric hyperparameters, flattened in order; None if one cannot be taken."""
-    out: list[float] = []
-
-    def add(value: Any) -> bool:
-        if isinstance(value, tuple):
-            return all(add(v) for v in value)
-        if isinstance(value, bool) or value is None or isinstance(value, str):
-            return True
-        if isinstance(value, (int, float)):
-            out.append(float(value))
-            return True
-        return False
-
-    return out if all(add(v) for v in hyper.values()) else None
-
-
-def structure(hyper: dict[str, Any]) -> tuple[Any, ...]:
-    """The non-numeric part of the hyperparameters, which selects among traced programs."""
+def split(hyper: dict[str, Any]) -> tuple[list[float], tuple[Any, ...]] | None:
+    """Split the hyperparameters into their numbers, flattened in order (a program's slots),
+    and the rest, which selects among traced programs; None if a value can be neither."""
+    numbers: list[float] = []
 
     def shape(value: Any) -> Any:
         if isinstance(value, tuple):
             return tuple(shape(v) for v in value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)):
+            numbers.append(float(value))
             return float
-        return value
+        raise TypeError
 
-    return tuple((key, shape(value)) for key, value in hyper.items())
+    try:
+        rest = tuple((key, shape(value)) for key, value in hyper.items())
+    except TypeError:
+        return None
+    return numbers, rest

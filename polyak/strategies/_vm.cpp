@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -159,7 +160,8 @@ struct Plan {
   std::vector<double> sregs;     // [i][register]: each tensor's scalar registers
   // The program to run (see _trace.py): vector and scalar code, the hyperparameter registers'
   // values, the scalar register count, and the bound registers the vector code writes.
-  at::Tensor vcode, scode, hyper;
+  at::Tensor vcode, scode;
+  std::vector<double> hyper;
   int64_t n_sregs = 0;
   std::vector<int64_t> stored;
   // What the plan was made for: the optimizer's state dict and its version, and the group's
@@ -168,6 +170,14 @@ struct Plan {
   int64_t version = 0;
   std::vector<std::pair<pybind11::object, pybind11::object>> hyper_items;
   Py_ssize_t group_size = -1;
+  // The program's guards: (slot, comparison, number, expected); see _trace.GUARD_OPS. Without
+  // them (a guard compares with something not a number) new numbers go through Python.
+  struct Guard {
+    int64_t slot, op;
+    double number;
+    bool expected;
+  };
+  std::optional<std::vector<Guard>> guards;
 };
 
 // Return codes of step().
@@ -209,11 +219,11 @@ void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r
   const int64_t* sc = plan.scode.data_ptr<int64_t>();
   const int64_t n_scode = plan.scode.size(0);
   const double* simm = reinterpret_cast<const double*>(sc);  // imm bits travel as int64
-  const double* hp = plan.hyper.data_ptr<double>();
+  const std::vector<double>& hp = plan.hyper;
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
   const uint8_t* is_double = plan.sdouble.data() + i * ns;
   std::copy(in, in + ns, cur);
-  std::copy(hp, hp + plan.hyper.numel(), r);
+  std::copy(hp.begin(), hp.end(), r);
   for (int64_t k = 0; k < n_scode; ++k) {
     const int64_t* ins = sc + 4 * k;
     switch (ins[0]) {
@@ -479,12 +489,83 @@ bool same_value(PyObject* a, PyObject* b) {
   return false;
 }
 
+// Appends the numbers of a hyperparameter value to ``out`` as _trace.split does, where ``now``
+// has the structure of ``before`` (the same flags, strings and tuple lengths, numbers where it
+// had numbers); returns false otherwise.
+bool renumber(PyObject* now, PyObject* before, std::vector<double>& out) {
+  const bool was_number = (PyFloat_Check(before) || PyLong_Check(before)) && !PyBool_Check(before);
+  if (was_number) {
+    if (PyBool_Check(now) || !(PyFloat_CheckExact(now) || PyLong_CheckExact(now))) return false;
+    const double v = PyFloat_CheckExact(now) ? PyFloat_AS_DOUBLE(now) : PyLong_AsDouble(now);
+    if (v == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    out.push_back(v);
+    return true;
+  }
+  if (PyTuple_CheckExact(before)) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(before);
+    if (!PyTuple_CheckExact(now) || PyTuple_GET_SIZE(now) != n) return false;
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      if (!renumber(PyTuple_GET_ITEM(now, k), PyTuple_GET_ITEM(before, k), out)) return false;
+    }
+    return true;
+  }
+  return same_value(now, before);
+}
+
+bool guards_hold(const std::vector<Plan::Guard>& guards, const std::vector<double>& numbers) {
+  for (const auto& g : guards) {
+    const double v = numbers[g.slot];
+    bool result = false;
+    switch (g.op) {
+      case 0: result = v == g.number; break;
+      case 1: result = v != g.number; break;
+      case 2: result = v < g.number; break;
+      case 3: result = v <= g.number; break;
+      case 4: result = v > g.number; break;
+      case 5: result = v >= g.number; break;
+      case 6: result = v != 0.0; break;
+      default: return false;
+    }
+    if (result != g.expected) return false;
+  }
+  return true;
+}
+
+// Whether the group's hyperparameters are those the plan's numbers were loaded from; where only
+// numbers changed (as schedulers change them) and the program's guards hold for the new ones,
+// they are taken in place.
+bool same_hyperparameters(Plan& plan, PyObject* group) {
+  if (PyDict_Size(group) != plan.group_size) return false;
+  size_t changed = 0;
+  for (const auto& [key, value] : plan.hyper_items) {
+    PyObject* now = PyDict_GetItem(group, key.ptr());
+    if (now == nullptr) return false;
+    changed += !same_value(now, value.ptr());
+  }
+  if (changed == 0) return true;
+  if (!plan.guards) return false;
+  std::vector<double> numbers;
+  numbers.reserve(plan.hyper.size());
+  for (const auto& [key, value] : plan.hyper_items) {
+    if (!renumber(PyDict_GetItem(group, key.ptr()), value.ptr(), numbers)) return false;
+  }
+  if (numbers.size() != plan.hyper.size() || !guards_hold(*plan.guards, numbers)) return false;
+  for (auto& [key, value] : plan.hyper_items) {
+    value = pybind11::reinterpret_borrow<pybind11::object>(PyDict_GetItem(group, key.ptr()));
+  }
+  plan.hyper = std::move(numbers);
+  return true;
+}
+
 // Runs one step of the group ``group`` (a param_groups dict) with the program last loaded.
 // Everything the plan was made for is checked first, without touching the parameters, which
 // in a training loop are seldom in cache: the group's list must hold the plan's parameters
 // (a parameter replaced there, as model surgery does, must be the one updated), the
 // optimizer's state must be the same dict at the same version, and the hyperparameters the
-// values the program was loaded for.
+// values the program was loaded for, or new numbers its guards hold for.
 int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t version) {
   if (state.ptr() != plan.state.ptr() || version != plan.version) return kStale;
   PyObject* params = PyDict_GetItemString(group.ptr(), "params");
@@ -496,11 +577,7 @@ int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t v
   for (size_t i = 0; i < plan.owners.size(); ++i) {
     if (items[i] != plan.owners[i].ptr()) return kStale;
   }
-  if (!plan.vcode.defined() || PyDict_Size(group.ptr()) != plan.group_size) return kReload;
-  for (const auto& [key, value] : plan.hyper_items) {
-    PyObject* now = PyDict_GetItem(group.ptr(), key.ptr());
-    if (now == nullptr || !same_value(now, value.ptr())) return kReload;
-  }
+  if (!plan.vcode.defined() || !same_hyperparameters(plan, group.ptr())) return kReload;
   pybind11::gil_scoped_release released;
   switch (plan.dtype) {
     case at::kFloat: return step_typed<float, float>(plan);
@@ -530,10 +607,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         plan.sstate = std::move(sstate);
         return plan;
       }))
-      .def("load",
-           [](Plan& plan, pybind11::dict group, at::Tensor vcode, at::Tensor scode,
-              at::Tensor hyper, int64_t n_sregs, int64_t n_vregs, std::vector<int64_t> stored) {
+      .def("load_program",
+           [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
+              std::vector<int64_t> stored,
+              std::optional<std::vector<std::tuple<int64_t, int64_t, double, bool>>> checks) {
              TORCH_CHECK(n_vregs <= kMaxRegs, "update rule needs too many registers");
+             plan.guards.reset();
+             if (checks) {
+               plan.guards.emplace();
+               for (const auto& [slot, op, number, expected] : *checks)
+                 plan.guards->push_back({slot, op, number, expected});
+             }
+             plan.vcode = std::move(vcode);
+             plan.scode = std::move(scode);
+             plan.n_sregs = n_sregs;
+             plan.stored = std::move(stored);
+           })
+      .def("load_numbers",
+           [](Plan& plan, pybind11::dict group, std::vector<double> numbers) {
              plan.hyper_items.clear();
              for (auto [key, value] : group) {
                const auto name = pybind11::str(key).cast<std::string>();
@@ -542,11 +633,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                              pybind11::reinterpret_borrow<pybind11::object>(value));
              }
              plan.group_size = PyDict_Size(group.ptr());
-             plan.vcode = std::move(vcode);
-             plan.scode = std::move(scode);
-             plan.hyper = std::move(hyper);
-             plan.n_sregs = n_sregs;
-             plan.stored = std::move(stored);
+             plan.hyper = std::move(numbers);
            })
       .def("step", &step);
 }

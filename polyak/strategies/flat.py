@@ -39,6 +39,8 @@ class _Entry:
     plan: Any
     vector_keys: list[str] = field(default_factory=list)
     scalar_keys: list[str] = field(default_factory=list)
+    #: The program loaded into the plan, with the hyperparameters' structure it was made for.
+    loaded: tuple[tuple[Any, ...], _trace.Program] | None = field(default=None, repr=False)
     #: Without a plan: what the group held when it was found unfit, to see when it changes.
     params: tuple[Tensor, ...] = field(default=(), repr=False)
     state: Any = field(default=None, repr=False)
@@ -111,10 +113,14 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
 
 
 def _program(
-    optimizer: Any, entry: _Entry, hyper: dict[str, Any], numbers: list[float]
+    optimizer: Any,
+    entry: _Entry,
+    hyper: dict[str, Any],
+    numbers: list[float],
+    structure: tuple[Any, ...],
 ) -> _trace.Program | None:
     update = type(optimizer).update
-    key = (update, tuple(entry.vector_keys), tuple(entry.scalar_keys), _trace.structure(hyper))
+    key = (update, tuple(entry.vector_keys), tuple(entry.scalar_keys), structure)
     traced = _programs.setdefault(key, [])
     if traced is None:
         return None
@@ -133,21 +139,29 @@ def _program(
 
 
 def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
-    """Load the program for the group's hyperparameters into its plan; False if none can run."""
+    """Load the group's hyperparameters into its plan, and the program for them where the one
+    loaded does not serve them; False if no program can run them."""
     hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
-    slots = _trace.slots(hyper)
-    program = None if slots is None else _program(optimizer, entry, hyper, slots)
-    if slots is None or program is None:
+    parts = _trace.split(hyper)
+    if parts is None:
         return False
-    entry.plan.load(
-        group,
-        program.vcode,
-        program.scode,
-        torch.tensor(slots, dtype=torch.float64),
-        program.n_sregs,
-        program.n_vregs,
-        program.stored,
-    )
+    numbers, structure = parts
+    # A scheduler changes numbers every step; the program usually still holds for them.
+    loaded = entry.loaded
+    if loaded is None or loaded[0] != structure or not loaded[1].holds(numbers):
+        program = _program(optimizer, entry, hyper, numbers, structure)
+        if program is None:
+            return False
+        entry.plan.load_program(
+            program.vcode,
+            program.scode,
+            program.n_sregs,
+            program.n_vregs,
+            program.stored,
+            program.checks,
+        )
+        entry.loaded = (structure, program)
+    entry.plan.load_numbers(group, numbers)
     return True
 
 
