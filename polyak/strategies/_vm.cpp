@@ -248,7 +248,6 @@ void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r
 // so the loop runs as a pipeline that asks for each tensor's objects a few tensors ahead of
 // where it reads them (the tensor, then its storage and autograd record, then its gradient,
 // then the gradient's storage): their latencies overlap.
-template <typename S>
 bool check_group(Plan& plan) {
   const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
@@ -363,7 +362,7 @@ inline void store_scalar(void* at, bool is_double, double v) {
 
 template <typename S, typename T>
 int64_t step_typed(Plan& plan) {
-  if (!check_group<S>(plan)) return kFallback;
+  if (!check_group(plan)) return kFallback;
   const at::Tensor& vcode = plan.vcode;
   const int64_t n_sregs = plan.n_sregs;
   const std::vector<int64_t>& stored = plan.stored;
