@@ -430,6 +430,14 @@ class Optimizer(torch.optim.Optimizer):
                     entry[key] = value
                     self._state_version += 1
 
+    @staticmethod
+    def check_hyperparameters(group: Mapping[str, Any]) -> None:
+        """Raise the constructor's error for hyperparameter values it refuses.
+
+        The constructor checks its arguments with it, and ``load_state_dict`` checks every
+        loaded group, so that a checkpoint cannot bring in values no constructor takes.
+        """
+
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
         """Bring one parameter's state from an older format to the current one, in place."""
 
@@ -612,6 +620,7 @@ class Optimizer(torch.optim.Optimizer):
         for key, value in new_group.items():
             if key in group and key not in ("params", "param_names"):
                 _checks.check_same_kind(f"param_groups[{i}][{key!r}]", group[key], value)
+        self.check_hyperparameters(new_group)
         new_group["params"] = group["params"]
         if "param_names" in group and "param_names" not in new_group:
             new_group["param_names"] = group["param_names"]

@@ -266,3 +266,34 @@ def test_a_step_counter_that_no_training_makes_is_rejected(value: Any) -> None:
     with pytest.raises(ValueError, match="step"):
         opt.load_state_dict(bad)
     assert_same(_snapshot(opt), before)
+
+
+_REFUSED_VALUES = [
+    (polyak.SGD, {"lr": -0.1}),
+    (polyak.SGD, {"momentum": -0.5}),
+    (polyak.SGD, {"nesterov": True, "momentum": 0.0}),
+    (polyak.Adam, {"betas": [1, 2]}),
+    (polyak.Adam, {"eps": -1.0}),
+    (polyak.AdamW, {"weight_decay": -0.1}),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "values"), _REFUSED_VALUES, ids=[f"{c.__name__}-{v}" for c, v in _REFUSED_VALUES]
+)
+def test_hyperparameters_no_constructor_takes_are_refused_at_load(
+    cls: type[polyak.Optimizer], values: dict[str, Any]
+) -> None:
+    """torch.optim loads them and fails, or computes nonsense, in ``step()``; polyak raises the
+    constructor's error at load and keeps its state."""
+    entry = next(e for e in REGISTRY if e.cls is cls)
+    opt, _, _, _ = _trained(entry, entry.stateful)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0].update(values)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError) as caught:
+        opt.load_state_dict(bad)
+    assert_same(_snapshot(opt), before)
+    with pytest.raises(ValueError) as constructed:
+        cls(make_params(), **{**entry.stateful, **values})
+    assert str(caught.value) == str(constructed.value)

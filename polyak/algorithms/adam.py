@@ -102,11 +102,7 @@ class Adam(Optimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        _checks.check_adam(lr, betas, eps, weight_decay, foreach, capturable)
-        betas = tuple(  # type: ignore[assignment]
-            b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas
-        )
-        defaults = {
+        defaults: dict[str, Any] = {
             "lr": lr,
             "betas": betas,
             "eps": eps,
@@ -119,6 +115,10 @@ class Adam(Optimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
+        self.check_hyperparameters(defaults)
+        defaults["betas"] = tuple(
+            b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas
+        )
         super().__init__(params, defaults)
         if fused:
             if differentiable:
@@ -126,6 +126,18 @@ class Adam(Optimizer):
             self._step_supports_amp_scaling = True
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    @staticmethod
+    def check_hyperparameters(group: Mapping[str, Any]) -> None:
+        """Adam's checks of its numbers, in torch.optim's order and wording."""
+        _checks.check_adam(
+            group["lr"],
+            group["betas"],
+            group["eps"],
+            group["weight_decay"],
+            group["foreach"],
+            group["capturable"],
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

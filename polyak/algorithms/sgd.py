@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -84,10 +85,6 @@ class SGD(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        _checks.check_lr(lr)
-        _checks.check_nonnegative("momentum", momentum)
-        _checks.check_nonnegative("weight_decay", weight_decay)
-        _checks.check_nesterov(nesterov, momentum, dampening)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -99,10 +96,19 @@ class SGD(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
         _checks.check_strategy_flags(foreach, fused, differentiable)
         if fused:
             self._step_supports_amp_scaling = True
+
+    @staticmethod
+    def check_hyperparameters(group: Mapping[str, Any]) -> None:
+        """SGD's checks of its numbers, in torch.optim's order and wording."""
+        _checks.check_lr(group["lr"])
+        _checks.check_nonnegative("momentum", group["momentum"])
+        _checks.check_nonnegative("weight_decay", group["weight_decay"])
+        _checks.check_nesterov(group["nesterov"], group["momentum"], group["dampening"])
 
     @staticmethod
     def update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
