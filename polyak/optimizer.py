@@ -22,6 +22,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.utils.hooks import RemovableHandle
 
 from polyak import _checks, _ops
+from polyak._state import OptimizerState
 from polyak.strategies import StateLists, Strategy, Update, choose, flat
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -167,16 +168,21 @@ class Optimizer(torch.optim.Optimizer):
         self.defaults = defaults
         self._init_hooks()
         self._step_count = 0
-        # Bumped whenever state tensors are created or replaced, so that strategies which keep
-        # the group's tensors between steps know to look again.
-        self._state_version = 0
         groups = _checks.check_params_argument(params)
-        self.state: defaultdict[Tensor, Any] = defaultdict(dict)
+        self.state: defaultdict[Any, Any] = OptimizerState()
         self.param_groups: list[dict[str, Any]] = []
         if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(cast(dict[str, Any], group))
+
+    @property
+    def _state_version(self) -> int:
+        """How many times the state's tensors were created, replaced or removed, so that
+        strategies which keep a group's tensors between steps know to look again."""
+        if not isinstance(self.state, OptimizerState):  # replaced by hand
+            self.state = OptimizerState(self.state)
+        return self.state.version
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -209,7 +215,8 @@ class Optimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault(STEP_COUNT_KEY, 0)
-        self._state_version = 0
+        if not isinstance(self.state, OptimizerState):
+            self.state = OptimizerState(self.state)
         self._init_hooks()
         self.defaults.setdefault("differentiable", False)
         for group in self.param_groups:
@@ -414,7 +421,7 @@ class Optimizer(torch.optim.Optimizer):
                 entry = self.init_state(p, hp)
                 if entry:
                     self.state[p] = entry
-                    self._state_version += 1
+                    entry = self.state[p]
             entries.append(entry)
         state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
         strategy = choose(group, params, grads)
@@ -428,7 +435,6 @@ class Optimizer(torch.optim.Optimizer):
                     if not entry:
                         entry = self.state[p]
                     entry[key] = value
-                    self._state_version += 1
 
     @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
@@ -514,7 +520,6 @@ class Optimizer(torch.optim.Optimizer):
         self.state = state
         self.param_groups = groups
         self._step_count = step_count
-        self._state_version += 1
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -568,7 +573,7 @@ class Optimizer(torch.optim.Optimizer):
             for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True))
         ]
 
-        state: defaultdict[Any, Any] = defaultdict(dict)
+        state = OptimizerState()
         for pid, value in saved_state.items():
             if pid not in id_map:
                 # State of no parameter is kept as it is, as torch.optim does.

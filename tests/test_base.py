@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import pickle
 from collections.abc import Iterator
@@ -224,3 +225,22 @@ def test_profiler_records_step_and_zero_grad_under_torchs_names() -> None:
         opt.zero_grad()
     names = {event.name for event in prof.events()}
     assert {"Optimizer.step#SGD.step", "Optimizer.zero_grad#SGD.zero_grad"} <= names
+
+
+def test_state_counts_its_changes_in_copies_and_pickles() -> None:
+    """``optimizer.state`` stays torch's defaultdict of dicts; each copy counts its own changes."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = polyak.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert isinstance(opt.state, collections.defaultdict)
+    assert type(opt.state_dict()["state"][0]) is dict
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        (q,) = other.param_groups[0]["params"]
+        before, theirs = opt._state_version, other._state_version
+        other.state[q]["momentum_buffer"] = torch.zeros(3)
+        assert other._state_version == theirs + 1
+        assert opt._state_version == before
+    before = opt._state_version
+    opt.state[p].pop("momentum_buffer")
+    assert opt._state_version == before + 1

@@ -4,6 +4,7 @@ keeps every semantic of the per-tensor path."""
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -345,3 +346,38 @@ def test_new_numbers_from_a_scheduler_are_taken_by_the_kernel(
     assert_same(params, ref_params)
     # The first step creates the state, the second loads a program, the tenth another one.
     assert loads == [0, 1, 9]
+
+
+@needs_kernel
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_flat_follows_state_replaced_by_assignment(entry: Entry, flat_steps: list[bool]) -> None:
+    """A state tensor, a parameter's whole state dict, or the whole state replaced by hand (as
+    code that resets momentum or moves state does) is the one the next steps use."""
+    params = make_params([(4, 3), (5,), (6,)])
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(entry.stateful))
+    ref = entry.reference(ref_params, **clone_kwargs(entry.stateful))
+
+    def replace(edit: Any) -> None:
+        for o, ps in ((opt, params), (ref, ref_params)):
+            edit(o, ps)
+
+    def one_tensor(o: Any, ps: list[torch.Tensor]) -> None:
+        state = o.state[ps[0]]
+        key = next(k for k, v in state.items() if v.dim() > 0)
+        state[key] = torch.full_like(state[key], 0.5)
+
+    def whole_dict(o: Any, ps: list[torch.Tensor]) -> None:
+        o.state[ps[1]] = {k: v.clone().mul_(0.5) for k, v in o.state[ps[1]].items()}
+
+    def everything(o: Any, ps: list[torch.Tensor]) -> None:
+        o.state = defaultdict(dict)
+
+    step_both(opt, ref, params, ref_params, 3)
+    for edit in (one_tensor, whole_dict, everything):
+        replace(edit)
+        step_both(opt, ref, params, ref_params, 3, seed=len(flat_steps))
+        assert_same(params, ref_params)
+        assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+    assert flat_steps[-1]
+    assert isinstance(opt.state, defaultdict)
