@@ -48,18 +48,40 @@ class Program:
     n_sregs: int
     n_vregs: int
     stored: list[int]
-    guards: list[tuple[int, Callable[[Any], Any], Any]]
-    #: The guards as the kernel tests them, ``(slot, comparison, number, expected)`` with the
-    #: comparisons of :data:`GUARD_OPS`; None where one compares with something not a number.
-    checks: list[tuple[int, int, float, bool]] | None = None
+    #: The branches taken while tracing: ``(slot, comparison, other, result)``.
+    guards: list[tuple[int, str, Any, bool]]
 
     def holds(self, slots: list[float]) -> bool:
         """Whether the branches taken while tracing are taken with these hyperparameters."""
-        return all(test(slots[slot]) == expected for slot, test, expected in self.guards)
+        return all(
+            bool(_COMPARE[op](slots[slot], other)) == result
+            for slot, op, other, result in self.guards
+        )
+
+    @property
+    def checks(self) -> list[tuple[int, int, float, bool]] | None:
+        """The guards as the kernel tests them, with the comparisons numbered as in
+        :data:`GUARD_OPS`; None where one compares with something not a number."""
+        if not all(_is_number(other) for _, _, other, _ in self.guards):
+            return None
+        return [(s, GUARD_OPS.index(op), float(o), r) for s, op, o, r in self.guards]
 
 
 #: The comparisons a guard can make, numbered as the kernel numbers them.
 GUARD_OPS = ("==", "!=", "<", "<=", ">", ">=", "bool")
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "bool": lambda v, _: bool(v),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -68,8 +90,7 @@ class _Tracer:
     slots: list[float]
     vcode: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     scode: list[tuple[int, int, int, int]] = field(default_factory=list)
-    guards: list[tuple[int, Callable[[Any], Any], Any]] = field(default_factory=list)
-    checks: list[tuple[int, int, float, bool]] | None = field(default_factory=list)
+    guards: list[tuple[int, str, Any, bool]] = field(default_factory=list)
     stored: set[int] = field(default_factory=set)
     consts: dict[float, int] = field(default_factory=dict)
     n_sregs: int = 0
@@ -164,39 +185,33 @@ class Scalar:
         self.tracer.scode.append((S_NEG, reg, self.reg, 0))
         return Scalar(self.tracer, reg, -self.value, None)
 
-    def _guard(self, test: Callable[[Any], Any], op: str, other: Any = 0.0) -> Any:
+    def _guard(self, op: str, other: Any = 0.0) -> bool:
         if self.slot is None:
             raise TraceError("a branch on a computed scalar")
-        result = test(self.value)
-        tracer = self.tracer
-        tracer.guards.append((self.slot, test, result))
-        number = isinstance(other, (int, float)) and not isinstance(other, bool)
-        if tracer.checks is not None and number:
-            tracer.checks.append((self.slot, GUARD_OPS.index(op), float(other), bool(result)))
-        else:
-            tracer.checks = None
+        result = bool(_COMPARE[op](self.value, other))
+        self.tracer.guards.append((self.slot, op, other, result))
         return result
 
     def __eq__(self, o: object) -> bool:  # type: ignore[override]
-        return bool(self._guard(lambda v: v == o, "==", o))
+        return self._guard("==", o)
 
     def __ne__(self, o: object) -> bool:  # type: ignore[override]
-        return bool(self._guard(lambda v: v != o, "!=", o))
+        return self._guard("!=", o)
 
     def __lt__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v < o, "<", o))
+        return self._guard("<", o)
 
     def __le__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v <= o, "<=", o))
+        return self._guard("<=", o)
 
     def __gt__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v > o, ">", o))
+        return self._guard(">", o)
 
     def __ge__(self, o: Any) -> bool:
-        return bool(self._guard(lambda v: v >= o, ">=", o))
+        return self._guard(">=", o)
 
     def __bool__(self) -> bool:
-        return bool(self._guard(bool, "bool"))
+        return self._guard("bool")
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -351,7 +366,6 @@ def trace(
         n_vregs=tracer.n_vregs,
         stored=sorted(tracer.stored),
         guards=tracer.guards,
-        checks=tracer.checks,
     )
 
 
