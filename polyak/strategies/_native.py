@@ -18,15 +18,15 @@ from typing import Any
 _SOURCE = Path(__file__).with_name("_vm.cpp")
 # fp-contract off: every rounding is the one written, so results match torch's kernels.
 # no-math-errno: lets sqrt and fma vectorize; it changes no value.
-# fopenmp: at::parallel_for is a header template over OpenMP; without it, it runs serially.
-_FLAGS = [
+FLAGS = [
     "-O3",
     "-march=native",
     "-mprefer-vector-width=512",
     "-ffp-contract=off",
     "-fno-math-errno",
-    "-fopenmp",
 ]
+# fopenmp: at::parallel_for is a header template over OpenMP; without it, it runs serially.
+_FLAGS = [*FLAGS, "-fopenmp"]
 _lock = threading.Lock()
 _module: Any = None
 _failed = False

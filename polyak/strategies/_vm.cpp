@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -49,6 +50,35 @@ inline void vector_sqrt(double* d, const double* a, int64_t len) {
     for (int64_t j = 0; j < len; ++j) d[j] = std::sqrt(a[j]);
   }
 }
+
+// What compiled programs (see _codegen.py) receive besides their tensors: the sqrt functions
+// torch calls, for programs that call them rather than compute their bits inline.
+struct Ctx {
+  void (*vms)(int, const float*, float*, long long);
+  void (*vmd)(int, const double*, double*, long long);
+  long long mode;
+};
+
+void plain_sqrt(int n, const float* a, float* r, long long) {
+  for (int j = 0; j < n; ++j) r[j] = std::sqrt(a[j]);
+}
+void plain_sqrt(int n, const double* a, double* r, long long) {
+  for (int j = 0; j < n; ++j) r[j] = std::sqrt(a[j]);
+}
+
+const Ctx kCtx = {vmsSqrt != nullptr ? vmsSqrt : static_cast<void (*)(int, const float*, float*, long long)>(plain_sqrt),
+                  vmdSqrt != nullptr ? vmdSqrt : static_cast<void (*)(int, const double*, double*, long long)>(plain_sqrt),
+                  kVmlMode};
+
+// A compiled program: ``polyak_run`` of _codegen.py, which runs the vector program over
+// elements [start, end) of one tensor's streams with every element's update in registers, and
+// prefetches ahead into the next work item. Filled in when the background build is done;
+// until then steps interpret the program.
+using KernelFn = void (*)(void* const* bound, const double* sregs, int64_t start, int64_t end,
+                          void* const* next, int64_t nstart, const Ctx* ctx);
+struct Kernel {
+  std::atomic<KernelFn> fn{nullptr};
+};
 
 constexpr int64_t kBlock = 128;
 // How many blocks ahead the kernel prefetches.
@@ -86,7 +116,7 @@ enum SOp : int64_t {
 
 template <typename T>
 void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double* sregs,
-               int64_t len) {
+               int64_t len, bool exact_sqrt) {
   for (int64_t k = 0; k < n_code; ++k) {
     const int64_t* ins = code + 6 * k;
     T* d = reg[ins[1]];
@@ -128,7 +158,11 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         for (int64_t j = 0; j < len; ++j) d[j] = a[j] + (s * b[j]) / c[j];
         break;
       case V_SQRT:
-        vector_sqrt(d, a, len);
+        if (exact_sqrt) {
+          for (int64_t j = 0; j < len; ++j) d[j] = std::sqrt(a[j]);
+        } else {
+          vector_sqrt(d, a, len);
+        }
         break;
       case V_MAX:
         for (int64_t j = 0; j < len; ++j)
@@ -178,6 +212,12 @@ struct Plan {
     bool expected;
   };
   std::optional<std::vector<Guard>> guards;
+  // The compiled form of the program, when built; and how many steps ran it.
+  std::shared_ptr<Kernel> kernel;
+  int64_t compiled_steps = 0;
+  // Whether sqrt is the correctly rounded one (fused steps, as torch's fused kernels), or
+  // the one torch's per-tensor path calls.
+  bool exact_sqrt = false;
 };
 
 // Return codes of step().
@@ -409,6 +449,30 @@ int64_t step_typed(Plan& plan) {
       if (used[b]) read.push_back(b);
   }
   S* const* ptr = reinterpret_cast<S* const*>(plan.ptr.data());
+  const KernelFn compiled = plan.kernel ? plan.kernel->fn.load(std::memory_order_acquire) : nullptr;
+  if (compiled != nullptr) {
+    ++plan.compiled_steps;
+    void* const* vptr = plan.ptr.data();
+    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+      const int mkl_threads =
+          MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+      for (int64_t w = lo; w < hi; ++w) {
+        const Work& item = work[w];
+        const double* r = plan.sregs.data() + item.i * stride;
+        if (item.start == 0) {
+          for (const auto& [key, reg] : stores) {
+            store_scalar(plan.sptr[item.i * ns + key], plan.sdouble[item.i * ns + key], r[reg]);
+          }
+        }
+        const bool more = w + 1 < hi;
+        compiled(vptr + item.i * n_bound, r, item.start, item.end,
+                 more ? vptr + work[w + 1].i * n_bound : nullptr, more ? work[w + 1].start : 0,
+                 &kCtx);
+      }
+      if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
+    });
+    return kDone;
+  }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
     // MKL would otherwise start threads of its own for each block's sqrt, inside ours.
     const int mkl_threads = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
@@ -449,11 +513,11 @@ int64_t step_typed(Plan& plan) {
         prefetch_next();
         if constexpr (std::is_same_v<S, T>) {
           for (int64_t b = 0; b < n_bound; ++b) reg[b] = bound[b] + off;
-          run_block<T>(vc, n_vcode, reg, r, len);
+          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt);
         } else {
           for (int64_t b : read)
             for (int64_t j = 0; j < len; ++j) local[b][j] = static_cast<T>(bound[b][off + j]);
-          run_block<T>(vc, n_vcode, reg, r, len);
+          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt);
           for (int64_t b : stored)
             for (int64_t j = 0; j < len; ++j) bound[b][off + j] = static_cast<S>(local[b][j]);
         }
@@ -590,6 +654,14 @@ int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t v
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Kernel, std::shared_ptr<Kernel>>(m, "Kernel")
+      .def(pybind11::init<>())
+      .def("set", [](Kernel& k, uintptr_t address) {
+        k.fn.store(reinterpret_cast<KernelFn>(address), std::memory_order_release);
+      })
+      .def_property_readonly("ready", [](const Kernel& k) { return k.fn.load() != nullptr; });
+  m.def("ctx_address", []() { return reinterpret_cast<uintptr_t>(&kCtx); });
+  m.def("has_mkl_sqrt", []() { return vmsSqrt != nullptr; });
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init([](pybind11::list params, std::vector<std::vector<at::Tensor>> vstate,
                              std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
@@ -609,7 +681,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("load_program",
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,
-              std::optional<std::vector<std::tuple<int64_t, int64_t, double, bool>>> checks) {
+              std::optional<std::vector<std::tuple<int64_t, int64_t, double, bool>>> checks,
+              std::shared_ptr<Kernel> kernel, bool exact_sqrt) {
              TORCH_CHECK(n_vregs <= kMaxRegs, "update rule needs too many registers");
              plan.guards.reset();
              if (checks) {
@@ -621,6 +694,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.scode = std::move(scode);
              plan.n_sregs = n_sregs;
              plan.stored = std::move(stored);
+             plan.kernel = std::move(kernel);
+             plan.exact_sqrt = exact_sqrt;
            })
       .def("load_numbers",
            [](Plan& plan, pybind11::dict group, std::vector<double> numbers) {
@@ -634,5 +709,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.group_size = PyDict_Size(group.ptr());
              plan.hyper = std::move(numbers);
            })
-      .def("step", &step);
+      .def("step", &step)
+      .def_readonly("compiled_steps", &Plan::compiled_steps);
 }

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyak.strategies import _native, _trace
+from polyak.strategies import _codegen, _native, _trace
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
@@ -152,6 +152,8 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
         program = _program(optimizer, entry, hyper, numbers, structure)
         if program is None:
             return False
+        vm = _native.load()
+        exact_sqrt = bool(group.get("fused"))
         entry.plan.load_program(
             program.vcode,
             program.scode,
@@ -159,6 +161,14 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
             program.n_vregs,
             program.stored,
             program.checks,
+            _codegen.kernel(
+                vm,
+                program,
+                2 + len(entry.vector_keys),
+                group["params"][0].dtype,
+                exact_sqrt=exact_sqrt,
+            ),
+            exact_sqrt,
         )
         entry.loaded = (structure, program)
     entry.plan.load_numbers(group, numbers)

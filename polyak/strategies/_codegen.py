@@ -1,0 +1,697 @@
+"""Compiling traced programs into register-resident machine code.
+
+The kernel (``_vm.cpp``) can run a traced vector program by interpretation: one operation at a
+time over blocks of 128 elements held in L1 arrays, so every operation loads and stores its
+operands again. That is fast enough wherever memory is slow, and compute-bound wherever it is
+fast or threads are few. So each program is also turned into C++ here, one statement per
+instruction over one element, in a loop the compiler vectorises: every element's whole update
+then stays in vector registers, and the parameter, gradient and state are each read once and
+written once.
+
+The source is compiled for this machine (``-march=native``) in a background thread, once per
+program and machine: the result is cached on disk under a key of the source, the compiler
+flags and version and the CPU, so that a later process loads it at once and a cache shared by
+machines of several CPU types never loads code built for another. Until it is ready, steps run
+the interpreter, which computes the same bits.
+
+Numbers. The statements are the interpreter's (one fused multiply-add where torch's kernels
+fuse, ``-ffp-contract=off`` so that nothing else is fused), so results are bit-identical to it.
+torch's CPU ``sqrt`` is MKL's vector sqrt in high-accuracy mode, which is not correctly
+rounded; how the compiled code gets its bits is decided once per machine (see
+:func:`sqrt_mode`): an inline copy of MKL's algorithm where an exhaustive comparison over all
+2**32 float32 inputs proves it identical on this CPU, a call to MKL on blocks of 64 elements
+otherwise. ``fused=True`` steps use the correctly rounded sqrt, as torch's fused kernels do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyak.strategies import _native
+from polyak.strategies._trace import (
+    V_ADD,
+    V_ADD1,
+    V_ADDCDIV,
+    V_ADDCMUL,
+    V_ADDS,
+    V_COPY,
+    V_DIV,
+    V_LERP,
+    V_MAX,
+    V_MUL,
+    V_NEG,
+    V_SQRT,
+)
+
+#: How a program computes sqrt: correctly rounded inline, MKL's algorithm inline, or MKL called.
+SQRT_EXACT, SQRT_MKL_INLINE, SQRT_MKL_CALL = 0, 1, 2
+#: Bumped whenever the generated code changes meaning, so that old builds are not reused.
+_VERSION = 1
+# The kernel's flags (every rounding the one written), for a plain shared library.
+_FLAGS = [*_native.FLAGS, "-fno-trapping-math", "-fPIC", "-shared"]
+#: What each vector instruction computes for one element, with the interpreter's roundings
+#: (one fused multiply-add where torch's CPU kernels fuse; see _vm.cpp).
+_STATEMENTS = {
+    V_NEG: "-{a}",
+    V_ADD: "{fma}({b}, {s}, {a})",
+    V_ADD1: "{a} + {b}",
+    V_MUL: "{a} * {s}",
+    V_DIV: "{a} / {s}",
+    V_ADDS: "{a} + {s}",
+    # torch's lerp: from the nearer end, so that weights 0 and 1 are exact.
+    V_LERP: "lc{k} ? {fma}({s}, {b} - {a}, {a}) : {fma}(-({b} - {a}), lw{k}, {b})",
+    V_ADDCMUL: "{fma}({s} * {b}, {c}, {a})",
+    V_ADDCDIV: "{a} + ({s} * {b}) / {c}",
+    V_SQRT: "{sqrt}({a})",
+    # NaN-propagating, as torch.maximum.
+    V_MAX: "({a} != {a} || {b} != {b}) ? {a} + {b} : ({a} > {b} ? {a} : {b})",
+    V_COPY: "{a}",
+}
+#: Elements per block: each block prefetches one stretch ahead of itself for every stream.
+_BLOCK_BYTES = 256
+#: How far ahead of the computation the streams are prefetched.
+_AHEAD_BYTES = 2048
+
+_STORAGE = {
+    torch.float32: ("float", "float", 4),
+    torch.float64: ("double", "double", 8),
+    torch.float16: ("uint16_t", "float", 2),
+    torch.bfloat16: ("uint16_t", "float", 2),
+}
+
+_PRELUDE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+struct polyak_ctx {
+  void (*vms)(int, const float*, float*, long long);
+  void (*vmd)(int, const double*, double*, long long);
+  long long mode;
+};
+
+#define PK_INLINE static inline __attribute__((always_inline))
+
+PK_INLINE float pk_bits_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+PK_INLINE uint32_t pk_f_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+/* bfloat16: the upper half of a float; stores round to nearest even, NaN to 0x7fc0. */
+PK_INLINE float pk_bf16_load(uint16_t h) { return pk_bits_f((uint32_t)h << 16); }
+PK_INLINE uint16_t pk_bf16_store(float f) {
+  const uint32_t u = pk_f_bits(f);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? (uint16_t)0x7fc0u : (uint16_t)r;
+}
+
+/* float16, IEEE binary16: exact widening; narrowing rounds to nearest even, NaN to 0x7e00. */
+PK_INLINE float pk_f16_load(uint16_t h) {
+  const uint32_t w = (uint32_t)h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = pk_bits_f((two_w >> 4) + (0xe0u << 23)) * pk_bits_f(0x7800000u);
+  const float denormalized = pk_bits_f((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result = sign | (two_w < (1u << 27) ? pk_f_bits(denormalized)
+                                                       : pk_f_bits(normalized));
+  return pk_bits_f(result);
+}
+PK_INLINE uint16_t pk_f16_store(float f) {
+  float base = (fabsf(f) * pk_bits_f(0x77800000u)) * pk_bits_f(0x08800000u);
+  const uint32_t w = pk_f_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xff000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = pk_bits_f((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = pk_f_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
+  const uint32_t mantissa_bits = bits & 0x00000fffu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+/* MKL's high-accuracy float32 sqrt as its generic x86 code computes it: a reciprocal square
+   root estimate refined by one coupled Newton step, each operation rounded on its own; the
+   inputs it treats apart (zeros, subnormals, the largest normals, infinities, NaN, negatives)
+   as that code does. Used only where an exhaustive comparison proved it identical to MKL on
+   this machine. */
+PK_INLINE float pk_sqrt_special(float x) {
+  const uint32_t b = pk_f_bits(x);
+  if ((b & 0x7fffffffu) == 0 || b == 0x7f800000u) return x;
+  if ((b & 0x7fffffffu) > 0x7f800000u) return pk_bits_f(b | 0x00400000u);
+  if (b & 0x80000000u) return pk_bits_f(0x7fc00000u);
+  return sqrtf(x);
+}
+#if defined(__AVX__) && defined(__AVX2__)
+PK_INLINE void pk_sqrt_mkl8(const float* in, float* out) {
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 x = _mm256_loadu_ps(in);
+  const __m256i special = _mm256_cmpgt_epi32(
+      _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x7f800000)),
+      _mm256_set1_epi32((int)0xfefff000u));
+  const __m256 y = _mm256_rsqrt_ps(x);
+  const __m256 s = _mm256_mul_ps(x, y);
+  const __m256 h = _mm256_mul_ps(y, half);
+  const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s, h));
+  const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s, e), s);
+  const __m256 h1 = _mm256_add_ps(_mm256_mul_ps(e, h), h);
+  const __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(s1, s1));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_mul_ps(r, h1), s1));
+  int mask = _mm256_movemask_ps(_mm256_castsi256_ps(special));
+  while (__builtin_expect(mask != 0, 0)) {
+    const int l = __builtin_ctz(mask);
+    mask &= mask - 1;
+    out[l] = pk_sqrt_special(in[l]);
+  }
+}
+static inline void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) pk_sqrt_mkl8(in + i, out + i);
+  if (i < n) {
+    float a[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8];
+    for (int64_t k = i; k < n; ++k) a[k - i] = in[k];
+    pk_sqrt_mkl8(a, b);
+    for (int64_t k = i; k < n; ++k) out[k] = b[k - i];
+  }
+}
+#define PK_HAVE_SQRT_MKL 1
+#else
+#define PK_HAVE_SQRT_MKL 0
+static void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = pk_sqrt_special(in[i]);
+}
+#endif
+"""
+
+_PROBE = r"""
+#include <thread>
+#include <vector>
+#include <atomic>
+/* Counts the float32 inputs where MKL's sqrt differs from the inline copy (which = 0) or from
+   the correctly rounded sqrt (which = 1): all 2**31 non-negative inputs (NaNs with a clear sign
+   bit included), then 2**22 negative ones, spread over their whole range, and -0, -inf and
+   negative NaNs, which MKL computes one at a time and the copy treats apart. */
+extern "C" int64_t polyak_probe_sqrt(const polyak_ctx* ctx, int which) {
+  if (!PK_HAVE_SQRT_MKL && which == 0) return -1;
+  std::atomic<int64_t> bad{0};
+  unsigned n_threads = std::thread::hardware_concurrency();
+  if (n_threads == 0) n_threads = 1;
+  if (n_threads > 8) n_threads = 8;
+  const uint64_t positives = 1ull << 31, negatives = 1ull << 22;
+  const uint64_t total = positives + negatives, per = total / n_threads;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < n_threads; ++t) {
+    threads.emplace_back([&, t]() {
+      const int chunk = 4096;
+      std::vector<float> in(chunk), ref(chunk), got(chunk);
+      int64_t local = 0;
+      const uint64_t lo = t * per, hi = t + 1 == n_threads ? total : lo + per;
+      for (uint64_t at = lo; at < hi; at += chunk) {
+        const int len = (int)(hi - at < (uint64_t)chunk ? hi - at : chunk);
+        for (int k = 0; k < len; ++k) {
+          const uint64_t i = at + k;
+          const uint32_t bits = i < positives
+              ? (uint32_t)i
+              : 0x80000000u | (uint32_t)(((i - positives) * 0x9e3779b1ull) & 0x7fffffffu);
+          in[k] = pk_bits_f(bits);
+        }
+        if (hi == total && at + chunk >= total) {
+          in[0] = pk_bits_f(0x80000000u);
+          in[1] = pk_bits_f(0xff800000u);
+          in[2] = pk_bits_f(0xff800001u);
+          in[3] = pk_bits_f(0xffc00000u);
+          in[4] = pk_bits_f(0xffffffffu);
+        }
+        ctx->vms(len, in.data(), ref.data(), ctx->mode);
+        if (which == 0) {
+          pk_sqrt_mkl(in.data(), got.data(), len);
+        } else {
+          for (int k = 0; k < len; ++k) got[k] = sqrtf(in[k]);
+        }
+        for (int k = 0; k < len; ++k) local += pk_f_bits(ref[k]) != pk_f_bits(got[k]);
+      }
+      bad += local;
+    });
+  }
+  for (auto& th : threads) th.join();
+  return bad.load();
+}
+"""
+
+
+def generate(
+    vcode: list[tuple[int, ...]],
+    n_bound: int,
+    stored: list[int],
+    dtype: torch.dtype,
+    sqrt_mode: int,
+) -> str:
+    """C++ source of one program's kernel (``polyak_run``), prelude included.
+
+    Each instruction becomes one statement over one element, in a loop over blocks of
+    ``_BLOCK_BYTES`` per stream that the compiler vectorises. A sqrt computed by a call over the
+    block (see ``sqrt_mode``) splits the loop in two: the values the second part needs pass
+    through block-sized arrays, which stay in L1.
+
+    Args:
+        vcode: the vector program, ``(op, dst, a, b, c, sreg)`` per instruction.
+        n_bound: how many registers are bound to memory (parameter, gradient, state).
+        stored: the bound registers the program writes.
+        dtype: the tensors' storage type.
+        sqrt_mode: one of ``SQRT_EXACT``, ``SQRT_MKL_INLINE``, ``SQRT_MKL_CALL``.
+    """
+    storage, compute, size = _STORAGE[dtype]
+    block = _BLOCK_BYTES // size
+    ahead = _AHEAD_BYTES // size
+    fma = "__builtin_fmaf" if compute == "float" else "__builtin_fma"
+    fabs = "fabsf" if compute == "float" else "fabs"
+    csqrt = "__builtin_sqrtf" if compute == "float" else "__builtin_sqrt"
+    if dtype == torch.float16:
+        load, store = "pk_f16_load({})", "pk_f16_store({})"
+    elif dtype == torch.bfloat16:
+        load, store = "pk_bf16_load({})", "pk_bf16_store({})"
+    else:
+        load, store = "{}", "{}"
+    if sqrt_mode == SQRT_MKL_INLINE and compute != "float":
+        sqrt_mode = SQRT_MKL_CALL
+
+    # Segments of straight-line code, split where sqrt is a call over the block.
+    segments: list[list[tuple[int, ...]]] = [[]]
+    splits: list[tuple[int, int]] = []  # (source register, destination register)
+    for ins in vcode:
+        if ins[0] == V_SQRT and sqrt_mode != SQRT_EXACT:
+            splits.append((ins[2], ins[1]))
+            segments.append([])
+        else:
+            segments[-1].append(ins)
+
+    def sources(ins: tuple[int, ...]) -> list[int]:
+        return [r for r in ins[2:5] if r >= 0]
+
+    # Each segment's live-in temporaries (read before written), and what it writes.
+    live_in: list[set[int]] = []
+    writes: list[set[int]] = []
+    for k, seg in enumerate(segments):
+        seen = {splits[k - 1][1]} if k > 0 else set()
+        needs: set[int] = set()
+        for ins in seg:
+            needs.update(r for r in sources(ins) if r not in seen and r >= n_bound)
+            seen.add(ins[1])
+        if k < len(splits) and splits[k][0] not in seen and splits[k][0] >= n_bound:
+            needs.add(splits[k][0])
+        live_in.append(needs)
+        writes.append({ins[1] for ins in seg})
+    spilled = sorted(set().union(*live_in))
+    read_bound = sorted(
+        {r for seg in segments for ins in seg for r in sources(ins) if r < n_bound}
+        | {src for src, _ in splits if src < n_bound}
+    )
+    sregs = sorted({ins[5] for ins in vcode if ins[5] >= 0})
+
+    body: list[str] = []
+    for k, seg in enumerate(segments):
+        live: set[int] = set()
+        lines: list[str] = []
+
+        def use(reg: int, k: int = k, live: set[int] = live, lines: list[str] = lines) -> str:
+            if reg not in live:
+                live.add(reg)
+                if reg < n_bound:
+                    value = load.format(f"m{reg}[j0 + j]")
+                elif k > 0 and reg == splits[k - 1][1]:
+                    value = f"sq_out{k - 1}[j]"
+                else:
+                    value = f"sp{reg}[j]"
+                lines.append(f"      {compute} v{reg} = {value};")
+            return f"v{reg}"
+
+        if k > 0:
+            use(splits[k - 1][1])
+        for op, dst, a, b, c, s in seg:
+            va, vb, vc = (use(r) if r >= 0 else "" for r in (a, b, c))
+            if op not in _STATEMENTS:
+                raise ValueError(f"unknown opcode {op}")
+            expr = _STATEMENTS[op].format(a=va, b=vb, c=vc, s=f"s{s}", k=s, fma=fma, sqrt=csqrt)
+            if dst in live:
+                lines.append(f"      v{dst} = {expr};")
+            else:
+                live.add(dst)
+                lines.append(f"      {compute} v{dst} = {expr};")
+        if k < len(splits):
+            lines.append(f"      sq_in{k}[j] = {use(splits[k][0])};")
+        for reg in sorted(writes[k]):
+            if reg in stored:
+                lines.append(f"      m{reg}[j0 + j] = " + store.format(f"v{reg}") + ";")
+            elif any(reg in live_in[q] for q in range(k + 1, len(segments))):
+                lines.append(f"      sp{reg}[j] = v{reg};")
+        body.append("      for (int64_t j = 0; j < n; ++j) {")
+        body.extend("  " + line for line in lines)
+        body.append("      }")
+        if k < len(splits):
+            if sqrt_mode == SQRT_MKL_INLINE:
+                body.append(f"      pk_sqrt_mkl(sq_in{k}, sq_out{k}, n);")
+            else:
+                call = "vms" if compute == "float" else "vmd"
+                body.append(f"      ctx->{call}((int)n, sq_in{k}, sq_out{k}, ctx->mode);")
+
+    out: list[str] = [_PRELUDE]
+    out.append(
+        'extern "C" void polyak_run(void* const* bound, const double* r, int64_t start, '
+        "int64_t end, void* const* next, int64_t nstart, const struct polyak_ctx* ctx) {"
+    )
+    for reg in range(n_bound):
+        const = "" if reg in stored else "const "
+        out.append(f"  {const}{storage}* __restrict m{reg} = ({const}{storage}*)bound[{reg}];")
+    for s in sregs:
+        out.append(f"  const {compute} s{s} = ({compute})r[{s}];")
+    for s in sorted({ins[5] for ins in vcode if ins[0] == V_LERP}):
+        out.append(f"  const int lc{s} = {fabs}(s{s}) < ({compute})0.5;")
+        out.append(f"  const {compute} lw{s} = ({compute})1 - s{s};")
+    n_arrays = len(spilled) + 2 * len(splits)
+    if n_arrays:
+        out.append(f"  {compute} sp_all[{n_arrays}][{block}] __attribute__((aligned(64)));")
+    index = 0
+    for reg in spilled:
+        out.append(f"  {compute}* __restrict const sp{reg} = sp_all[{index}];")
+        index += 1
+    for k in range(len(splits)):
+        out.append(f"  {compute}* __restrict const sq_in{k} = sp_all[{index}];")
+        out.append(f"  {compute}* __restrict const sq_out{k} = sp_all[{index + 1}];")
+        index += 2
+    out.append("  (void)ctx;")
+    out.append(f"  for (int64_t j0 = start; j0 < end; j0 += {block}) {{")
+    # Every stream is asked for a fixed distance ahead, into the next work item past this
+    # one's end: the hardware prefetcher stops at a page's end, let alone a tensor's.
+    out.append(f"    const int64_t pf = j0 + {ahead};")
+    out.append("    if (pf < end) {")
+    for reg in read_bound:
+        for q in range(0, _BLOCK_BYTES, 64):
+            out.append(f"      __builtin_prefetch((const char*)(m{reg} + pf) + {q}, 0, 3);")
+    out.append("    } else if (next != 0) {")
+    out.append("      const int64_t at = nstart + (pf - end);")
+    for reg in read_bound:
+        for q in range(0, _BLOCK_BYTES, 64):
+            out.append(
+                f"      __builtin_prefetch((const char*)((const {storage}*)next[{reg}] + at)"
+                f" + {q}, 0, 3);"
+            )
+    out.append("    }")
+    out.append(f"    if (end - j0 >= {block}) {{")
+    out.append(f"      const int64_t n = {block};")
+    out.extend(body)
+    out.append("    } else {")
+    out.append("      const int64_t n = end - j0;")
+    out.extend(body)
+    out.append("    }")
+    out.append("  }")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _cpu_signature() -> str:
+    """What identifies this CPU type for ``-march=native`` code: model name and feature flags."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{model or platform.processor()}|{flags}"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+_compiler_versions: dict[str, str] = {}
+
+
+def _compiler_version(cxx: str) -> str:
+    if cxx not in _compiler_versions:
+        try:
+            done = subprocess.run(
+                [cxx, "--version"], capture_output=True, text=True, timeout=30, check=False
+            )
+            _compiler_versions[cxx] = done.stdout.splitlines()[0] if done.stdout else cxx
+        except (OSError, subprocess.SubprocessError):
+            _compiler_versions[cxx] = cxx
+    return _compiler_versions[cxx]
+
+
+def cache_dir() -> Path:
+    """Where compiled programs are kept: ``POLYAK_CACHE_DIR``, else the user's cache folder."""
+    root = os.environ.get("POLYAK_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "polyak"
+
+
+_machine_keys: dict[str, str] = {}
+
+
+def _machine_key(cxx: str) -> str:
+    """The cache's folder for this machine: CPU type, compiler, flags, torch and code version."""
+    if cxx not in _machine_keys:
+        parts = (str(_VERSION), _cpu_signature(), _compiler_version(cxx), " ".join(_FLAGS))
+        text = "|".join((*parts, torch.__version__))
+        _machine_keys[cxx] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _machine_keys[cxx]
+
+
+def _target(source: str, name: str) -> Path | None:
+    cxx = _compiler()
+    if cxx is None:
+        return None
+    key = hashlib.sha256(source.encode()).hexdigest()[:24]
+    return cache_dir() / _machine_key(cxx) / f"{name}-{key}.so"
+
+
+def _built(source: str, name: str) -> Path | None:
+    """The cached build of ``source``, if there is one."""
+    target = _target(source, name)
+    return target if target is not None and target.exists() else None
+
+
+def _build(source: str, name: str) -> Path | None:
+    """The shared library built from ``source`` for this machine, from the cache if there;
+    None where it cannot be built."""
+    cxx = _compiler()
+    target = _target(source, name)
+    if cxx is None or target is None:
+        return None
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+            src = Path(scratch) / f"{name}.cpp"
+            src.write_text(source)
+            lib = Path(scratch) / f"{name}.so"
+            done = subprocess.run(
+                [cxx, *_FLAGS, "-o", str(lib), str(src)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            if done.returncode != 0:
+                return None
+            # Atomic: another process building the same program at once replaces it whole.
+            os.replace(lib, target)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return target
+
+
+_libraries: dict[Path, ctypes.CDLL] = {}
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    if path not in _libraries:
+        _libraries[path] = ctypes.CDLL(str(path))
+    return _libraries[path]
+
+
+_sqrt_lock = threading.Lock()
+_sqrt_mode: int | None = None
+
+
+def _verdict_path() -> Path | None:
+    cxx = _compiler()
+    return cache_dir() / _machine_key(cxx) / "sqrt.json" if cxx is not None else None
+
+
+def _known_sqrt_mode(vm: Any) -> int | None:
+    """The sqrt mode where it is decided already (in this process or on disk), else None."""
+    global _sqrt_mode
+    if _sqrt_mode is not None:
+        return _sqrt_mode
+    if not vm.has_mkl_sqrt():
+        return SQRT_EXACT
+    verdict = _verdict_path()
+    if verdict is not None and verdict.exists():
+        try:
+            mode = int(json.loads(verdict.read_text())["mode"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if mode in (SQRT_EXACT, SQRT_MKL_INLINE, SQRT_MKL_CALL):
+            _sqrt_mode = mode
+            return mode
+    return None
+
+
+def probe_sqrt(vm: Any, which: int) -> int:
+    """Over all 2**32 float32 inputs, how many times torch's MKL sqrt differs from the inline
+    copy of its algorithm (``which=0``) or from the correctly rounded sqrt (``which=1``); -1
+    where the probe cannot be built or the copy is not available on this CPU."""
+    probe = _build(_PRELUDE + _PROBE, "sqrt-probe")
+    if probe is None:
+        return -1
+    run = _open(probe).polyak_probe_sqrt
+    run.restype = ctypes.c_int64
+    run.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return int(run(vm.ctx_address(), which))
+
+
+def sqrt_mode(vm: Any) -> int:
+    """How compiled default-path programs compute float32 sqrt on this machine, with torch's
+    bits: ``SQRT_EXACT`` where torch's sqrt is correctly rounded (no MKL, or an MKL whose
+    results are), ``SQRT_MKL_INLINE`` where the inline copy of MKL's algorithm gives MKL's
+    result for all 2**32 inputs, and ``SQRT_MKL_CALL`` otherwise. Decided once per machine
+    (a few seconds, in the background thread) and cached."""
+    global _sqrt_mode
+    known = _known_sqrt_mode(vm)
+    if known is not None:
+        return known
+    with _sqrt_lock:
+        if _sqrt_mode is not None:
+            return _sqrt_mode
+        mode = SQRT_MKL_CALL
+        if probe_sqrt(vm, 0) == 0:
+            mode = SQRT_MKL_INLINE
+        elif probe_sqrt(vm, 1) == 0:
+            mode = SQRT_EXACT
+        verdict = _verdict_path()
+        if verdict is not None:
+            try:
+                verdict.parent.mkdir(parents=True, exist_ok=True)
+                partial = verdict.with_suffix(f".{os.getpid()}")
+                partial.write_text(json.dumps({"mode": mode}))
+                os.replace(partial, verdict)
+            except OSError:
+                pass
+        _sqrt_mode = mode
+        return mode
+
+
+class _Builder:
+    """One background thread that compiles programs in the order they are asked for."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+        self.pending = 0
+        self.idle = threading.Condition(self.lock)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self.lock:
+            self.pending += 1
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="polyak-build", daemon=True)
+                self.thread.start()
+        self.jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                job()
+            except Exception as error:  # a failed build leaves the interpreter running
+                print(f"polyak: a program could not be compiled ({error})", file=sys.stderr)
+            finally:
+                with self.lock:
+                    self.pending -= 1
+                    self.idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self.lock:
+            return self.idle.wait_for(lambda: self.pending == 0, timeout)
+
+
+_builder = _Builder()
+#: The kernel slot of each program, by what determines its source.
+_kernels: dict[tuple[Any, ...], Any] = {}
+
+
+def enabled() -> bool:
+    """Whether programs are compiled (``POLYAK_COMPILE=0`` keeps every step interpreted)."""
+    return os.environ.get("POLYAK_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def kernel(vm: Any, program: Any, n_bound: int, dtype: torch.dtype, exact_sqrt: bool) -> Any:
+    """The kernel slot for ``program``: filled at once where its build is cached, by the
+    background thread otherwise, and never where it cannot be built (the interpreter runs)."""
+    vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
+    key = (tuple(vcode), n_bound, tuple(program.stored), dtype, exact_sqrt)
+    slot = _kernels.get(key)
+    if slot is not None:
+        return slot
+    slot = _kernels[key] = vm.Kernel()
+    if not enabled() or dtype not in _STORAGE:
+        return slot
+    uses_sqrt = any(row[0] == V_SQRT for row in vcode)
+
+    def source(mode: int) -> str:
+        if exact_sqrt or not uses_sqrt:
+            mode = SQRT_EXACT
+        return generate(vcode, n_bound, list(program.stored), dtype, mode)
+
+    def install(path: Path | None) -> None:
+        if path is not None:
+            function = _open(path).polyak_run
+            slot.set(ctypes.cast(function, ctypes.c_void_p).value)
+
+    # Built before, by this process or another: loaded at once.
+    known = SQRT_EXACT if exact_sqrt or not uses_sqrt else _known_sqrt_mode(vm)
+    if known is not None:
+        cached = _built(source(known), "program")
+        if cached is not None:
+            install(cached)
+            return slot
+    _builder.submit(lambda: install(_build(source(sqrt_mode(vm)), "program")))
+    return slot
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Wait until every program asked for so far is compiled (or failed); False on timeout."""
+    return _builder.wait(timeout)

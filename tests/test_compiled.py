@@ -1,0 +1,176 @@
+"""The compiled form of each traced program: torch's bits, built off the step path, cached per
+machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same, clone_kwargs, make_params, twin
+from registry import REGISTRY, Entry, ids
+
+from polyak.strategies import _codegen, _native
+
+vm = _native.load()
+needs_compiler = pytest.mark.skipif(
+    vm is None or _codegen._compiler() is None or not _codegen.enabled(),
+    reason="the flat kernel or a C++ compiler is unavailable",
+)
+
+# Odd sizes, sizes past a block and a tensor without elements: every tail is taken.
+SHAPES = [(3, 4), (5,), (300,), (2, 2, 2), (1000,), (0,), (67, 3)]
+
+
+def _cases() -> list[Any]:
+    return [
+        pytest.param(entry, config, id=f"{ids(entry)}-{i}")
+        for entry in REGISTRY
+        for i, config in enumerate(entry.configs)
+        if not any(isinstance(v, (torch.Tensor, tuple)) and _tensor_in(v) for v in config.values())
+    ]
+
+
+def _tensor_in(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return any(_tensor_in(v) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def _grads(params: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    grads = []
+    for p in params:
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        # Exact zeros (a moment of zero, whose sqrt MKL computes apart) and huge values.
+        g.view(-1)[::7] = 0
+        g.view(-1)[3::11] *= 1e18 if p.dtype == torch.float64 else 1e15
+        grads.append(g)
+    return grads
+
+
+def _plans(opt: Any) -> list[Any]:
+    return [e.plan for e in opt.__dict__.get("_flat_entries", {}).values() if e.plan is not None]
+
+
+def _run(
+    opt: Any, params: list[torch.Tensor], steps: int, gen: torch.Generator, wait_after: int = 2
+) -> None:
+    for k in range(steps):
+        for p, g in zip(params, _grads(params, gen), strict=True):
+            p.grad = g
+        opt.step()
+        if k + 1 == wait_after:
+            assert _codegen.wait(timeout=300)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("entry", "config"), _cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_compiled_kernel_is_bit_identical_to_torch(
+    entry: Entry, config: dict[str, Any], dtype: torch.dtype
+) -> None:
+    params = make_params(SHAPES, dtype=dtype)
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    _run(opt, params, 6, torch.Generator().manual_seed(1))
+    _run(ref, ref_params, 6, torch.Generator().manual_seed(1))
+    plans = _plans(opt)
+    assert plans and all(plan.compiled_steps >= 4 for plan in plans)
+    # Bit for bit, NaNs included (eps=0 makes 0/0).
+    for a, b in zip(params, ref_params, strict=True):
+        assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+@needs_compiler
+@pytest.mark.parametrize(("entry", "config"), _cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_compiled_fused_steps_equal_the_interpreter_bit_for_bit(
+    entry: Entry, config: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fused=True``: storage rounding of half types and the correctly rounded sqrt."""
+    params = make_params(SHAPES, dtype=dtype)
+    other = twin(params)
+    opt = entry.cls(params, fused=True, **clone_kwargs(config))
+    _run(opt, params, 5, torch.Generator().manual_seed(2))
+    assert all(plan.compiled_steps >= 3 for plan in _plans(opt))
+    monkeypatch.setattr(_codegen, "_kernels", {})
+    monkeypatch.setenv("POLYAK_COMPILE", "0")
+    slow = entry.cls(other, fused=True, **clone_kwargs(config))
+    _run(slow, other, 5, torch.Generator().manual_seed(2))
+    assert all(plan.compiled_steps == 0 for plan in _plans(slow))
+    for a, b in zip(params, other, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@needs_compiler
+def test_steps_run_before_the_build_is_done_and_switch_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an empty cache the first steps interpret the program, with the same numbers, and
+    the build lands in the cache for later processes."""
+    monkeypatch.setenv("POLYAK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_codegen, "_kernels", {})
+    entry = next(e for e in REGISTRY if e.cls.__name__ == "SGD")
+    params = make_params(SHAPES)
+    ref_params = twin(params)
+    opt = entry.cls(params, lr=0.1, momentum=0.9)
+    ref = entry.reference(ref_params, lr=0.1, momentum=0.9)
+    gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    _run(opt, params, 2, gen, wait_after=-1)
+    _run(ref, ref_params, 2, ref_gen)
+    assert [plan.compiled_steps for plan in _plans(opt)] == [0]
+    assert _codegen.wait(timeout=300)
+    _run(opt, params, 3, gen, wait_after=-1)
+    _run(ref, ref_params, 3, ref_gen)
+    assert [plan.compiled_steps for plan in _plans(opt)] == [3]
+    assert_same(params, ref_params)
+    assert list(tmp_path.glob("*/program-*.so"))
+
+
+def test_the_cache_is_keyed_by_cpu_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Code built with -march=native never loads on another CPU type sharing the cache."""
+    if _codegen._compiler() is None:
+        pytest.skip("no C++ compiler")
+    here = _codegen._target("int x;", "program")
+    monkeypatch.setattr(_codegen, "_machine_keys", {})
+    monkeypatch.setattr(_codegen, "_cpu_signature", lambda: "x86_64|another CPU|sse2")
+    there = _codegen._target("int x;", "program")
+    assert here is not None and there is not None
+    assert here.name == there.name and here.parent != there.parent
+
+
+@needs_compiler
+def test_the_inline_sqrt_is_mkl_on_every_input() -> None:
+    """Where compiled programs compute MKL's sqrt inline, an exhaustive comparison with the
+    MKL function torch calls (every non-negative float32, the negative range sampled, and
+    the special values) finds no difference; and it is needed, as MKL is not correctly
+    rounded there."""
+    mode = _codegen.sqrt_mode(vm)
+    if mode != _codegen.SQRT_MKL_INLINE:
+        pytest.skip(f"this machine's programs do not compute sqrt inline (mode {mode})")
+    assert _codegen.probe_sqrt(vm, 0) == 0
+    assert _codegen.probe_sqrt(vm, 1) > 0
+
+
+def test_generated_code_keeps_each_element_in_registers() -> None:
+    """One loop over the elements, with each stream loaded and stored once; a sqrt computed by
+    a call splits it, handing values over through block arrays."""
+    from polyak.strategies import _trace
+
+    entry = next(e for e in REGISTRY if e.cls.__name__ == "Adam")
+    opt = entry.cls([torch.zeros(3, requires_grad=True)], lr=1e-3)
+    hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    program = _trace.trace(entry.cls.update, hyper, ["exp_avg", "exp_avg_sq"], ["step"])
+    vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
+    exact = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_EXACT)
+    body = exact[exact.index("const int64_t n = 64;") : exact.index("} else {")]
+    assert body.count("for (int64_t j") == 1
+    for reg in range(4):
+        assert body.count(f"m{reg}[j0 + j];") == 1  # one load each
+    assert body.count("__builtin_sqrtf") == 1
+    called = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_MKL_CALL)
+    body = called[called.index("const int64_t n = 64;") : called.index("} else {")]
+    assert body.count("for (int64_t j") == 2 and "ctx->vms((int)n, sq_in0, sq_out0" in body
