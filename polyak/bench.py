@@ -18,10 +18,12 @@ reported as skipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -34,13 +36,15 @@ import torch
 from torch import Tensor
 
 import polyak
+from polyak.strategies import _codegen
 
 #: Defaults of :func:`run_benchmark`, shared with the command line.
 DEFAULT_OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_CASES = ("small", "mlp", "convnet", "gpt2")
 DEFAULT_ROUNDS = 30
 DEFAULT_WARMUP = 3
-DEFAULT_THREADS = 2
+#: None: a sweep over 1 thread and every core (``1,2`` on a 2-core machine).
+DEFAULT_THREADS: tuple[int, ...] | None = None
 DEFAULT_BANDWIDTH_MIB = (64, 1024)
 DEFAULT_MEMORY_BUDGET_GIB = 8.0
 QUICK_ROUNDS = 5
@@ -227,7 +231,7 @@ class Environment:
     Attributes:
         torch_version: ``torch.__version__``.
         polyak_version: ``polyak.__version__``.
-        threads: ``torch.get_num_threads()`` during the run.
+        threads: the thread counts the run sweeps, each case timed at every one.
         bandwidth: in-place bandwidth in bytes per second, measured on its own before the cases,
             by operand size in MiB: context for the tables, whose "% of bw" column divides by
             the bandwidth of the same bytes measured within each case (:data:`MEMORY`).
@@ -237,17 +241,19 @@ class Environment:
         skipped_cases: cases left out, with the reason.
         load_average: the one-minute load average when the run started, or None where the
             platform has none; other work on the machine makes the timings noisier.
+        cpu: the CPU's model name, and the vector extensions it has that the kernels use.
     """
 
     torch_version: str
     polyak_version: str
-    threads: int
+    threads: tuple[int, ...]
     bandwidth: dict[int, float]
     peers: tuple[PeerStatus, ...]
     rounds: int
     warmup: int
     skipped_cases: tuple[tuple[str, str], ...] = ()
     load_average: float | None = None
+    cpu: str = ""
 
 
 @dataclass
@@ -317,6 +323,7 @@ class CaseResult:
         param_bytes: the bytes of the parameters.
         load_average: the one-minute load average when the case finished, or None where the
             platform has none.
+        threads: ``torch.get_num_threads()`` while the case ran.
     """
 
     optimizer: str
@@ -326,6 +333,16 @@ class CaseResult:
     bytes_moved: int
     param_bytes: int
     load_average: float | None = None
+    threads: int = 1
+
+    @property
+    def busy(self) -> float | None:
+        """The load the machine carried besides this run's threads, where it was enough to
+        make the figures unreliable (more than half a core), else None."""
+        if self.load_average is None:
+            return None
+        other = self.load_average - self.threads
+        return other if other > 0.5 else None
 
     def row(self, label: str) -> Row:
         """The row of a contender.
@@ -802,6 +819,8 @@ def _run_batch(
                         f"too slow: warm-up step {step + 1} took {elapsed:.1f} s "
                         f"(limit {step_limit:g} s; first step {fresh.first_step:.1f} s)"
                     )
+            # Steady state: the programs the warm-up asked for are compiled in the background.
+            _codegen.wait(timeout=600)
             contender.load_grads()
             fresh.peak_extra_bytes = step_peak_bytes(contender.optimizer.step)
             fresh.state_bytes = state_bytes(contender.optimizer)
@@ -849,6 +868,40 @@ def _run_batch(
     return kept_times
 
 
+def default_threads() -> tuple[int, ...]:
+    """The thread sweep of a default run: one thread (where compute limits a step) and every
+    core (where memory does)."""
+    cores = os.cpu_count() or 1
+    return (1,) if cores == 1 else (1, cores)
+
+
+#: The vector extensions worth naming in the report, as /proc/cpuinfo spells them.
+_VECTOR_FLAGS: tuple[str, ...] = (
+    *("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"),
+    *("avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "sve", "sve2"),
+)
+
+
+def cpu_description() -> str:
+    """The CPU's model and the vector extensions it has, e.g. ``AMD EPYC (avx2 fma avx512f)``."""
+    model, flags = "", set[str]()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    named = [flag for flag in _VECTOR_FLAGS if flag in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model} ({' '.join(named) or 'no vector extensions listed'}; torch uses {capability})"
+
+
 def _load_average() -> float | None:
     """The one-minute load average, or None where the platform has none."""
     try:
@@ -876,7 +929,7 @@ def iter_benchmark(
     *,
     rounds: int | None = None,
     warmup: int | None = None,
-    threads: int | None = DEFAULT_THREADS,
+    threads: Sequence[int] | int | None = DEFAULT_THREADS,
     peers: bool = True,
     quick: bool = False,
     bandwidth_mib: Sequence[int] | None = None,
@@ -892,7 +945,8 @@ def iter_benchmark(
         cases: case names from :data:`CASES`, or custom :class:`Case` objects.
         rounds: timed rounds per batch; None: 30, or 5 when ``quick``.
         warmup: warm-up steps per contender; None: 3, or 2 when ``quick``.
-        threads: ``torch.set_num_threads`` for the run (restored afterwards); None leaves it.
+        threads: the thread counts to time every case at, with ``torch.set_num_threads``
+            (restored afterwards); None: 1 and every core (:func:`default_threads`).
         peers: include the peer libraries that can be imported.
         quick: fewer rounds and warm-up steps, one bandwidth measurement, and no gpt2.
         bandwidth_mib: operand sizes, in MiB, to measure the in-place bandwidth at; the first
@@ -921,40 +975,51 @@ def iter_benchmark(
     warmup = warmup if warmup is not None else (QUICK_WARMUP if quick else DEFAULT_WARMUP)
     if bandwidth_mib is None:
         bandwidth_mib = QUICK_BANDWIDTH_MIB if quick else DEFAULT_BANDWIDTH_MIB
+    if threads is None:
+        sweep = default_threads()
+    elif isinstance(threads, int):
+        sweep = (threads,)
+    else:
+        sweep = tuple(threads)
+    if not sweep or any(t < 1 for t in sweep):
+        raise ValueError(f"thread counts must be positive, got {sweep}")
     previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
         load_average = _load_average()
         if progress is not None:
             progress("measuring the in-place bandwidth")
+        torch.set_num_threads(sweep[-1])
         bandwidth = {mib: measure_bandwidth(mib) for mib in bandwidth_mib}
         peer_status = import_peers() if peers else {}
         yield Environment(
             torch_version=torch.__version__,
             polyak_version=polyak.__version__,
-            threads=torch.get_num_threads(),
+            threads=sweep,
             bandwidth=bandwidth,
             peers=tuple(peer_status.values()),
             rounds=rounds,
             warmup=warmup,
             skipped_cases=tuple(skipped),
             load_average=load_average,
+            cpu=cpu_description(),
         )
         for name in optimizers:
             contenders = contenders_for(name, peer_status if peers else None)
             for case in selected:
-                yield bench_case(
-                    name,
-                    case,
-                    contenders,
-                    rounds=rounds,
-                    warmup=warmup,
-                    memory_budget=int(memory_budget_gib * _GIB),
-                    step_limit=step_limit,
-                    seed=seed,
-                    progress=progress,
-                )
+                for count in sweep:
+                    torch.set_num_threads(count)
+                    result = bench_case(
+                        name,
+                        case,
+                        contenders,
+                        rounds=rounds,
+                        warmup=warmup,
+                        memory_budget=int(memory_budget_gib * _GIB),
+                        step_limit=step_limit,
+                        seed=seed,
+                        progress=progress,
+                    )
+                    yield dataclasses.replace(result, threads=torch.get_num_threads())
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -1071,8 +1136,16 @@ def format_case(result: CaseResult, *, markdown: bool = False) -> str:
         if result.batches > 1
         else None
     )
+    title += f"; {result.threads} thread{'s' if result.threads > 1 else ''}"
     if result.load_average is not None:
         title += f"; load average {result.load_average:.2f}"
+    busy = result.busy
+    warning = (
+        None
+        if busy is None
+        else f"WARNING: unreliable figures: the machine carried a load of {busy:.1f} besides "
+        f"this run's {result.threads} thread{'s' if result.threads > 1 else ''}"
+    )
     lines: list[str]
     if markdown:
         lines = [f"#### {title}", ""]
@@ -1082,6 +1155,8 @@ def format_case(result: CaseResult, *, markdown: bool = False) -> str:
         notes = [f"n/a {note}" for note in unavailable]
         if batch_note is not None:
             notes.append(batch_note)
+        if warning is not None:
+            notes.insert(0, f"**{warning}**")
         if notes:
             lines += ["", *(f"- {note}" for note in notes)]
     else:
@@ -1094,6 +1169,8 @@ def format_case(result: CaseResult, *, markdown: bool = False) -> str:
         lines += [f"  n/a {note}" for note in unavailable]
         if batch_note is not None:
             lines.append(f"  note: {batch_note}")
+        if warning is not None:
+            lines.append(f"  {warning}")
     return "\n".join(lines)
 
 
@@ -1117,14 +1194,16 @@ def format_environment(environment: Environment, *, markdown: bool = False) -> s
             peers.append(f"{peer.distribution} {peer.version}")
         else:
             peers.append(f"{peer.distribution} skipped ({peer.error})")
+    threads = ", ".join(str(t) for t in environment.threads)
     items = [
+        f"CPU: {environment.cpu}, {os.cpu_count()} cores" if environment.cpu else "CPU: unknown",
         f"torch {environment.torch_version}, polyak {environment.polyak_version}, "
-        f"{environment.threads} threads, float32 on CPU"
+        f"threads {threads} (every case at each), float32 on CPU"
         + (
             ""
             if environment.load_average is None
             else f", load average {environment.load_average:.2f} at the start "
-            f"(a busy run adds about {environment.threads})"
+            "(a busy run adds about its thread count)"
         ),
         f"in-place bandwidth measured on its own (a.add_(b, alpha=0.5), 3 x operand size "
         f"moved, back to back): {bandwidth}",
@@ -1140,6 +1219,85 @@ def format_environment(environment: Environment, *, markdown: bool = False) -> s
     return "\n".join(items)
 
 
+#: The polyak contender the summary shows.
+SUMMARY_CONTENDER = "polyak (default)"
+
+
+def format_summary(cases: Sequence[CaseResult], *, markdown: bool = False) -> str:
+    """One line per (optimizer, case, thread count): the same-bytes add, torch's fused step and
+    polyak's default step, in median ms, with polyak's ratio to torch fused and share of the
+    bandwidth, and the best peer's ratio.
+
+    Args:
+        cases: the results to summarise, in run order.
+        markdown: render a Markdown table instead of aligned plain text.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    header = [
+        "optimizer / case",
+        "threads",
+        MEMORY,
+        REFERENCE,
+        SUMMARY_CONTENDER,
+        "x vs torch fused",
+        "% of bw",
+        "best peer (x vs fused)",
+    ]
+    table = [header]
+    for result in cases:
+
+        def ms(label: str, result: CaseResult = result) -> str:
+            try:
+                row = result.row(label)
+            except KeyError:
+                return "n/a"
+            return _format_ms(row.median) if row.ok else "n/a"
+
+        try:
+            ours: Row | None = result.row(SUMMARY_CONTENDER)
+        except KeyError:
+            ours = None
+        peers = [r for r in result.rows if r.ok and r.speedup is not None and not _own(r.label)]
+        best = max(peers, key=lambda r: r.speedup or 0.0, default=None)
+        share = ours.bandwidth_share if ours is not None else None
+        speedup = ours.speedup if ours is not None else None
+        name = f"{result.optimizer} / {result.case.name}"
+        if result.busy is not None:
+            name += f" (busy: load {result.load_average:.1f})"
+        table.append(
+            [
+                name,
+                str(result.threads),
+                ms(MEMORY),
+                ms(REFERENCE),
+                f"**{ms(SUMMARY_CONTENDER)}**" if markdown else ms(SUMMARY_CONTENDER),
+                "n/a" if speedup is None else f"{speedup:.2f}",
+                "n/a" if share is None else f"{share:.0%}",
+                "none" if best is None else f"{best.label} ({best.speedup:.2f})",
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(table[0]) + " |"]
+        lines.append("|" + "|".join([":---"] + ["---:"] * 6 + [":---"]) + "|")
+        lines += ["| " + " | ".join(cells) + " |" for cells in table[1:]]
+        return "\n".join(lines)
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if i in (0, 7) else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+        for cells in table
+    )
+
+
+def _own(label: str) -> bool:
+    """Whether a row is torch's, polyak's or the bandwidth yardstick (not a peer library)."""
+    return label.startswith(("torch ", "polyak", MEMORY))
+
+
 def format_result(result: BenchResult, *, markdown: bool = False) -> str:
     """Render a whole benchmark run: the environment and one table per (optimizer, case).
 
@@ -1152,4 +1310,5 @@ def format_result(result: BenchResult, *, markdown: bool = False) -> str:
     """
     parts = [format_environment(result.environment, markdown=markdown)]
     parts += [format_case(c, markdown=markdown) for c in result.cases]
+    parts.append(format_summary(result.cases, markdown=markdown))
     return "\n\n".join(parts)

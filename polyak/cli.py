@@ -102,6 +102,13 @@ def _comma_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
+def _thread_list(text: str) -> tuple[int, ...]:
+    counts = tuple(_positive_int(part) for part in text.split(",") if part.strip())
+    if not counts:
+        raise argparse.ArgumentTypeError("expected comma-separated positive thread counts")
+    return counts
+
+
 def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from polyak import bench
 
@@ -140,9 +147,13 @@ def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
-        default=bench.DEFAULT_THREADS,
-        help="torch.set_num_threads for the run (default: %(default)s)",
+        type=_thread_list,
+        default=None,
+        help=(
+            "comma-separated thread counts; every case is timed at each "
+            f"(default: {','.join(str(t) for t in bench.default_threads())}, "
+            "one thread and every core)"
+        ),
     )
     parser.add_argument(
         "--memory-budget",
@@ -180,6 +191,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"polyak bench: {line}", file=sys.stderr, flush=True)
 
+    cases = []
     for item in bench.iter_benchmark(
         args.optimizers,
         args.cases,
@@ -194,8 +206,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         if isinstance(item, bench.Environment):
             text = bench.format_environment(item, markdown=args.markdown)
         else:
+            cases.append(item)
             text = bench.format_case(item, markdown=args.markdown)
         print(text + "\n", flush=True)
+    if cases:
+        print("Summary\n", flush=True)
+        print(bench.format_summary(cases, markdown=args.markdown) + "\n", flush=True)
     return 0
 
 

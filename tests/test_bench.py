@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 import pytest
@@ -30,6 +32,7 @@ def result() -> bench.BenchResult:
         [TINY],
         rounds=ROUNDS,
         warmup=1,
+        threads=1,
         peers=False,
         bandwidth_mib=(4,),
     )
@@ -38,7 +41,8 @@ def result() -> bench.BenchResult:
 def test_environment(result: bench.BenchResult) -> None:
     environment = result.environment
     assert environment.torch_version == torch.__version__
-    assert environment.threads == bench.DEFAULT_THREADS
+    assert environment.threads == (1,)
+    assert environment.cpu
     assert environment.bandwidth and all(rate > 0 for rate in environment.bandwidth.values())
     assert environment.peers == ()
     assert environment.rounds == ROUNDS
@@ -199,3 +203,28 @@ def test_cli_rejects_unknown_case(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--cases", "small,resnet"])
     assert "resnet" in capsys.readouterr().err
+
+
+def test_a_default_run_sweeps_one_thread_and_every_core() -> None:
+    assert bench.default_threads()[0] == 1
+    assert bench.default_threads()[-1] == (os.cpu_count() or 1)
+
+
+def test_each_case_runs_at_every_thread_count_of_the_sweep() -> None:
+    ran = bench.run_benchmark(
+        ["sgd"], [TINY], rounds=1, warmup=1, threads=(1, 2), peers=False, bandwidth_mib=(4,)
+    )
+    assert ran.environment.threads == (1, 2)
+    assert [c.threads for c in ran.cases] == [1, 2]
+    summary = bench.format_summary(ran.cases, markdown=True)
+    assert summary.count("\n| sgd / tiny") == 2
+
+
+def test_a_busy_machine_is_flagged_in_the_table(result: bench.BenchResult) -> None:
+    case = dataclasses.replace(result.cases[0], load_average=3.0, threads=1)
+    assert case.busy == pytest.approx(2.0)
+    assert "WARNING: unreliable figures" in bench.format_case(case)
+    assert "WARNING: unreliable figures" in bench.format_case(case, markdown=True)
+    assert "busy" in bench.format_summary([case])
+    quiet = dataclasses.replace(case, load_average=1.2)
+    assert quiet.busy is None and "WARNING" not in bench.format_case(quiet)
