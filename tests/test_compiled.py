@@ -3,6 +3,7 @@ machine."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,11 @@ def test_the_cache_is_keyed_by_cpu_type(monkeypatch: pytest.MonkeyPatch) -> None
     """Code built with -march=native never loads on another CPU type sharing the cache."""
     if _codegen._compiler() is None:
         pytest.skip("no C++ compiler")
-    here = _codegen._target("int x;", "program")
+    root = _codegen.cache_dir()
+    here = _codegen._target("int x;", "program", root)
     monkeypatch.setattr(_codegen, "_machine_keys", {})
     monkeypatch.setattr(_codegen, "_cpu_signature", lambda: "x86_64|another CPU|sse2")
-    there = _codegen._target("int x;", "program")
+    there = _codegen._target("int x;", "program", root)
     assert here is not None and there is not None
     assert here.name == there.name and here.parent != there.parent
 
@@ -174,3 +176,29 @@ def test_generated_code_keeps_each_element_in_registers() -> None:
     called = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_MKL_CALL)
     body = called[called.index("const int64_t n = 64;") : called.index("} else {")]
     assert body.count("for (int64_t j") == 2 and "ctx->vms((int)n, sq_in0, sq_out0" in body
+
+
+@needs_compiler
+def test_an_unwritable_cache_falls_back_and_a_dead_build_is_cleaned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache that cannot be written (here a file where the folder should be) sends builds to
+    the per-user fallback; a dead build's folder, with no lock, stops nothing and is removed."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    fallback = tmp_path / "fallback"
+    monkeypatch.setenv("POLYAK_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(_codegen, "_roots", lambda: [blocked, fallback])
+    source = _codegen._PRELUDE + 'extern "C" int polyak_probe_value() { return 7; }\n'
+    cxx = _codegen._compiler()
+    assert cxx is not None
+    folder = fallback / _codegen._machine_key(cxx)
+    dead = folder / ".build-dead"
+    dead.mkdir(parents=True)
+    (dead / "program.cpp").write_text("half written")
+    os.utime(dead, (0, 0))
+    built = _codegen._build(source, "program")
+    assert built is not None and built.parent == folder
+    assert _codegen._open(built).polyak_probe_value() == 7
+    assert not dead.exists()
+    assert _codegen._built(source, "program") == built

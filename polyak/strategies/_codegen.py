@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -487,49 +488,84 @@ def _machine_key(cxx: str) -> str:
     return _machine_keys[cxx]
 
 
-def _target(source: str, name: str) -> Path | None:
+def _roots() -> list[Path]:
+    """The cache folders, in order: :func:`cache_dir`, then a per-user folder in the temporary
+    directory, for a cache that cannot be written (a read-only home, a shared cache)."""
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"polyak-{user}"]
+
+
+def _target(source: str, name: str, root: Path) -> Path | None:
     cxx = _compiler()
     if cxx is None:
         return None
     key = hashlib.sha256(source.encode()).hexdigest()[:24]
-    return cache_dir() / _machine_key(cxx) / f"{name}-{key}.so"
+    return root / _machine_key(cxx) / f"{name}-{key}.so"
 
 
 def _built(source: str, name: str) -> Path | None:
-    """The cached build of ``source``, if there is one."""
-    target = _target(source, name)
-    return target if target is not None and target.exists() else None
+    """The cached build of ``source``, if there is one; reading needs no write access."""
+    for root in _roots():
+        target = _target(source, name, root)
+        if target is not None and target.exists():
+            return target
+    return None
+
+
+#: A build folder older than this belonged to a process that died while it built.
+_STALE_SECONDS = 3600.0
 
 
 def _build(source: str, name: str) -> Path | None:
     """The shared library built from ``source`` for this machine, from the cache if there;
-    None where it cannot be built."""
+    None where it cannot be built.
+
+    Each build runs in a folder of its own, and its result is renamed into place: a build killed
+    midway leaves no partial library and no lock, two processes building the same program both
+    succeed, and the folders of dead builds are removed by later ones.
+    """
     cxx = _compiler()
-    target = _target(source, name)
-    if cxx is None or target is None:
+    if cxx is None:
         return None
-    if target.exists():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
-            src = Path(scratch) / f"{name}.cpp"
-            src.write_text(source)
-            lib = Path(scratch) / f"{name}.so"
-            done = subprocess.run(
-                [cxx, *_FLAGS, "-o", str(lib), str(src)],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            if done.returncode != 0:
-                return None
-            # Atomic: another process building the same program at once replaces it whole.
-            os.replace(lib, target)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return target
+    found = _built(source, name)
+    if found is not None:
+        return found
+    for root in _roots():
+        target = _target(source, name, root)
+        assert target is not None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(target.parent)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+                src = Path(scratch) / f"{name}.cpp"
+                src.write_text(source)
+                lib = Path(scratch) / f"{name}.so"
+                done = subprocess.run(
+                    [cxx, *_FLAGS, "-o", str(lib), str(src)],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    check=False,
+                )
+                if done.returncode != 0:
+                    return None
+                os.replace(lib, target)
+            return target
+        except OSError:
+            continue  # not writable: the next folder
+        except subprocess.SubprocessError:
+            return None
+    return None
+
+
+def _remove_stale(folder: Path) -> None:
+    now = time.time()
+    for old in folder.glob(".build-*"):
+        try:
+            if now - old.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 _libraries: dict[Path, ctypes.CDLL] = {}
@@ -545,9 +581,9 @@ _sqrt_lock = threading.Lock()
 _sqrt_mode: int | None = None
 
 
-def _verdict_path() -> Path | None:
+def _verdict_paths() -> list[Path]:
     cxx = _compiler()
-    return cache_dir() / _machine_key(cxx) / "sqrt.json" if cxx is not None else None
+    return [] if cxx is None else [root / _machine_key(cxx) / "sqrt.json" for root in _roots()]
 
 
 def _known_sqrt_mode(vm: Any) -> int | None:
@@ -557,12 +593,11 @@ def _known_sqrt_mode(vm: Any) -> int | None:
         return _sqrt_mode
     if not vm.has_mkl_sqrt():
         return SQRT_EXACT
-    verdict = _verdict_path()
-    if verdict is not None and verdict.exists():
+    for verdict in _verdict_paths():
         try:
             mode = int(json.loads(verdict.read_text())["mode"])
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            continue
         if mode in (SQRT_EXACT, SQRT_MKL_INLINE, SQRT_MKL_CALL):
             _sqrt_mode = mode
             return mode
@@ -600,15 +635,15 @@ def sqrt_mode(vm: Any) -> int:
             mode = SQRT_MKL_INLINE
         elif probe_sqrt(vm, 1) == 0:
             mode = SQRT_EXACT
-        verdict = _verdict_path()
-        if verdict is not None:
+        for verdict in _verdict_paths():
             try:
                 verdict.parent.mkdir(parents=True, exist_ok=True)
                 partial = verdict.with_suffix(f".{os.getpid()}")
                 partial.write_text(json.dumps({"mode": mode}))
                 os.replace(partial, verdict)
+                break
             except OSError:
-                pass
+                continue
         _sqrt_mode = mode
         return mode
 
