@@ -191,6 +191,8 @@ struct Plan {
   std::vector<void*> sptr;       // [i][key]: where each scalar state value lives
   std::vector<double> sval;      // [i][key]: its value at the start of the step
   std::vector<uint8_t> sdouble;  // [i][key]: whether it is a double (else a float)
+  // The memory the last step found disjoint: ptr and sptr as they were then (empty: none yet).
+  std::vector<void*> disjoint_ptr, disjoint_sptr;
   std::vector<double> sregs;     // [i][register]: each tensor's scalar registers
   // The program to run (see _trace.py): vector and scalar code, the hyperparameter registers'
   // values, the scalar register count, and the bound registers the vector code writes.
@@ -281,6 +283,8 @@ void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r
   }
 }
 
+bool disjoint(Plan& plan);
+
 // Checks every tensor of the group, records where its data lives and runs its scalar program,
 // or returns false where this step cannot run flat; nothing is written to the tensors.
 //
@@ -344,7 +348,11 @@ bool check_group(Plan& plan) {
       const at::Tensor& p = plan.params[i];
       const at::Tensor& g = impl_of(p)->grad();
       plan.numel[i] = -1;
-      if (!g.defined()) continue;
+      if (!g.defined()) {
+        std::fill_n(plan.ptr.data() + i * n_bound, n_bound, nullptr);
+        std::fill_n(plan.sptr.data() + i * ns, ns, nullptr);
+        continue;
+      }
       const int64_t numel = p.numel();
       bool fit = p.scalar_type() == plan.dtype && g.scalar_type() == plan.dtype &&
                  g.layout() == at::kStrided && p.is_contiguous() && g.is_contiguous() &&
@@ -352,7 +360,8 @@ bool check_group(Plan& plan) {
       void** ptr = plan.ptr.data() + i * n_bound;
       for (int64_t k = 0; fit && k < nv; ++k) {
         const at::Tensor& st = plan.vstate[k][i];
-        fit = st.scalar_type() == plan.dtype && st.is_contiguous() && st.numel() == numel &&
+        // The parameter's shape, not only its size: torch refuses state of another shape.
+        fit = st.scalar_type() == plan.dtype && st.is_contiguous() && st.sizes() == p.sizes() &&
               st.is_cpu();
         if (fit) ptr[2 + k] = st.data_ptr();
       }
@@ -388,7 +397,41 @@ bool check_group(Plan& plan) {
       }
     }
   });
-  return !unfit.load();
+  return !unfit.load() && disjoint(plan);
+}
+
+// Whether the memory every step writes (parameters, vector and scalar state) is disjoint.
+// Parameters over one storage, overlapping views, or a step counter shared by several
+// parameters are updated one after the other by torch; the flat pass would update them at
+// once, so such a group takes the reference path. Pointers seldom change between steps, so
+// the sort runs only when one did.
+bool disjoint(Plan& plan) {
+  if (plan.ptr == plan.disjoint_ptr && plan.sptr == plan.disjoint_sptr) return true;
+  const int64_t n = static_cast<int64_t>(plan.params.size());
+  const int64_t n_bound = 2 + static_cast<int64_t>(plan.vstate.size());
+  const int64_t ns = static_cast<int64_t>(plan.sstate.size());
+  const int64_t item = static_cast<int64_t>(c10::elementSize(plan.dtype));
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  spans.reserve(n * (n_bound - 1 + ns));
+  for (int64_t i = 0; i < n; ++i) {
+    if (plan.numel[i] < 0) continue;  // no gradient: nothing written
+    for (int64_t b = 0; b < n_bound && plan.numel[i] > 0; ++b) {
+      if (b == 1) continue;  // the gradient is only read
+      const auto at = reinterpret_cast<uintptr_t>(plan.ptr[i * n_bound + b]);
+      spans.emplace_back(at, at + plan.numel[i] * item);
+    }
+    for (int64_t k = 0; k < ns; ++k) {
+      const auto at = reinterpret_cast<uintptr_t>(plan.sptr[i * ns + k]);
+      spans.emplace_back(at, at + (plan.sdouble[i * ns + k] ? 8 : 4));
+    }
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k) {
+    if (spans[k].first < spans[k - 1].second) return false;
+  }
+  plan.disjoint_ptr = plan.ptr;
+  plan.disjoint_sptr = plan.sptr;
+  return true;
 }
 
 // Writes a scalar state value, already rounded to its dtype.

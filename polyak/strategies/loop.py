@@ -71,6 +71,17 @@ def _mode(
     return contextlib.nullcontext() if _batchable(params, grads, hp) else _ops.per_tensor()
 
 
+def _shared(params: list[Tensor], state: dict[str, list[Tensor | None]]) -> bool:
+    """Whether parameters share memory, or several parameters share a state tensor."""
+    tensors = [*params, *(t for values in state.values() for t in values if t is not None)]
+    if len({id(t) for t in tensors}) != len(tensors):
+        return True
+    storages = {
+        p.untyped_storage().data_ptr() for p in params if p.numel() and p.layout == torch.strided
+    }
+    return len(storages) != sum(1 for p in params if p.numel() and p.layout == torch.strided)
+
+
 def run(
     update: Any,
     params: list[Tensor],
@@ -79,9 +90,10 @@ def run(
     hp: Any,
 ) -> None:
     """Call ``update`` chunk by chunk, writing back any state it creates."""
-    if len({id(p) for p in params}) != len(params):
-        # A parameter listed twice is updated twice in turn, as torch.optim's loop does: one
-        # parameter per call, so the second update sees the first.
+    if _shared(params, state):
+        # A parameter listed twice, or state shared by several parameters (a step counter
+        # assigned to each by hand), is updated in turn, as torch.optim's loop does: one
+        # parameter per call, so each update sees the one before.
         for i in range(len(params)):
             run_on(update, [i], params, grads, state, hp, lambda *_: _ops.per_tensor())
         return

@@ -1,0 +1,114 @@
+"""Parameters and state that share memory, and state given memory of another shape: torch's
+behaviour on every strategy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from registry import REGISTRY, Entry, ids
+
+FLAGS = [{}, {"foreach": False}, {"foreach": True}]
+FLAG_IDS = ["default", "loop", "foreach"]
+
+
+def _stateful(entry: Entry) -> dict[str, Any]:
+    return dict(entry.stateful)
+
+
+def _run(
+    make: Any, build: Any, steps: int, seed: int = 0
+) -> tuple[list[torch.Tensor], Any, list[torch.Tensor]]:
+    """Build parameters, step them with fixed gradients, return them and the optimizer."""
+    params, keep = build()
+    opt = make(params)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, opt, keep
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
+def test_parameters_over_one_storage_are_updated_in_turn(
+    entry: Entry, flags: dict[str, Any]
+) -> None:
+    """Two Parameters over one storage, and overlapping views of one base."""
+
+    def build() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        gen = torch.Generator().manual_seed(1)
+        a = torch.randn(40, 30, generator=gen)
+        base = torch.randn(1000, generator=gen)
+        params = [
+            torch.nn.Parameter(a),
+            torch.nn.Parameter(a),
+            torch.nn.Parameter(base[:600]),
+            torch.nn.Parameter(base[400:]),
+        ]
+        return params, [a, base]
+
+    config = {**_stateful(entry), **flags}
+    _, _, ours = _run(lambda ps: entry.cls(ps, **config), build, 6)
+    _, _, theirs = _run(lambda ps: entry.reference(ps, **config), build, 6)
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("flags", FLAGS[:2], ids=FLAG_IDS[:2])
+def test_a_step_counter_shared_by_hand_advances_once_per_parameter(
+    entry: Entry, flags: dict[str, Any]
+) -> None:
+    def build() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(5, generator=gen)) for _ in range(3)]
+        return params, params
+
+    def make(cls: Any) -> Any:
+        def build_opt(params: list[torch.Tensor]) -> Any:
+            opt = cls(params, **_stateful(entry), **flags)
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            shared = opt.state[params[0]].get("step")
+            if isinstance(shared, torch.Tensor):
+                for p in params[1:]:
+                    opt.state[p]["step"] = shared
+            return opt
+
+        return build_opt
+
+    ours, opt, _ = _run(make(entry.cls), build, 3)
+    theirs, ref, _ = _run(make(entry.reference), build, 3)
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()
+    for p, q in zip(ours, theirs, strict=True):
+        for key, value in ref.state[q].items():
+            assert torch.equal(torch.as_tensor(opt.state[p][key]), torch.as_tensor(value)), key
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
+def test_state_given_memory_of_another_shape_is_refused_as_torch_refuses_it(
+    entry: Entry, flags: dict[str, Any]
+) -> None:
+    outcomes = []
+    for cls in (entry.cls, entry.reference):
+        p = torch.nn.Parameter(torch.randn(3, 5, generator=torch.Generator().manual_seed(3)))
+        opt = cls([p], **_stateful(entry), **flags)
+        p.grad = torch.ones(3, 5)
+        opt.step()
+        p.grad = torch.ones(3, 5)
+        opt.step()
+        for value in opt.state[p].values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value.data = value.data.t().contiguous()
+        try:
+            opt.step()
+            outcomes.append(None)
+        except RuntimeError as error:
+            outcomes.append(type(error))
+    assert outcomes[0] == outcomes[1]
