@@ -37,6 +37,7 @@ from torch import Tensor
 
 import polyak
 from polyak.strategies import _codegen
+from polyak.strategies import _native as native
 
 #: Defaults of :func:`run_benchmark`, shared with the command line.
 DEFAULT_OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -986,6 +987,8 @@ def iter_benchmark(
     previous_threads = torch.get_num_threads()
     try:
         load_average = _load_average()
+        # Steady state: the kernel is built before anything is timed.
+        native.load(wait=True)
         if progress is not None:
             progress("measuring the in-place bandwidth")
         torch.set_num_threads(sweep[-1])

@@ -14,7 +14,7 @@ from registry import REGISTRY, Entry, ids
 
 from polyak.strategies import _codegen, _native
 
-vm = _native.load()
+vm = _native.load(wait=True)
 needs_compiler = pytest.mark.skipif(
     vm is None or _codegen._compiler() is None or not _codegen.enabled(),
     reason="the flat kernel or a C++ compiler is unavailable",

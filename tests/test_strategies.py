@@ -16,7 +16,9 @@ from registry import REGISTRY, Entry, ids
 import polyak
 from polyak.strategies import _native, flat
 
-needs_kernel = pytest.mark.skipif(_native.load() is None, reason="the flat kernel is unavailable")
+needs_kernel = pytest.mark.skipif(
+    _native.load(wait=True) is None, reason="the flat kernel is unavailable"
+)
 
 
 @pytest.fixture
@@ -176,25 +178,34 @@ def test_flat_falls_back_for_odd_gradients(flat_steps: list[bool]) -> None:
     assert True not in flat_steps
 
 
-def test_no_kernel_means_a_warning_and_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch.utils import cpp_extension
-
-    def broken(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(cpp_extension, "load", broken)
+def test_no_kernel_means_one_warning_at_the_users_line_and_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(_native, "_module", None)
-    monkeypatch.setattr(_native, "_failed", False)
+    monkeypatch.setattr(_native, "_failed", "no C++ compiler was found: install g++")
+    monkeypatch.setattr(_native, "_warned", False)
     params = make_params()
     ref_params = twin(params)
-    with pytest.warns(RuntimeWarning, match="flat kernel could not be built"):
-        opt = polyak.Adam(params, lr=0.1)
-        ref = torch.optim.Adam(ref_params, lr=0.1)
+    opt = polyak.Adam(params, lr=0.1)
+    ref = torch.optim.Adam(ref_params, lr=0.1)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler was found: install g..") as record:
         step_both(opt, ref, params, ref_params, 3)
+    assert len(record) == 1 and record[0].filename.endswith("conftest.py")
+    assert "\n" not in str(record[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         step_both(opt, ref, params, ref_params, 2, seed=4)
     assert_same(params, ref_params)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
+def test_polyak_native_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("POLYAK_NATIVE", value)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_failed", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.load() is None
 
 
 @needs_kernel

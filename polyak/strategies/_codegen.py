@@ -61,6 +61,11 @@ from polyak.strategies._trace import (
 
 #: How a program computes sqrt: correctly rounded inline, MKL's algorithm inline, or MKL called.
 SQRT_EXACT, SQRT_MKL_INLINE, SQRT_MKL_CALL = 0, 1, 2
+SQRT_NAMES = {
+    SQRT_EXACT: "correctly rounded, inline",
+    SQRT_MKL_INLINE: "MKL's algorithm, inline (proven identical on this machine)",
+    SQRT_MKL_CALL: "MKL, called per block",
+}
 #: Bumped whenever the generated code changes meaning, so that old builds are not reused.
 _VERSION = 1
 # The kernel's flags (every rounding the one written), for a plain shared library.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -200,3 +200,39 @@ def step(optimizer: Any, group: dict[str, Any]) -> bool:
     # This step cannot run flat; look at the group afresh next time.
     cache.pop(id(group), None)
     return False
+
+
+def build_ahead() -> tuple[bool, list[str]]:
+    """Build the kernel, and compile the default program of every optimizer polyak exports
+    for float32 and float64, waiting for all of it.
+
+    Returns:
+        Whether the kernel is available, and lines saying what was built and where.
+    """
+    import polyak
+
+    vm = _native.load(wait=True)
+    if vm is None:
+        return False, [f"the flat kernel is unavailable: {_native._failed or 'turned off'}"]
+    lines = [f"flat kernel: {vm.__file__}"]
+    mode = _codegen.sqrt_mode(vm)
+    lines.append(f"sqrt in compiled programs: {_codegen.SQRT_NAMES[mode]}")
+    for name in polyak.__all__:
+        cls: Any = getattr(polyak, name)
+        if (
+            not (isinstance(cls, type) and issubclass(cls, polyak.Optimizer))
+            or cls is polyak.Optimizer
+        ):
+            continue
+        for dtype in _FLOATS:
+            param = torch.zeros(4, dtype=dtype, requires_grad=True)
+            try:
+                optimizer = cast(Any, cls)([param])
+            except Exception:
+                continue
+            for _ in range(2):
+                param.grad = torch.ones_like(param)
+                optimizer.step()
+    _codegen.wait()
+    lines.append(f"programs: {_codegen.cache_dir()}")
+    return True, lines

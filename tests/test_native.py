@@ -1,0 +1,119 @@
+"""Building the kernel: never a hang, never a half-built library, one clear line on failure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from polyak.strategies import _codegen, _native
+
+_FAKE_BUILD = "import sys, pathlib; pathlib.Path(sys.argv[3], sys.argv[1] + '.so').write_text('')"
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setattr(_codegen, "_roots", lambda: [root])
+    return root
+
+
+def _build_in_thread(timeout: float) -> str | None:
+    outcome: list[str | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(_native.build()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the build hung"
+    return outcome[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses fork and SIGKILL")
+def test_a_build_killed_midway_leaves_the_next_one_working(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _native._folders()[0]
+    folder.mkdir(parents=True)
+    # A build that holds the lock and has left torch's lock file, killed with SIGKILL.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, pathlib\n"
+            "from polyak.strategies import _native\n"
+            "folder = pathlib.Path(sys.argv[1])\n"
+            "with _native._exclusive(folder.with_suffix('.lock')):\n"
+            "    (folder / 'lock').write_text('')\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(120)\n",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    monkeypatch.setattr(_native, "_BUILD_SCRIPT", _FAKE_BUILD)
+    assert _build_in_thread(timeout=60) is None
+    assert not (folder / "lock").exists()
+    assert _native._built() == folder / f"{_native._name()}.so"
+
+
+def test_a_build_past_its_time_limit_is_stopped(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_native, "_BUILD_SCRIPT", "import time; time.sleep(60)")
+    monkeypatch.setattr(_native, "BUILD_TIMEOUT", 1.0)
+    started = time.monotonic()
+    reason = _build_in_thread(timeout=50)
+    assert reason is not None and "longer than 1 s" in reason
+    assert time.monotonic() - started < 50
+    assert _native._built() is None
+
+
+def test_no_compiler_is_one_line_with_the_fix(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_codegen, "_compiler", lambda: None)
+    reason = _native.build()
+    assert reason is not None and "\n" not in reason
+    assert "no C++ compiler" in reason and "install" in reason
+
+
+def test_an_unwritable_cache_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")  # a file where a folder must go
+    monkeypatch.setattr(_codegen, "_roots", lambda: [blocked])
+    reason = _native.build()
+    assert reason is not None and "POLYAK_CACHE_DIR" in reason
+
+
+def test_a_failed_build_names_its_cause(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        _native, "_BUILD_SCRIPT", "import sys; sys.exit('error: something.h: No such file')"
+    )
+    reason = _native.build()
+    assert reason is not None and "something.h" in reason and "\n" not in reason
+
+
+def test_a_build_in_a_read_only_cache_is_loaded_from_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second root holds a build; the first cannot be written: found without writing."""
+    blocked, shared = tmp_path / "blocked", tmp_path / "shared"
+    blocked.write_text("")
+    monkeypatch.setattr(_codegen, "_roots", lambda: [blocked, shared])
+    folder = _native._folders()[1]
+    folder.mkdir(parents=True)
+    library = folder / f"{_native._name()}.so"
+    library.write_text("")
+    folder.chmod(0o555)
+    try:
+        assert _native._built() == library
+        assert _native.build() is None
+    finally:
+        folder.chmod(0o755)
