@@ -61,10 +61,11 @@ def test_states_the_strategy_that_ran(result: DemoResult) -> None:
         assert run.flat_steps == 0
         assert run.strategy == "for-loop: the flat kernel is not available"
     else:
-        # Every step but the first, which creates the momentum buffers on the reference path.
-        assert run.flat_steps == steps - 1
-        assert (
-            run.strategy == f"flat kernel on {steps - 1} of {steps} steps, 1 on the reference path"
+        # Not the first step, which creates the momentum buffers on the reference path.
+        assert 1 <= run.flat_steps <= steps - 1
+        rest = steps - run.flat_steps
+        assert run.strategy == (
+            f"flat kernel on {run.flat_steps} of {steps} steps, {rest} on the reference path"
         )
 
 
