@@ -48,7 +48,8 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
             "Train a 64-64-10 MLP on scikit-learn's digits data twice, from the same initial "
             "weights and over the same minibatches: once with polyak.SGD and once with "
             "torch.optim.SGD (momentum 0.9, Nesterov). Print both test accuracies, the largest "
-            "parameter difference and the median optimizer.step() times, and plot both loss "
+            "parameter difference, the median and first optimizer.step() times and the "
+            "strategy each step ran (whether polyak's flat kernel ran), and plot both loss "
             f"curves. Needs the demo extra: {demo.INSTALL_HINT}."
         ),
     )
@@ -216,9 +217,11 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _format_time(seconds: float) -> str:
-    """Format a duration in microseconds below 1 ms, else in milliseconds."""
+    """Format a duration in microseconds below 1 ms, in seconds from 1 s, else in milliseconds."""
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} µs"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
     return f"{seconds * 1e3:.2f} ms"
 
 
@@ -237,11 +240,13 @@ def format_demo(result: DemoResult) -> str:
         f"digits: {result.n_train} train / {result.n_test} test, "
         f"{result.epochs} epochs x {result.steps_per_epoch} steps",
         "",
-        f"{'optimizer':<{width}}  {'test acc':>8}  {'median step':>11}",
+        f"{'optimizer':<{width}}  {'test acc':>8}  {'median step':>11}  {'first step':>10}  "
+        "strategy",
     ]
     for run in runs:
         lines.append(
             f"{run.name:<{width}}  {run.accuracy:>8.2%}  {_format_time(run.median_step_time):>11}"
+            f"  {_format_time(run.first_step_time):>10}  {run.strategy}"
         )
     verdict = "identical" if result.max_param_diff == 0.0 else "differ"
     lines += [

@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class RunResult:
         losses: the training loss of every step, in order.
         step_times: the wall time in seconds of every ``optimizer.step()`` call.
         model: the trained model.
+        flat_steps: how many steps polyak's flat kernel ran (0 for other optimizers).
+        strategy: how the steps ran, in words.
     """
 
     name: str
@@ -61,11 +63,18 @@ class RunResult:
     losses: list[float]
     step_times: list[float]
     model: nn.Module
+    flat_steps: int = 0
+    strategy: str = ""
 
     @property
     def median_step_time(self) -> float:
         """The median ``optimizer.step()`` wall time, in seconds."""
         return statistics.median(self.step_times)
+
+    @property
+    def first_step_time(self) -> float:
+        """The wall time of the first ``optimizer.step()``, in seconds."""
+        return self.step_times[0]
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,29 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean().item())
 
 
+def ran_flat(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's last step ran polyak's flat kernel.
+
+    The flat strategy keeps an entry with a plan for each group whose step it ran, and drops it
+    when a step has to take another strategy.
+    """
+    entries = getattr(optimizer, "__dict__", {}).get("_flat_entries") or {}
+    return any(entry.plan is not None for entry in entries.values())
+
+
+def describe_polyak_strategy(flat_steps: int, steps: int) -> str:
+    """Say in words how a polyak run's steps ran, given how many the flat kernel ran."""
+    if flat_steps:
+        others = steps - flat_steps
+        rest = f", {others} on the reference path" if others else ""
+        return f"flat kernel on {flat_steps} of {steps} steps{rest}"
+    from polyak.strategies import _native
+
+    if _native.load() is None:
+        return "for-loop: the flat kernel is not available"
+    return "for-loop: the flat kernel ran no step"
+
+
 def train(
     name: str,
     model: nn.Module,
@@ -197,7 +229,8 @@ def train(
         progress: show a progress bar.
 
     Returns:
-        The run's accuracy, per-step losses and step times, and the trained model.
+        The run's accuracy, per-step losses and step times, the trained model, and how many
+        steps ran polyak's flat kernel.
     """
     from tqdm import tqdm
 
@@ -207,6 +240,7 @@ def train(
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     losses: list[float] = []
     step_times: list[float] = []
+    flat_steps = 0
     model.train()
     with tqdm(
         total=len(orders) * steps_per_epoch, desc=f"{name:<15}", disable=not progress, leave=True
@@ -220,9 +254,12 @@ def train(
                 start = time.perf_counter()
                 optimizer.step()
                 step_times.append(time.perf_counter() - start)
+                flat_steps += ran_flat(optimizer)
                 losses.append(loss.item())
                 bar.update()
-    return RunResult(name, accuracy(model, x_test, y_test), losses, step_times, model)
+    return RunResult(
+        name, accuracy(model, x_test, y_test), losses, step_times, model, flat_steps=flat_steps
+    )
 
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:
@@ -303,9 +340,17 @@ def run_demo(
     def make_torch(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, **hyper)
 
-    runs = [
+    polyak_run, torch_run = (
         train(name, copy.deepcopy(initial), factory, data, orders, batch_size, progress)
         for name, factory in (("polyak.SGD", make_polyak), ("torch.optim.SGD", make_torch))
+    )
+    runs = [
+        replace(
+            polyak_run,
+            strategy=describe_polyak_strategy(polyak_run.flat_steps, len(polyak_run.step_times)),
+        ),
+        # torch.optim's default on the CPU: its foreach path is the default on accelerators only.
+        replace(torch_run, strategy="for-loop"),
     ]
     path = Path(out)
     plot_losses(

@@ -586,8 +586,7 @@ class Optimizer(torch.optim.Optimizer):
             if entry:
                 # A parameter's state is all or nothing: what init_state makes must be there,
                 # as a tensor of the shape it makes.
-                meta = torch.empty_like(param, device="meta")
-                for key, template in self.init_state(meta, Hyper(group)).items():
+                for key, template in self.init_state(_stand_in(param), Hyper(group)).items():
                     if entry.get(key) is None:
                         raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
                     _checks.check_state_tensor(pid, key, entry[key], template.shape)
@@ -642,6 +641,22 @@ class Optimizer(torch.optim.Optimizer):
                     f"parameter of dtype {param.dtype}"
                 )
         return _cast_state(param, key, value, group)
+
+
+#: Up to this many elements, a parameter's state templates are made on a real CPU tensor.
+_REAL_STAND_IN_NUMEL = 1 << 20
+
+
+def _stand_in(param: Tensor) -> Tensor:
+    """A tensor of ``param``'s shape and dtype on which ``init_state`` shows the state it makes.
+
+    A small parameter gets a real CPU tensor: ``zeros_like`` on the meta device runs torch's
+    Python meta kernel, which imports ``torch.fx``'s symbolic shapes and sympy, 0.3-1 s in a
+    process's first ``load_state_dict``. A large one gets a meta tensor, which allocates nothing.
+    """
+    if param.numel() <= _REAL_STAND_IN_NUMEL:
+        return torch.empty(param.shape, dtype=param.dtype)
+    return torch.empty_like(param, device="meta")
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from polyak.cli import main
+from polyak.cli import format_demo, main
 from polyak.demo import DemoResult, run_demo
+from polyak.strategies import _native
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -49,6 +50,52 @@ def test_losses_and_step_times_per_step(result: DemoResult) -> None:
         assert len(run.step_times) == steps
         assert all(math.isfinite(loss) for loss in run.losses)
         assert run.median_step_time > 0
+
+
+def test_states_the_strategy_that_ran(result: DemoResult) -> None:
+    run = result.polyak_run
+    steps = len(run.step_times)
+    assert result.torch_run.flat_steps == 0
+    assert result.torch_run.strategy == "for-loop"
+    if _native.load() is None:
+        assert run.flat_steps == 0
+        assert run.strategy == "for-loop: the flat kernel is not available"
+    else:
+        # Not the first step, which creates the momentum buffers on the reference path.
+        assert 1 <= run.flat_steps <= steps - 1
+        rest = steps - run.flat_steps
+        assert run.strategy == (
+            f"flat kernel on {run.flat_steps} of {steps} steps, {rest} on the reference path"
+        )
+
+
+def test_without_the_kernel_the_summary_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_native, "load", lambda: None)
+    result = run_demo(epochs=1, out=tmp_path / "x.png", progress=False)
+    assert result.polyak_run.flat_steps == 0
+    assert result.polyak_run.strategy == "for-loop: the flat kernel is not available"
+    assert result.max_param_diff == 0.0
+
+
+def test_summary_shows_first_step_and_strategy(result: DemoResult) -> None:
+    lines = format_demo(result).splitlines()
+    header = next(line for line in lines if line.startswith("optimizer "))
+    assert header.split() == [
+        "optimizer",
+        "test",
+        "acc",
+        "median",
+        "step",
+        "first",
+        "step",
+        "strategy",
+    ]
+    for run in (result.polyak_run, result.torch_run):
+        assert run.first_step_time == run.step_times[0] > 0
+        row = next(line for line in lines if line.startswith(run.name + " "))
+        assert row.endswith("  " + run.strategy)
 
 
 def test_rejects_bad_arguments(tmp_path: Path) -> None:

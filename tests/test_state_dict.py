@@ -297,3 +297,67 @@ def test_hyperparameters_no_constructor_takes_are_refused_at_load(
     with pytest.raises(ValueError) as constructed:
         cls(make_params(), **{**entry.stateful, **values})
     assert str(caught.value) == str(constructed.value)
+
+
+_INIT_STATE = [e for e in REGISTRY if e.cls.init_state is not polyak.Optimizer.init_state]
+
+
+@pytest.mark.parametrize("entry", _INIT_STATE, ids=ids)
+@pytest.mark.parametrize("numel", [6, (1 << 20) + 1], ids=["small", "large"])
+def test_state_missing_a_key_is_rejected_whatever_the_parameter_size(
+    entry: Entry, numel: int
+) -> None:
+    params = make_params([(numel,)])
+    opt = entry.cls(params, **entry.stateful)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    good = opt.state_dict()
+    before = _snapshot(opt)
+    assert good["state"][0]
+    for key in good["state"][0]:
+        bad = copy.deepcopy(good)
+        del bad["state"][0][key]
+        with pytest.raises(KeyError, match=f"has no '{key}' entry"):
+            opt.load_state_dict(bad)
+        assert_same(_snapshot(opt), before)
+
+
+_LOAD_IMPORTS_SCRIPT = """
+import sys
+import torch
+from registry import REGISTRY
+
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)
+)
+for entry in REGISTRY:
+    opt = entry.cls(model.parameters(), **entry.stateful)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    opt.step()
+    entry.cls(model.parameters(), **entry.stateful).load_state_dict(opt.state_dict())
+print(sorted(m for m in ("sympy", "torch.fx.experimental.symbolic_shapes") if m in sys.modules))
+"""
+
+
+def test_load_state_dict_of_a_small_model_imports_no_symbolic_shapes() -> None:
+    # Checking a checkpoint against the state a parameter's first step makes must not pull in
+    # torch's symbolic-shape machinery and sympy: importing them took 0.3-1 s, in a process's
+    # first load_state_dict, for a model of a few kilobytes.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, POLYAK_NATIVE="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _LOAD_IMPORTS_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tests.parent,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

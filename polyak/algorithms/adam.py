@@ -24,37 +24,40 @@ def _scalar_dtype(fused: bool | None) -> torch.dtype:
 class Adam(Optimizer):
     r"""Adam: adaptive moment estimation.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1}
-            \quad\text{(or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,\theta_{t-1}
-            \text{ when decoupled)} \\
-        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
-        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
-        \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \ \text{(amsgrad)} \quad\text{or}\quad v_t \\
-        \theta_t &\leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
-            \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` =
-    ``eps`` and :math:`\lambda` = ``weight_decay``; the gradient is negated when ``maximize``.
-    Complex parameters are updated as pairs of reals.
+        m_t ← β_1 m_{t-1} + (1 - β_1) g_t
+
+        v_t ← β_2 v_{t-1} + (1 - β_2) g_t^2
+
+        u_t ← max(u_{t-1}, v_t)
+
+        θ_t ← θ_{t-1} - γ / (1 - β_1^t) · m_t / (√u_t / √(1 - β_2^t) + ε)
+
+    where γ = ``lr``, (β_1, β_2) = ``betas``, ε = ``eps`` and λ = ``weight_decay``; the
+    gradient is negated (−) when ``maximize``. The maximum u_t is kept with ``amsgrad``;
+    without it, u_t = v_t. With ``decoupled_weight_decay`` (AdamW), λ θ_{t-1} is left out of
+    g_t and the parameters shrink first instead: θ_{t-1} ← (1 - γ λ) θ_{t-1}. Complex
+    parameters are updated as pairs of reals.
 
     Note:
-        As in torch.optim, :math:`\epsilon` is added after dividing :math:`\sqrt{\hat v_t}` by
-        :math:`\sqrt{1 - \beta_2^t}` (the paper adds :math:`\hat\epsilon` to the bias-corrected
-        root), and the bias corrections fold into the step size. The moments start at zero.
+        As in torch.optim, ε is added after dividing √u_t by √(1 - β_2^t) (the paper adds ε
+        to the bias-corrected root), and the bias corrections fold into the step size. The
+        moments start at zero.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-3).
-        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1), both floats or both tensors
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 1e-3).
+        betas: (β_1, β_2), each in [0, 1), both floats or both tensors
             (default: (0.9, 0.999)).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
-        weight_decay: :math:`\lambda`, >= 0 (default: 0).
-        amsgrad: use the running maximum of :math:`v_t` (default: False).
+        eps: ε, >= 0 (default: 1e-8).
+        weight_decay: λ, >= 0 (default: 0).
+        amsgrad: use the running maximum u_t of v_t (default: False).
         foreach: run the update over all of a group's tensors per operation; None lets polyak
             choose (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).

@@ -13,32 +13,36 @@ from polyak.optimizer import ParamsT
 class AdamW(Adam):
     r"""AdamW: Adam whose weight decay shrinks the parameters instead of entering the moments.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        \theta_{t-1} &\leftarrow (1 - \gamma\lambda)\,\theta_{t-1} \\
-        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
-        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
-        \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \ \text{(amsgrad)} \quad\text{or}\quad v_t \\
-        \theta_t &\leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
-            \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+        θ_{t-1} ← (1 - γ λ) θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` =
-    ``eps`` and :math:`\lambda` = ``weight_decay``.
+        m_t ← β_1 m_{t-1} + (1 - β_1) g_t
+
+        v_t ← β_2 v_{t-1} + (1 - β_2) g_t^2
+
+        u_t ← max(u_{t-1}, v_t)
+
+        θ_t ← θ_{t-1} - γ / (1 - β_1^t) · m_t / (√u_t / √(1 - β_2^t) + ε)
+
+    where γ = ``lr``, (β_1, β_2) = ``betas``, ε = ``eps`` and λ = ``weight_decay``; the
+    gradient is negated (−) when ``maximize``. The maximum u_t is kept with ``amsgrad``;
+    without it, u_t = v_t.
 
     Note:
-        As in torch.optim, the decay is scaled by the learning rate (:math:`\gamma\lambda`),
-        where Loshchilov and Hutter scale it by the schedule multiplier only.
+        As in torch.optim, the decay is scaled by the learning rate (γ λ), where Loshchilov
+        and Hutter scale it by the schedule multiplier only.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-3).
-        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
-        weight_decay: decoupled decay :math:`\lambda`, >= 0 (default: 1e-2).
-        amsgrad: use the running maximum of :math:`v_t` (default: False).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 1e-3).
+        betas: (β_1, β_2), each in [0, 1) (default: (0.9, 0.999)).
+        eps: ε, >= 0 (default: 1e-8).
+        weight_decay: decoupled decay λ, >= 0 (default: 1e-2).
+        amsgrad: use the running maximum u_t of v_t (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: as in :class:`Adam` (default: None).
         capturable: as in :class:`Adam` (default: False).

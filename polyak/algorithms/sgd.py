@@ -15,33 +15,36 @@ from polyak.strategies import StateLists
 class SGD(Optimizer):
     r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
-        b_t &\leftarrow \mu\, b_{t-1} + (1 - \tau)\, g_t \\
-        d_t &\leftarrow g_t + \mu\, b_t \ \text{(nesterov)} \quad\text{or}\quad b_t \\
-        \theta_t &\leftarrow \theta_{t-1} - \gamma\, d_t
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
-    :math:`\lambda` = ``weight_decay``, and the gradient is negated when ``maximize``. With
-    :math:`\mu = 0` there is no buffer and :math:`d_t = g_t`.
+        b_t ← μ b_{t-1} + (1 - τ) g_t
+
+        d_t ← g_t + μ b_t
+
+        θ_t ← θ_{t-1} - γ d_t
+
+    where γ = ``lr``, μ = ``momentum``, τ = ``dampening``, λ = ``weight_decay``, and the
+    gradient is negated (−) when ``maximize``. The step direction d_t is as written with
+    ``nesterov``; without it, d_t = b_t. With μ = 0 there is no buffer and d_t = g_t.
 
     Note:
         As in torch.optim, and unlike Polyak (1964) and Sutskever et al. (2013), the momentum
-        buffer starts as the first gradient, :math:`b_1 = g_1`, undamped; ``lr`` multiplies the
+        buffer starts as the first gradient, b_1 = g_1, undamped; ``lr`` multiplies the
         buffer rather than entering it, so changing ``lr`` mid-training does not rescale the
         velocity.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0
+        lr: learning rate γ, a float or a one-element tensor, >= 0
             (default: 1e-3).
-        momentum: momentum factor :math:`\mu`, >= 0 (default: 0).
-        dampening: dampening :math:`\tau` of the momentum (default: 0).
-        weight_decay: L2 penalty :math:`\lambda`, >= 0 (default: 0).
+        momentum: momentum factor μ, >= 0 (default: 0).
+        dampening: dampening τ of the momentum (default: 0).
+        weight_decay: L2 penalty λ, >= 0 (default: 0).
         nesterov: use Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``
             (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
