@@ -488,7 +488,8 @@ def _machine_key(cxx: str) -> str:
     """The cache's folder for this machine: CPU type, compiler, flags, torch and code version."""
     if cxx not in _machine_keys:
         parts = (str(_VERSION), _cpu_signature(), _compiler_version(cxx), " ".join(_FLAGS))
-        text = "|".join((*parts, torch.__version__))
+        # The kernel is a Python extension: its build serves one Python version and torch.
+        text = "|".join((*parts, torch.__version__, str(sys.implementation.cache_tag)))
         _machine_keys[cxx] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return _machine_keys[cxx]
 
