@@ -29,8 +29,8 @@ ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tupl
 StateDict: TypeAlias = dict[str, Any]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-#: Top-level state_dict key holding the number of completed ``step()`` calls. torch.optim reads
-#: only ``state`` and ``param_groups``, so it loads such a state_dict unchanged.
+#: The top-level key under which checkpoints of earlier polyak versions saved the number of
+#: completed ``step()`` calls. ``state_dict()`` writes torch's keys only; loading still reads it.
 STEP_COUNT_KEY = "_step_count"
 
 
@@ -149,7 +149,9 @@ class Optimizer(torch.optim.Optimizer):
         defaults: the hyperparameters given to the constructor, used for groups that omit them.
         state: per-parameter state, keyed by the parameter tensor itself.
         param_groups: the groups; each group's ``params`` are the model's very tensors.
-        _step_count: the number of completed ``step()`` calls; saved in the state_dict.
+        _step_count: the number of completed ``step()`` calls. It is kept by pickling; a
+            state_dict, whose keys are torch's, does not hold it, and ``load_state_dict`` reads
+            it back from the per-parameter ``step`` counts where the algorithm keeps them.
 
     A subclass sets ``defaults`` through ``__init__`` and supplies ``update(params, grads,
     state, hp)``, the update rule over lists, and optionally ``init_state(param, hp)``.
@@ -163,6 +165,9 @@ class Optimizer(torch.optim.Optimizer):
     #: Hyperparameters that checkpoints of older torch versions may lack, with the value torch
     #: gives them when loading or unpickling such a checkpoint.
     backfill: ClassVar[dict[str, Any]] = {}
+    #: Hyperparameters the class fixes, whatever a checkpoint or a pickle says (as torch.optim's
+    #: AdamW does for ``decoupled_weight_decay``).
+    fixed: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
@@ -222,6 +227,7 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.backfill.items():
                 group.setdefault(key, value)
+            group.update(self.fixed)
 
     def __repr__(self) -> str:
         text = type(self).__name__ + " ("
@@ -326,6 +332,8 @@ class Optimizer(torch.optim.Optimizer):
                 )
         if not seen.isdisjoint(tensors):
             raise ValueError("some parameters appear in more than one parameter group")
+        # The constructor's checks of its numbers, on the group as it will be.
+        self.check_hyperparameters({**param_group, **filled})
 
         # Checked: now change the caller's dict in place, as torch does, and keep it.
         param_group["params"] = tensors
@@ -469,31 +477,46 @@ class Optimizer(torch.optim.Optimizer):
 
         ``state`` maps each parameter's index (counted across groups in order) to its state;
         ``param_groups`` holds each group's hyperparameters with its ``params`` as indices.
-        ``_step_count`` is the number of completed steps. It holds only tensors and plain
-        Python values, so ``torch.load(..., weights_only=True)`` reads it, and
-        ``torch.optim`` optimizers load it.
+        These are torch's keys, and the only ones. It holds only tensors and plain Python
+        values, so ``torch.load(..., weights_only=True)`` reads it, and ``torch.optim``
+        optimizers load it.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        # Numbered as torch.optim numbers them: each parameter by its position counted across
+        # the groups, a parameter listed twice in one group by its last position there.
         index: dict[int, int] = {}
+        start = 0
         groups = []
         for group in self.param_groups:
             packed = {key: value for key, value in group.items() if key != "params"}
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-            packed["params"] = [index[id(p)] for p in group["params"]]
-            groups.append(packed)
-        packed_state = {
-            (index[id(key)] if isinstance(key, Tensor) else key): (
-                dict(value) if isinstance(value, dict) else value
+            index.update(
+                {id(p): i for i, p in enumerate(group["params"], start) if id(p) not in index}
             )
-            for key, value in self.state.items()
-        }
-        state_dict: StateDict = {
-            "state": packed_state,
-            "param_groups": groups,
-            STEP_COUNT_KEY: self._step_count,
-        }
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            start += len(packed["params"])
+            groups.append(packed)
+        packed_state: dict[Any, Any] = {}
+        others: dict[Any, Any] = {}
+        for key, value in self.state.items():
+            value = dict(value) if isinstance(value, dict) else value
+            if isinstance(key, Tensor):
+                packed_state[index[id(key)]] = value
+            else:
+                others[key] = value
+        taken = set(index.values())
+        for key, value in others.items():
+            # State under an id no group lists, kept from a checkpoint, as torch.optim keeps it.
+            if key in taken:
+                warnings.warn(
+                    f"optimizer.state holds state under id {key!r} that no parameter holds, "
+                    "and that id is also the index of a parameter in this state_dict; it is "
+                    "left out of the state_dict (it stays in optimizer.state)",
+                    stacklevel=2,
+                )
+                continue
+            packed_state[key] = value
+        state_dict: StateDict = {"state": packed_state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -557,12 +580,12 @@ class Optimizer(torch.optim.Optimizer):
                 "that doesn't match the size of optimizer's group"
             )
 
+        # Ids are whatever the writer chose: indices from state_dict(), parameter names from
+        # torch.distributed.checkpoint. Any hashable value serves, as in torch.optim.
         id_map: dict[Any, Tensor] = {}
         owner: dict[Any, int] = {}
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             for pid, p in zip(saved["params"], group["params"], strict=True):
-                if isinstance(pid, bool) or not isinstance(pid, int):
-                    raise TypeError(f"Invalid parameter id: {pid!r} (expected an int)")
                 if pid in id_map and id_map[pid] is not p:
                     raise ValueError(f"loaded state dict lists parameter id {pid} more than once")
                 id_map[pid] = p
@@ -573,6 +596,17 @@ class Optimizer(torch.optim.Optimizer):
             for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True))
         ]
 
+        orphans = [pid for pid in saved_state if pid not in id_map]
+        if orphans:
+            stateless = [pid for pid in id_map if pid not in saved_state]
+            if stateless:
+                warnings.warn(
+                    "loaded state dict has state under ids that no parameter group lists: "
+                    f"{orphans!r}, while the parameters with ids {stateless!r} have none; the "
+                    "state is kept under its ids, as torch.optim keeps it, and not used; check "
+                    "that the checkpoint's ids match its param_groups",
+                    stacklevel=3,
+                )
         state = OptimizerState()
         for pid, value in saved_state.items():
             if pid not in id_map:
@@ -590,7 +624,11 @@ class Optimizer(torch.optim.Optimizer):
                 for key, template in self.init_state(meta, Hyper(group)).items():
                     if entry.get(key) is None:
                         raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
-                    _checks.check_state_tensor(pid, key, entry[key], template.shape)
+                    if template.dim() == 0:
+                        # A counter (Adam's step) may be any one-element tensor, as in torch.
+                        _checks.check_state_scalar(pid, key, entry[key])
+                    else:
+                        _checks.check_state_tensor(pid, key, entry[key], template.shape)
             state[param] = {
                 key: self._read_state_value(pid, param, key, item, group)
                 for key, item in entry.items()
@@ -613,6 +651,7 @@ class Optimizer(torch.optim.Optimizer):
         self, i: int, saved: Mapping[str, Any], group: Mapping[str, Any]
     ) -> dict[str, Any]:
         new_group = copy.deepcopy(dict(saved))
+        new_group.update(self.fixed)
         # Only the optimizer's own hyperparameters are required: keys that others add to a
         # group (a scheduler's ``initial_lr``) are replaced by the saved group, as in torch.
         for key in self.defaults:

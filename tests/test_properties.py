@@ -80,7 +80,8 @@ def test_save_load_step_equals_uninterrupted(case: Any, before: int, after: int)
     _steps(opt, params, after, seed=2)
     _steps(resumed, resumed_params, after, seed=2)
     assert_same(resumed_params, params)
-    assert resumed._step_count == opt._step_count == before + after
+    if "step" in entry.cls.state_keys:
+        assert resumed._step_count == opt._step_count == before + after
 
 
 @SETTINGS

@@ -155,6 +155,9 @@ class Adam(Optimizer):
                 loads it and fails in ``step()``.
         """
         step = entry.get("step")
+        if isinstance(step, str):
+            # torch.optim reads a string as a sequence of characters, which no number is.
+            raise ValueError(f"Invalid step {step!r}: a step count is a finite number >= 0")
         if isinstance(step, (int, float)) or (torch.is_tensor(step) and step.numel() == 1):
             value = float(step)
             if not math.isfinite(value) or value < 0:
