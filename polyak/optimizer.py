@@ -416,33 +416,83 @@ class Optimizer(torch.optim.Optimizer):
             return
         grads = [cast(Tensor, p.grad) for p in params]
         self.check_step(group, params, grads)
-        if grad_scale is not None and group.get("fused"):
-            # Unscaled in place, as torch's fused kernels leave ``.grad``.
-            _ops.div_(grads, grad_scale.to(grads[0].device))
         hp = Hyper(group, as_numbers=bool(group.get("fused")))
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
-        # whose algorithm holds no state (SGD without momentum), and neither does polyak.
+        # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
+        # entries are stored once the step is known to run.
         entries: list[dict[str, Any]] = []
+        created: dict[Tensor, dict[str, Any]] = {}
         for p in params:
-            entry = self.state.get(p)
+            entry = self.state.get(p) or created.get(p)
             if not entry:
                 entry = self.init_state(p, hp)
                 if entry:
-                    self.state[p] = entry
-                    entry = self.state[p]
+                    created[p] = entry
             entries.append(entry)
         state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
         strategy = choose(group, params, grads)
-        if group.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
-            _run_promoted(strategy, type(self).update, params, grads, state, hp)
-        else:
-            strategy.run(type(self).update, params, grads, state, hp)
+        self._rehearse(group, strategy, params, grads, state, hp, entries)
+        # Checked: from here on the step writes.
+        if created:
+            for p in created:
+                self.state[p] = created[p]
+            entries = [
+                self.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
+            ]
+        if grad_scale is not None and group.get("fused"):
+            # Unscaled in place, as torch's fused kernels leave ``.grad``.
+            _ops.div_(grads, grad_scale.to(grads[0].device))
+        _run(strategy, type(self).update, params, grads, state, hp)
         for key, values in state.items():
             for p, entry, value in zip(params, entries, values, strict=True):
                 if value is not None and entry.get(key) is not value:
                     if not entry:
                         entry = self.state[p]
                     entry[key] = value
+
+    def _rehearse(
+        self,
+        group: dict[str, Any],
+        strategy: Strategy,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: StateLists,
+        hp: Hyper,
+        entries: list[dict[str, Any]],
+    ) -> None:
+        """Raise, before the step writes anything, any error the step would raise.
+
+        The update runs first on stand-ins of the same shapes and dtypes (meta tensors, and
+        copies of per-parameter counters), once for each new layout of the group: a state
+        tensor replaced or removed by hand, a flag changed. Where it fails, it runs once more
+        on copies of the real tensors so that the error is the one the step itself raises,
+        with its wording. Differentiable steps and sparse gradients are not rehearsed.
+        """
+        if group.get("differentiable") or any(g.is_sparse for g in grads):
+            return
+        layout = (strategy, _layout(vars(hp)), _layout(params), _layout(grads), _layout(state))
+        done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
+        if done.get(id(group)) == layout:
+            return
+        # A parameter's state is all or nothing, as torch.optim reads it: what init_state
+        # makes must be there (torch raises KeyError from its dict).
+        needed: dict[tuple[Any, ...], list[str]] = {}
+        for p, entry in zip(params, entries, strict=True):
+            kind = (p.shape, p.dtype, p.device)
+            if kind not in needed:
+                needed[kind] = list(self.init_state(_stand_in(p), hp))
+            for key in needed[kind]:
+                if key not in entry:
+                    raise KeyError(key)
+        update = type(self).update
+        try:
+            with torch.no_grad():
+                _run(strategy, update, *_stand_ins((params, grads, state), _stand_in), hp)
+        except Exception:
+            with torch.no_grad():
+                _run(strategy, update, *_stand_ins((params, grads, state), _copy), hp)
+            raise
+        done[id(group)] = layout
 
     @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
@@ -684,6 +734,62 @@ class Optimizer(torch.optim.Optimizer):
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _run(
+    strategy: Strategy,
+    update: Update,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: StateLists,
+    hp: Hyper,
+) -> None:
+    if hp.__dict__.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
+        _run_promoted(strategy, update, params, grads, state, hp)
+    else:
+        strategy.run(update, params, grads, state, hp)
+
+
+def _layout(value: Any) -> Any:
+    """What of ``value`` decides whether a step over it can fail: types, shapes, dtypes and
+    devices of its tensors, and of its numbers whether they are zero (rules branch on that)."""
+    if isinstance(value, Tensor):
+        return (type(value), value.shape, value.dtype, value.device, value.layout)
+    if isinstance(value, dict):
+        return tuple((key, _layout(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return (type(value), *map(_layout, value))
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return (type(value), value == 0)
+    return type(value)
+
+
+def _stand_in(t: Tensor) -> Tensor:
+    """A tensor like ``t`` without memory; per-parameter counters, which the update reads as
+    numbers, are copied."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.detach().clone()
+    return torch.empty_like(t.detach(), device="meta")
+
+
+def _copy(t: Tensor) -> Tensor:
+    return t.detach().clone()
+
+
+def _stand_ins(
+    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor], Tensor]
+) -> tuple[list[Tensor], list[Tensor], StateLists]:
+    params, grads, state = lists
+    return (
+        [make(p) for p in params],
+        [make(g) for g in grads],
+        {
+            key: [make(t) if isinstance(t, Tensor) else t for t in values]
+            for key, values in state.items()
+        },
+    )
 
 
 def _run_promoted(

@@ -183,6 +183,13 @@ class Adam(Optimizer):
             raise RuntimeError(
                 "lr as a Tensor is not supported for capturable=False and foreach=True"
             )
+        if group["foreach"] and not group["capturable"]:
+            # Tensor betas set on a group after construction, which refuses them here.
+            for name, beta in zip(("beta1", "beta2"), group["betas"], strict=False):
+                if isinstance(beta, Tensor):
+                    raise ValueError(
+                        f"{name} as a Tensor is not supported for capturable=False and foreach=True"
+                    )
         if group["capturable"]:
             for p in params:
                 step = self.state[p]["step"] if self.state.get(p) else p
