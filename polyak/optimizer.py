@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import operator
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -470,7 +471,14 @@ class Optimizer(torch.optim.Optimizer):
         """
         if group.get("differentiable") or any(g.is_sparse for g in grads):
             return
-        layout = (strategy, _layout(vars(hp)), _layout(params), _layout(grads), _layout(state))
+        # Gradients are left out: autograd keeps them of their parameter's shape, dtype and
+        # device.
+        layout = (
+            strategy,
+            _layout(vars(hp)),
+            _tensors_layout(params),
+            tuple(_tensors_layout(values) for values in state.values()),
+        )
         done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
         if done.get(id(group)) == layout:
             return
@@ -764,6 +772,19 @@ def _layout(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return (type(value), value == 0)
     return type(value)
+
+
+_META = operator.attrgetter("shape", "dtype", "device")
+
+
+def _tensors_layout(values: list[Any]) -> Any:
+    """:func:`_layout` of a list of tensors, at C speed where all are tensors (or None)."""
+    if values and values[0] is None and all(v is None for v in values):
+        return len(values)
+    try:
+        return (tuple(map(type, values)), tuple(map(_META, values)))
+    except AttributeError:  # a None, or a value that is not a tensor
+        return _layout(values)
 
 
 def _stand_in(t: Tensor) -> Tensor:
