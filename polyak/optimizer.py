@@ -467,21 +467,22 @@ class Optimizer(torch.optim.Optimizer):
         copies of per-parameter counters), once for each new layout of the group: a state
         tensor replaced or removed by hand, a flag changed. Where it fails, it runs once more
         on copies of the real tensors so that the error is the one the step itself raises,
-        with its wording. Differentiable steps and sparse gradients are not rehearsed.
+        with its wording. Differentiable steps and sparse gradients are not rehearsed; their
+        state entries are checked at every step.
         """
-        if group.get("differentiable") or any(g.is_sparse for g in grads):
-            return
-        # Gradients are left out: autograd keeps them of their parameter's shape, dtype and
-        # device.
-        layout = (
-            strategy,
-            _layout(vars(hp)),
-            _tensors_layout(params),
-            tuple(_tensors_layout(values) for values in state.values()),
-        )
-        done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
-        if done.get(id(group)) == layout:
-            return
+        rehearsed = not group.get("differentiable") and not any(g.is_sparse for g in grads)
+        if rehearsed:
+            # Gradients are left out: autograd keeps them of their parameter's shape, dtype and
+            # device.
+            layout = (
+                strategy,
+                _layout(vars(hp)),
+                _tensors_layout(params),
+                tuple(_tensors_layout(values) for values in state.values()),
+            )
+            done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
+            if done.get(id(group)) == layout:
+                return
         # A parameter's state is all or nothing, as torch.optim reads it: what init_state
         # makes must be there (torch raises KeyError from its dict).
         needed: dict[tuple[Any, ...], list[str]] = {}
@@ -492,6 +493,8 @@ class Optimizer(torch.optim.Optimizer):
             for key in needed[kind]:
                 if key not in entry:
                     raise KeyError(key)
+        if not rehearsed:
+            return
         update = type(self).update
         try:
             with torch.no_grad():

@@ -124,6 +124,23 @@ def test_a_failing_first_step_creates_no_state(flags: dict[str, Any]) -> None:
         assert len(opt.state) == len(params)
 
 
+@pytest.mark.parametrize("cls", [polyak.Adam, polyak.AdamW])
+def test_a_differentiable_step_missing_state_fails_before_writing(cls: Any) -> None:
+    results = []
+    for opt_cls in (getattr(torch.optim, cls.__name__), cls):
+        p = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True).clone()
+        opt = opt_cls([p], lr=0.1, differentiable=True)
+        p.grad = torch.tensor([0.3, 0.1, -0.2], dtype=torch.float64)
+        opt.step()
+        opt.param_groups[0]["amsgrad"] = True
+        before = copy.deepcopy((p.detach(), dict(opt.state[p])))
+        with pytest.raises(KeyError) as caught:
+            opt.step()
+        results.append(str(caught.value))
+        assert_same((p.detach(), dict(opt.state[p])), before)
+    assert results[0] == results[1] == "'max_exp_avg_sq'"
+
+
 # ------------------------------------------------------------------------- bits of NaN
 
 
