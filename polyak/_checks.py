@@ -212,7 +212,7 @@ def check_capturable_param(p: Tensor, step: Tensor) -> None:
         )
 
 
-def check_state_tensor(pid: int, key: Any, value: Any, shape: torch.Size) -> Tensor:
+def check_state_tensor(pid: Any, key: Any, value: Any, shape: torch.Size) -> Tensor:
     """A loaded state entry that must be a tensor of ``shape``."""
     if not isinstance(value, Tensor):
         raise TypeError(
@@ -223,5 +223,20 @@ def check_state_tensor(pid: int, key: Any, value: Any, shape: torch.Size) -> Ten
         raise ValueError(
             f"loaded state dict has a {key} of shape {tuple(value.shape)} for parameter {pid}, "
             f"expected {tuple(shape)}"
+        )
+    return value
+
+
+def check_state_scalar(pid: Any, key: Any, value: Any) -> Tensor:
+    """A loaded per-parameter counter: a one-element tensor of any shape."""
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"Invalid {key} for parameter {pid}: expected a Tensor, but got "
+            + torch.typename(value)
+        )
+    if value.numel() != 1:
+        raise ValueError(
+            f"loaded state dict has a {key} of shape {tuple(value.shape)} for parameter {pid}, "
+            "expected a one-element tensor"
         )
     return value

@@ -63,7 +63,12 @@ def add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> list[Tensor]
         return [x.addcmul(y.clone(), scale) for x, y in zip(xs, ys, strict=True)]
     if _PER_TENSOR.get() or not xs:
         return [x.add(y, alpha=scale) for x, y in zip(xs, ys, strict=True)]
-    return list(torch._foreach_add(xs, ys, alpha=scale))
+    # torch.optim's foreach paths add into the first operand in place, so the sum keeps its
+    # dtype where ``y`` is wider (a float64 momentum buffer of a float32 parameter).
+    return [
+        s if s.dtype == x.dtype else s.to(x.dtype)
+        for s, x in zip(torch._foreach_add(xs, ys, alpha=scale), xs, strict=True)
+    ]
 
 
 def add_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
@@ -210,6 +215,10 @@ def maximum_(xs: list[Tensor], ys: list[Tensor]) -> None:
     """``x = max(x, y)`` elementwise for each pair, NaN-propagating."""
     if _PER_TENSOR.get():
         for x, y in zip(xs, ys, strict=True):
-            torch.maximum(x, y, out=x)
+            if torch.is_grad_enabled():
+                # Autograd takes no ``out=``; torch.optim's differentiable step copies too.
+                x.copy_(torch.maximum(x.clone(), y))
+            else:
+                torch.maximum(x, y, out=x)
     elif xs:
         torch._foreach_maximum_(xs, ys)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import operator
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -29,8 +30,8 @@ ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tupl
 StateDict: TypeAlias = dict[str, Any]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-#: Top-level state_dict key holding the number of completed ``step()`` calls. torch.optim reads
-#: only ``state`` and ``param_groups``, so it loads such a state_dict unchanged.
+#: The top-level key under which checkpoints of earlier polyak versions saved the number of
+#: completed ``step()`` calls. ``state_dict()`` writes torch's keys only; loading still reads it.
 STEP_COUNT_KEY = "_step_count"
 
 
@@ -149,7 +150,9 @@ class Optimizer(torch.optim.Optimizer):
         defaults: the hyperparameters given to the constructor, used for groups that omit them.
         state: per-parameter state, keyed by the parameter tensor itself.
         param_groups: the groups; each group's ``params`` are the model's very tensors.
-        _step_count: the number of completed ``step()`` calls; saved in the state_dict.
+        _step_count: the number of completed ``step()`` calls. It is kept by pickling; a
+            state_dict, whose keys are torch's, does not hold it, and ``load_state_dict`` reads
+            it back from the per-parameter ``step`` counts where the algorithm keeps them.
 
     A subclass sets ``defaults`` through ``__init__`` and supplies ``update(params, grads,
     state, hp)``, the update rule over lists, and optionally ``init_state(param, hp)``.
@@ -163,6 +166,9 @@ class Optimizer(torch.optim.Optimizer):
     #: Hyperparameters that checkpoints of older torch versions may lack, with the value torch
     #: gives them when loading or unpickling such a checkpoint.
     backfill: ClassVar[dict[str, Any]] = {}
+    #: Hyperparameters the class fixes, whatever a checkpoint or a pickle says (as torch.optim's
+    #: AdamW does for ``decoupled_weight_decay``).
+    fixed: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
@@ -222,6 +228,7 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.backfill.items():
                 group.setdefault(key, value)
+            group.update(self.fixed)
 
     def __repr__(self) -> str:
         text = type(self).__name__ + " ("
@@ -326,6 +333,8 @@ class Optimizer(torch.optim.Optimizer):
                 )
         if not seen.isdisjoint(tensors):
             raise ValueError("some parameters appear in more than one parameter group")
+        # The constructor's checks of its numbers, on the group as it will be.
+        self.check_hyperparameters({**param_group, **filled})
 
         # Checked: now change the caller's dict in place, as torch does, and keep it.
         param_group["params"] = tensors
@@ -408,33 +417,93 @@ class Optimizer(torch.optim.Optimizer):
             return
         grads = [cast(Tensor, p.grad) for p in params]
         self.check_step(group, params, grads)
-        if grad_scale is not None and group.get("fused"):
-            # Unscaled in place, as torch's fused kernels leave ``.grad``.
-            _ops.div_(grads, grad_scale.to(grads[0].device))
         hp = Hyper(group, as_numbers=bool(group.get("fused")))
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
-        # whose algorithm holds no state (SGD without momentum), and neither does polyak.
+        # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
+        # entries are stored once the step is known to run.
         entries: list[dict[str, Any]] = []
+        created: dict[Tensor, dict[str, Any]] = {}
         for p in params:
-            entry = self.state.get(p)
+            entry = self.state.get(p) or created.get(p)
             if not entry:
                 entry = self.init_state(p, hp)
                 if entry:
-                    self.state[p] = entry
-                    entry = self.state[p]
+                    created[p] = entry
             entries.append(entry)
         state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
         strategy = choose(group, params, grads)
-        if group.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
-            _run_promoted(strategy, type(self).update, params, grads, state, hp)
-        else:
-            strategy.run(type(self).update, params, grads, state, hp)
+        self._rehearse(group, strategy, params, grads, state, hp, entries)
+        # Checked: from here on the step writes.
+        if created:
+            for p in created:
+                self.state[p] = created[p]
+            entries = [
+                self.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
+            ]
+        if grad_scale is not None and group.get("fused"):
+            # Unscaled in place, as torch's fused kernels leave ``.grad``.
+            _ops.div_(grads, grad_scale.to(grads[0].device))
+        _run(strategy, type(self).update, params, grads, state, hp)
         for key, values in state.items():
             for p, entry, value in zip(params, entries, values, strict=True):
                 if value is not None and entry.get(key) is not value:
                     if not entry:
                         entry = self.state[p]
                     entry[key] = value
+
+    def _rehearse(
+        self,
+        group: dict[str, Any],
+        strategy: Strategy,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: StateLists,
+        hp: Hyper,
+        entries: list[dict[str, Any]],
+    ) -> None:
+        """Raise, before the step writes anything, any error the step would raise.
+
+        The update runs first on stand-ins of the same shapes and dtypes (meta tensors, and
+        copies of per-parameter counters), once for each new layout of the group: a state
+        tensor replaced or removed by hand, a flag changed. Where it fails, it runs once more
+        on copies of the real tensors so that the error is the one the step itself raises,
+        with its wording. Differentiable steps and sparse gradients are not rehearsed; their
+        state entries are checked at every step.
+        """
+        rehearsed = not group.get("differentiable") and not any(g.is_sparse for g in grads)
+        if rehearsed:
+            # Gradients are left out: autograd keeps them of their parameter's shape, dtype and
+            # device.
+            layout = (
+                strategy,
+                _layout(vars(hp)),
+                _tensors_layout(params),
+                tuple(_tensors_layout(values) for values in state.values()),
+            )
+            done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
+            if done.get(id(group)) == layout:
+                return
+        # A parameter's state is all or nothing, as torch.optim reads it: what init_state
+        # makes must be there (torch raises KeyError from its dict).
+        needed: dict[tuple[Any, ...], list[str]] = {}
+        for p, entry in zip(params, entries, strict=True):
+            kind = (p.shape, p.dtype, p.device)
+            if kind not in needed:
+                needed[kind] = list(self.init_state(_stand_in(p), hp))
+            for key in needed[kind]:
+                if key not in entry:
+                    raise KeyError(key)
+        if not rehearsed:
+            return
+        update = type(self).update
+        try:
+            with torch.no_grad():
+                _run(strategy, update, *_stand_ins((params, grads, state), _stand_in), hp)
+        except Exception:
+            with torch.no_grad():
+                _run(strategy, update, *_stand_ins((params, grads, state), _copy), hp)
+            raise
+        done[id(group)] = layout
 
     @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
@@ -469,31 +538,46 @@ class Optimizer(torch.optim.Optimizer):
 
         ``state`` maps each parameter's index (counted across groups in order) to its state;
         ``param_groups`` holds each group's hyperparameters with its ``params`` as indices.
-        ``_step_count`` is the number of completed steps. It holds only tensors and plain
-        Python values, so ``torch.load(..., weights_only=True)`` reads it, and
-        ``torch.optim`` optimizers load it.
+        These are torch's keys, and the only ones. It holds only tensors and plain Python
+        values, so ``torch.load(..., weights_only=True)`` reads it, and ``torch.optim``
+        optimizers load it.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        # Numbered as torch.optim numbers them: each parameter by its position counted across
+        # the groups, a parameter listed twice in one group by its last position there.
         index: dict[int, int] = {}
+        start = 0
         groups = []
         for group in self.param_groups:
             packed = {key: value for key, value in group.items() if key != "params"}
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-            packed["params"] = [index[id(p)] for p in group["params"]]
-            groups.append(packed)
-        packed_state = {
-            (index[id(key)] if isinstance(key, Tensor) else key): (
-                dict(value) if isinstance(value, dict) else value
+            index.update(
+                {id(p): i for i, p in enumerate(group["params"], start) if id(p) not in index}
             )
-            for key, value in self.state.items()
-        }
-        state_dict: StateDict = {
-            "state": packed_state,
-            "param_groups": groups,
-            STEP_COUNT_KEY: self._step_count,
-        }
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            start += len(packed["params"])
+            groups.append(packed)
+        packed_state: dict[Any, Any] = {}
+        others: dict[Any, Any] = {}
+        for key, value in self.state.items():
+            value = dict(value) if isinstance(value, dict) else value
+            if isinstance(key, Tensor):
+                packed_state[index[id(key)]] = value
+            else:
+                others[key] = value
+        taken = set(index.values())
+        for key, value in others.items():
+            # State under an id no group lists, kept from a checkpoint, as torch.optim keeps it.
+            if key in taken:
+                warnings.warn(
+                    f"optimizer.state holds state under id {key!r} that no parameter holds, "
+                    "and that id is also the index of a parameter in this state_dict; it is "
+                    "left out of the state_dict (it stays in optimizer.state)",
+                    stacklevel=2,
+                )
+                continue
+            packed_state[key] = value
+        state_dict: StateDict = {"state": packed_state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -557,12 +641,12 @@ class Optimizer(torch.optim.Optimizer):
                 "that doesn't match the size of optimizer's group"
             )
 
+        # Ids are whatever the writer chose: indices from state_dict(), parameter names from
+        # torch.distributed.checkpoint. Any hashable value serves, as in torch.optim.
         id_map: dict[Any, Tensor] = {}
         owner: dict[Any, int] = {}
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             for pid, p in zip(saved["params"], group["params"], strict=True):
-                if isinstance(pid, bool) or not isinstance(pid, int):
-                    raise TypeError(f"Invalid parameter id: {pid!r} (expected an int)")
                 if pid in id_map and id_map[pid] is not p:
                     raise ValueError(f"loaded state dict lists parameter id {pid} more than once")
                 id_map[pid] = p
@@ -573,6 +657,17 @@ class Optimizer(torch.optim.Optimizer):
             for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True))
         ]
 
+        orphans = [pid for pid in saved_state if pid not in id_map]
+        if orphans:
+            stateless = [pid for pid in id_map if pid not in saved_state]
+            if stateless:
+                warnings.warn(
+                    "loaded state dict has state under ids that no parameter group lists: "
+                    f"{orphans!r}, while the parameters with ids {stateless!r} have none; the "
+                    "state is kept under its ids, as torch.optim keeps it, and not used; check "
+                    "that the checkpoint's ids match its param_groups",
+                    stacklevel=3,
+                )
         state = OptimizerState()
         for pid, value in saved_state.items():
             if pid not in id_map:
@@ -589,7 +684,11 @@ class Optimizer(torch.optim.Optimizer):
                 for key, template in self.init_state(_stand_in(param), Hyper(group)).items():
                     if entry.get(key) is None:
                         raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
-                    _checks.check_state_tensor(pid, key, entry[key], template.shape)
+                    if template.dim() == 0:
+                        # A counter (Adam's step) may be any one-element tensor, as in torch.
+                        _checks.check_state_scalar(pid, key, entry[key])
+                    else:
+                        _checks.check_state_tensor(pid, key, entry[key], template.shape)
             state[param] = {
                 key: self._read_state_value(pid, param, key, item, group)
                 for key, item in entry.items()
@@ -612,6 +711,7 @@ class Optimizer(torch.optim.Optimizer):
         self, i: int, saved: Mapping[str, Any], group: Mapping[str, Any]
     ) -> dict[str, Any]:
         new_group = copy.deepcopy(dict(saved))
+        new_group.update(self.fixed)
         # Only the optimizer's own hyperparameters are required: keys that others add to a
         # group (a scheduler's ``initial_lr``) are replaced by the saved group, as in torch.
         for key in self.defaults:
@@ -660,6 +760,75 @@ def _stand_in(param: Tensor) -> Tensor:
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _run(
+    strategy: Strategy,
+    update: Update,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: StateLists,
+    hp: Hyper,
+) -> None:
+    if hp.__dict__.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
+        _run_promoted(strategy, update, params, grads, state, hp)
+    else:
+        strategy.run(update, params, grads, state, hp)
+
+
+def _layout(value: Any) -> Any:
+    """What of ``value`` decides whether a step over it can fail: types, shapes, dtypes and
+    devices of its tensors, and of its numbers whether they are zero (rules branch on that)."""
+    if isinstance(value, Tensor):
+        return (type(value), value.shape, value.dtype, value.device, value.layout)
+    if isinstance(value, dict):
+        return tuple((key, _layout(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return (type(value), *map(_layout, value))
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return (type(value), value == 0)
+    return type(value)
+
+
+_META = operator.attrgetter("shape", "dtype", "device")
+
+
+def _tensors_layout(values: list[Any]) -> Any:
+    """:func:`_layout` of a list of tensors, at C speed where all are tensors (or None)."""
+    if values and values[0] is None and all(v is None for v in values):
+        return len(values)
+    try:
+        return (tuple(map(type, values)), tuple(map(_META, values)))
+    except AttributeError:  # a None, or a value that is not a tensor
+        return _layout(values)
+
+
+def _stand_in(t: Tensor) -> Tensor:
+    """A tensor like ``t`` without memory; per-parameter counters, which the update reads as
+    numbers, are copied."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.detach().clone()
+    return torch.empty_like(t.detach(), device="meta")
+
+
+def _copy(t: Tensor) -> Tensor:
+    return t.detach().clone()
+
+
+def _stand_ins(
+    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor], Tensor]
+) -> tuple[list[Tensor], list[Tensor], StateLists]:
+    params, grads, state = lists
+    return (
+        [make(p) for p in params],
+        [make(g) for g in grads],
+        {
+            key: [make(t) if isinstance(t, Tensor) else t for t in values]
+            for key, values in state.items()
+        },
+    )
 
 
 def _run_promoted(

@@ -80,7 +80,8 @@ def test_save_load_step_equals_uninterrupted(case: Any, before: int, after: int)
     _steps(opt, params, after, seed=2)
     _steps(resumed, resumed_params, after, seed=2)
     assert_same(resumed_params, params)
-    assert resumed._step_count == opt._step_count == before + after
+    if "step" in entry.cls.state_keys:
+        assert resumed._step_count == opt._step_count == before + after
 
 
 @SETTINGS
@@ -135,6 +136,9 @@ def _snapshot(opt: Any) -> Any:
     )
 
 
+# A corrupted id leaves a parameter without state and state under an id no group lists, which
+# loading reports.
+@pytest.mark.filterwarnings("ignore:loaded state dict has state under ids:UserWarning")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(entry_and_config(), st.data())
 def test_corrupt_state_dict_loads_or_changes_nothing(case: Any, data: st.DataObject) -> None:

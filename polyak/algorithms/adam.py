@@ -158,6 +158,9 @@ class Adam(Optimizer):
                 loads it and fails in ``step()``.
         """
         step = entry.get("step")
+        if isinstance(step, str):
+            # torch.optim reads a string as a sequence of characters, which no number is.
+            raise ValueError(f"Invalid step {step!r}: a step count is a finite number >= 0")
         if isinstance(step, (int, float)) or (torch.is_tensor(step) and step.numel() == 1):
             value = float(step)
             if not math.isfinite(value) or value < 0:
@@ -183,6 +186,13 @@ class Adam(Optimizer):
             raise RuntimeError(
                 "lr as a Tensor is not supported for capturable=False and foreach=True"
             )
+        if group["foreach"] and not group["capturable"]:
+            # Tensor betas set on a group after construction, which refuses them here.
+            for name, beta in zip(("beta1", "beta2"), group["betas"], strict=False):
+                if isinstance(beta, Tensor):
+                    raise ValueError(
+                        f"{name} as a Tensor is not supported for capturable=False and foreach=True"
+                    )
         if group["capturable"]:
             for p in params:
                 step = self.state[p]["step"] if self.state.get(p) else p

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from polyak.algorithms.adam import Adam
@@ -54,6 +52,10 @@ class AdamW(Adam):
         https://arxiv.org/abs/1711.05101
     """
 
+    # As in torch.optim: checkpoints of torch <= 2.5, which lack the flag, and any that say
+    # otherwise, load as AdamW.
+    fixed = {"decoupled_weight_decay": True}  # noqa: RUF012 - read-only table
+
     def __init__(
         self,
         params: ParamsT,
@@ -83,8 +85,3 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
         )
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True

@@ -24,15 +24,16 @@ def run_on(
     grads: list[Tensor],
     state: dict[str, list[Tensor | None]],
     hp: Any,
-    mode: Callable[[list[Tensor], list[Tensor]], contextlib.AbstractContextManager[Any]] = (
-        lambda params, grads: contextlib.nullcontext()
-    ),
+    mode: Callable[
+        [list[Tensor], list[Tensor], dict[str, list[Tensor | None]]],
+        contextlib.AbstractContextManager[Any],
+    ] = lambda params, grads, state: contextlib.nullcontext(),
 ) -> None:
-    """Call ``update`` on the parameters at ``idx``, inside ``mode(params, grads)``, and write
-    back into ``state`` what it creates."""
+    """Call ``update`` on the parameters at ``idx``, inside ``mode(params, grads, state)``, and
+    write back into ``state`` what it creates."""
     own = {key: [values[i] for i in idx] for key, values in state.items()}
     some_params, some_grads = [params[i] for i in idx], [grads[i] for i in idx]
-    with mode(some_params, some_grads):
+    with mode(some_params, some_grads, own):
         update(some_params, some_grads, own, hp)
     for key, values in own.items():
         for i, value in zip(idx, values, strict=True):

@@ -52,9 +52,13 @@ def _has_tensor(value: Any) -> bool:
     return isinstance(value, Tensor)
 
 
-def _batchable(params: list[Tensor], grads: list[Tensor], hp: Any) -> bool:
+def _batchable(
+    params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor | None]], hp: Any
+) -> bool:
     # Tensor hyperparameters enter tensor methods as tensors (lerp's weight, for one), which
-    # the foreach kernels would read as numbers: such groups stay per tensor.
+    # the foreach kernels would read as numbers: such groups stay per tensor. So does state of
+    # a dtype other than its parameter's (an integer step counter, a float64 buffer of a
+    # float32 parameter), where foreach kernels and tensor methods promote differently.
     return (
         not torch.is_grad_enabled()
         and not any(_has_tensor(v) for v in vars(hp).values())
@@ -62,13 +66,18 @@ def _batchable(params: list[Tensor], grads: list[Tensor], hp: Any) -> bool:
             p.is_cpu and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse
             for p, g in zip(params, grads, strict=True)
         )
+        and all(
+            t is None or (t.is_floating_point() and (t.dim() == 0 or t.dtype == p.dtype))
+            for values in state.values()
+            for t, p in zip(values, params, strict=True)
+        )
     )
 
 
 def _mode(
-    params: list[Tensor], grads: list[Tensor], hp: Any
+    params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor | None]], hp: Any
 ) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext() if _batchable(params, grads, hp) else _ops.per_tensor()
+    return contextlib.nullcontext() if _batchable(params, grads, state, hp) else _ops.per_tensor()
 
 
 def _shared(params: list[Tensor], state: dict[str, list[Tensor | None]]) -> bool:
@@ -98,8 +107,8 @@ def run(
             run_on(update, [i], params, grads, state, hp, lambda *_: _ops.per_tensor())
         return
     if sum(p.numel() for p in params) <= CHUNK_NUMEL:
-        with _mode(params, grads, hp):
+        with _mode(params, grads, state, hp):
             update(params, grads, state, hp)
         return
     for idx in chunks(params):
-        run_on(update, idx, params, grads, state, hp, lambda ps, gs: _mode(ps, gs, hp))
+        run_on(update, idx, params, grads, state, hp, lambda ps, gs, st: _mode(ps, gs, st, hp))
