@@ -398,16 +398,14 @@ class Optimizer(torch.optim.Optimizer):
         found_inf: Tensor | None = self.__dict__.get("found_inf")
         if found_inf is not None and bool(found_inf.item()):
             return loss
-        # The groups the flat kernel steps need neither autograd's mode nor the machinery below.
-        rest = (
-            self.param_groups
-            if grad_scale is not None
-            else [g for g in self.param_groups if not (flat.eligible(g) and flat.step(self, g))]
-        )
-        if rest:
-            with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
-                for group in rest:
-                    self._step_group(group, grad_scale)
+        # Groups are stepped in order (state may be shared across groups); those the flat
+        # kernel steps need neither autograd's mode nor the machinery below.
+        differentiable = bool(self.defaults.get("differentiable", False))
+        for group in self.param_groups:
+            if grad_scale is None and flat.eligible(group) and flat.step(self, group):
+                continue
+            with torch.set_grad_enabled(differentiable):
+                self._step_group(group, grad_scale)
         self._step_count += 1
         return loss
 
@@ -489,7 +487,7 @@ class Optimizer(torch.optim.Optimizer):
         for p, entry in zip(params, entries, strict=True):
             kind = (p.shape, p.dtype, p.device)
             if kind not in needed:
-                needed[kind] = list(self.init_state(_stand_in(p), hp))
+                needed[kind] = list(self.init_state(_state_template(p), hp))
             for key in needed[kind]:
                 if key not in entry:
                     raise KeyError(key)
@@ -669,6 +667,7 @@ class Optimizer(torch.optim.Optimizer):
                     stacklevel=3,
                 )
         state = OptimizerState()
+        copies: dict[int, tuple[Tensor, Any]] = {}  # the loaded 0-dim tensors' copies, by id
         for pid, value in saved_state.items():
             if pid not in id_map:
                 # State of no parameter is kept as it is, as torch.optim does.
@@ -681,7 +680,7 @@ class Optimizer(torch.optim.Optimizer):
             if entry:
                 # A parameter's state is all or nothing: what init_state makes must be there,
                 # as a tensor of the shape it makes.
-                for key, template in self.init_state(_stand_in(param), Hyper(group)).items():
+                for key, template in self.init_state(_state_template(param), Hyper(group)).items():
                     if entry.get(key) is None:
                         raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
                     if template.dim() == 0:
@@ -689,10 +688,17 @@ class Optimizer(torch.optim.Optimizer):
                         _checks.check_state_scalar(pid, key, entry[key])
                     else:
                         _checks.check_state_tensor(pid, key, entry[key], template.shape)
-            state[param] = {
-                key: self._read_state_value(pid, param, key, item, group)
-                for key, item in entry.items()
-            }
+            state[param] = {}
+            for key, item in entry.items():
+                # A counter that several parameters share (set by hand) stays shared, as in
+                # torch, which loads it without a copy: one copy serves them all.
+                shared = isinstance(item, Tensor) and item.dim() == 0
+                if shared and id(item) in copies:
+                    state[param][key] = copies[id(item)][1]
+                    continue
+                state[param][key] = self._read_state_value(pid, param, key, item, group)
+                if shared:
+                    copies[id(item)] = (item, state[param][key])
 
         if STEP_COUNT_KEY in state_dict:
             step_count = _checks.check_step_count(state_dict[STEP_COUNT_KEY])
@@ -747,7 +753,7 @@ class Optimizer(torch.optim.Optimizer):
 _REAL_STAND_IN_NUMEL = 1 << 20
 
 
-def _stand_in(param: Tensor) -> Tensor:
+def _state_template(param: Tensor) -> Tensor:
     """A tensor of ``param``'s shape and dtype on which ``init_state`` shows the state it makes.
 
     A small parameter gets a real CPU tensor: ``zeros_like`` on the meta device runs torch's
@@ -806,10 +812,14 @@ def _tensors_layout(values: list[Any]) -> Any:
 
 
 def _stand_in(t: Tensor) -> Tensor:
-    """A tensor like ``t`` without memory; per-parameter counters, which the update reads as
-    numbers, are copied."""
+    """A tensor like ``t`` to rehearse a step on; per-parameter counters, which the update
+    reads as numbers, are copied. Small ones are real tensors, as in :func:`_state_template`
+    (meta tensors import torch's symbolic shapes and sympy on first use); large ones are meta
+    tensors, which allocate nothing."""
     if t.dim() == 0 or t.numel() == 1:
         return t.detach().clone()
+    if t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in (Tensor, torch.nn.Parameter):
+        return torch.empty_like(t.detach())
     return torch.empty_like(t.detach(), device="meta")
 
 

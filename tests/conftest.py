@@ -9,6 +9,12 @@ from typing import Any
 import pytest
 import torch
 
+from polyak.strategies import _native
+
+# The kernel builds in the background on first use; the tests run with it from the first step,
+# so that which path a step takes does not depend on how long the build takes.
+_native.load(wait=True)
+
 
 def make_params(
     shapes: list[tuple[int, ...]] = ((3, 4), (5,), (2, 2, 2)),  # type: ignore[assignment]

@@ -85,10 +85,13 @@ def _shared(params: list[Tensor], state: dict[str, list[Tensor | None]]) -> bool
     tensors = [*params, *(t for values in state.values() for t in values if t is not None)]
     if len({id(t) for t in tensors}) != len(tensors):
         return True
-    storages = {
-        p.untyped_storage().data_ptr() for p in params if p.numel() and p.layout == torch.strided
-    }
-    return len(storages) != sum(1 for p in params if p.numel() and p.layout == torch.strided)
+    plain = [
+        p
+        for p in params
+        if type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided and p.numel()
+    ]
+    # Subclasses (DTensor) hold no storage of their own to compare.
+    return len({p.untyped_storage().data_ptr() for p in plain}) != len(plain)
 
 
 def run(
