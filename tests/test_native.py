@@ -117,3 +117,27 @@ def test_a_build_in_a_read_only_cache_is_loaded_from_there(
         assert _native.build() is None
     finally:
         folder.chmod(0o755)
+
+
+def test_steps_switch_to_the_kernel_once_its_build_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    import polyak
+
+    vm = _native.load(wait=True)
+    if vm is None:
+        pytest.skip("the flat kernel is unavailable")
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_builder", threading.Thread(target=lambda: None))
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = polyak.SGD([p], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        p.grad = torch.ones(10)
+        opt.step()
+    assert all(e.plan is None for e in opt._flat_entries.values())
+    monkeypatch.setattr(_native, "_module", vm)  # the background build is done
+    p.grad = torch.ones(10)
+    opt.step()
+    assert all(e.plan is not None for e in opt._flat_entries.values())

@@ -45,13 +45,16 @@ class _Entry:
     params: tuple[Tensor, ...] = field(default=(), repr=False)
     state: Any = field(default=None, repr=False)
     version: int = -1
+    #: The kernel module when the entry was made: one built meanwhile makes it stale.
+    kernel: Any = field(default=None, repr=False)
 
     def unchanged(self, group: dict[str, Any], optimizer: Any) -> bool:
         """Whether an entry without a plan still describes ``group``."""
         # Compared one by one (at C speed): a parameter replaced in the group's list, as model
         # surgery does, must be seen.
         return (
-            self.state is optimizer.state
+            self.kernel is _native._module
+            and self.state is optimizer.state
             and self.version == optimizer._state_version
             and len(self.params) == len(group["params"])
             and all(map(operator.is_, self.params, group["params"]))
@@ -69,10 +72,15 @@ def eligible(group: dict[str, Any]) -> bool:
 
 def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     params: list[Tensor] = group["params"]
+    vm = _native.load()
     unfit = _Entry(
-        None, params=tuple(params), state=optimizer.state, version=optimizer._state_version
+        None,
+        params=tuple(params),
+        state=optimizer.state,
+        version=optimizer._state_version,
+        kernel=vm,
     )
-    if not params or _native.load() is None:
+    if not params or vm is None:
         return unfit
     if len({id(p) for p in params}) != len(params):
         # A parameter listed twice is updated twice in turn on the reference path; the kernel
