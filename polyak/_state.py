@@ -5,8 +5,10 @@ of them is replaced, as in ``opt.state[p]["momentum_buffer"] = torch.zeros_like(
 training framework moves state to another device. Every assignment, deletion or update of an
 entry, or of a parameter's whole dict, adds one to ``version``; reading costs nothing.
 
-A plain dict assigned as a parameter's state (``opt.state[p] = {...}``) is stored as a copy of
-the counting kind, so later changes made through ``opt.state[p]`` are seen.
+A plain dict assigned as a parameter's state (``opt.state[p] = {...}``) is stored as it is, as
+torch stores it, so that changes made later through the caller's reference are the optimizer's
+too; as its changes are not counted, the flat kernel compares it with its plan at every step.
+An ``optimizer.state`` replaced by another mapping is likewise used as it is.
 """
 
 from __future__ import annotations
@@ -85,10 +87,8 @@ class OptimizerState(defaultdict[Any, Any]):
         return self._edits[0]
 
     def _adopt(self, value: Any) -> Any:
-        # A plain dict, or an entry that counts into another state (a copy's), is copied.
-        if type(value) is dict or (
-            isinstance(value, StateEntry) and value._edits not in (None, self._edits)
-        ):
+        # An entry that counts into another state (a copy's) is copied; a plain dict is kept.
+        if isinstance(value, StateEntry) and value._edits not in (None, self._edits):
             value = StateEntry(value)
         if isinstance(value, StateEntry):
             value._edits = self._edits

@@ -23,7 +23,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.utils.hooks import RemovableHandle
 
 from polyak import _checks, _ops
-from polyak._state import OptimizerState
+from polyak._state import OptimizerState, StateEntry
 from polyak.strategies import StateLists, Strategy, Update, choose, flat
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -185,10 +185,10 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def _state_version(self) -> int:
         """How many times the state's tensors were created, replaced or removed, so that
-        strategies which keep a group's tensors between steps know to look again."""
-        if not isinstance(self.state, OptimizerState):  # replaced by hand
-            self.state = OptimizerState(self.state)
-        return self.state.version
+        strategies which keep a group's tensors between steps know to look again; -1 where
+        ``optimizer.state`` was replaced by a mapping that does not count its changes."""
+        state = self.state
+        return state.version if isinstance(state, OptimizerState) else -1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -434,7 +434,7 @@ class Optimizer(torch.optim.Optimizer):
         # Checked: from here on the step writes.
         if created:
             for p in created:
-                self.state[p] = created[p]
+                self.state[p] = StateEntry(created[p])
             entries = [
                 self.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
             ]
@@ -688,7 +688,7 @@ class Optimizer(torch.optim.Optimizer):
                         _checks.check_state_scalar(pid, key, entry[key])
                     else:
                         _checks.check_state_tensor(pid, key, entry[key], template.shape)
-            state[param] = {}
+            state[param] = StateEntry()
             for key, item in entry.items():
                 # A counter that several parameters share (set by hand) stays shared, as in
                 # torch, which loads it without a copy: one copy serves them all.

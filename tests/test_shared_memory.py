@@ -3,6 +3,7 @@ behaviour on every strategy."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import pytest
@@ -112,3 +113,43 @@ def test_state_given_memory_of_another_shape_is_refused_as_torch_refuses_it(
         except RuntimeError as error:
             outcomes.append(type(error))
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
+def test_edits_through_a_replaced_state_mapping_are_seen_as_torch_sees_them(
+    entry: Entry, flags: dict[str, Any]
+) -> None:
+    """``opt.state = mapping`` then edits through ``mapping``, and a plain dict assigned as a
+    parameter's state then edited through the caller's reference."""
+    results = []
+    for cls in (entry.cls, entry.reference):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(6, generator=gen)) for _ in range(3)]
+        opt = cls(params, **_stateful(entry), **flags)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(6, generator=gen)
+            opt.step()
+        mine = defaultdict(dict, {p: dict(opt.state[p]) for p in params})
+        opt.state = mine
+        for p in params:
+            p.grad = torch.randn(6, generator=gen)
+        opt.step()
+        plain = dict(mine[params[1]])
+        opt.state[params[1]] = plain
+        for key, value in list(plain.items()):
+            if isinstance(value, torch.Tensor) and value.shape == params[1].shape:
+                plain[key] = value * 0.5  # through the caller's reference
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                plain[key] = value + 3
+        for key, value in list(mine[params[2]].items()):
+            if isinstance(value, torch.Tensor) and value.shape == params[2].shape:
+                mine[params[2]][key] = torch.zeros_like(value)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(6, generator=gen)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for x, y in zip(*results, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()

@@ -214,6 +214,14 @@ struct Plan {
     bool expected;
   };
   std::optional<std::vector<Guard>> guards;
+  // State whose changes are not counted: (parameter index, its entry or null, the entry's
+  // items as they were), compared by identity at every step.
+  struct Watched {
+    int64_t index;
+    pybind11::object entry;
+    std::vector<std::pair<pybind11::object, pybind11::object>> items;
+  };
+  std::vector<Watched> watched;
   // The compiled form of the program, when built; and how many steps ran it.
   std::shared_ptr<Kernel> kernel;
   int64_t compiled_steps = 0;
@@ -672,8 +680,26 @@ bool same_hyperparameters(Plan& plan, PyObject* group) {
 // (a parameter replaced there, as model surgery does, must be the one updated), the
 // optimizer's state must be the same dict at the same version, and the hyperparameters the
 // values the program was loaded for, or new numbers its guards hold for.
+// Whether the watched state is as the plan was made from: the same entry for each watched
+// parameter, holding the same values under the same keys.
+bool watched_unchanged(const Plan& plan, PyObject* state) {
+  for (const auto& w : plan.watched) {
+    PyObject* entry = PyDict_GetItem(state, plan.owners[w.index].ptr());  // borrowed
+    if (entry != (w.entry.is_none() ? nullptr : w.entry.ptr())) return false;
+    if (entry == nullptr) continue;
+    if (!PyDict_Check(entry) || PyDict_Size(entry) != static_cast<Py_ssize_t>(w.items.size())) {
+      return false;
+    }
+    for (const auto& [key, value] : w.items) {
+      if (PyDict_GetItem(entry, key.ptr()) != value.ptr()) return false;
+    }
+  }
+  return true;
+}
+
 int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t version) {
   if (state.ptr() != plan.state.ptr() || version != plan.version) return kStale;
+  if (!plan.watched.empty() && !watched_unchanged(plan, state.ptr())) return kStale;
   PyObject* params = PyDict_GetItemString(group.ptr(), "params");
   if (params == nullptr || (!PyList_Check(params) && !PyTuple_Check(params))) return kStale;
   if (PySequence_Fast_GET_SIZE(params) != static_cast<Py_ssize_t>(plan.owners.size())) {
@@ -708,8 +734,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init([](pybind11::list params, std::vector<std::vector<at::Tensor>> vstate,
                              std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
-                             int64_t version) {
+                             int64_t version, pybind11::list watch) {
         Plan plan;
+        for (pybind11::handle w : watch) {
+          auto t = w.cast<pybind11::tuple>();
+          Plan::Watched watched{t[0].cast<int64_t>(), pybind11::reinterpret_borrow<pybind11::object>(t[1]), {}};
+          for (pybind11::handle item : t[2].cast<pybind11::list>()) {
+            auto kv = item.cast<pybind11::tuple>();
+            watched.items.emplace_back(pybind11::reinterpret_borrow<pybind11::object>(kv[0]),
+                                       pybind11::reinterpret_borrow<pybind11::object>(kv[1]));
+          }
+          plan.watched.push_back(std::move(watched));
+        }
         plan.state = std::move(state);
         plan.version = version;
         for (pybind11::handle p : params) {

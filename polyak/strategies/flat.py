@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from polyak._state import OptimizerState
 from polyak.strategies import _codegen, _native, _trace
 
 _FLOATS = (torch.float32, torch.float64)
@@ -55,7 +56,7 @@ class _Entry:
         return (
             self.kernel is _native._module
             and self.state is optimizer.state
-            and self.version == optimizer._state_version
+            and self.version == optimizer._state_version != -1  # -1: changes not counted
             and len(self.params) == len(group["params"])
             and all(map(operator.is_, self.params, group["params"]))
         )
@@ -93,6 +94,19 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         for p in params
     ):
         return unfit
+    state = optimizer.state
+    if not isinstance(state, dict):
+        return unfit
+    # State whose changes are not counted (a mapping assigned as optimizer.state, a plain dict
+    # as a parameter's state) is watched: the kernel compares, at every step, each watched
+    # parameter's entry and its values (by identity) with what the plan was made from.
+    counted = type(state) is OptimizerState
+    watch = []
+    for i, p in enumerate(params):
+        entry = state.get(p)
+        if not counted or type(entry) is dict:
+            items = list(entry.items()) if isinstance(entry, dict) else []
+            watch.append((i, entry, items))
     vector_keys: list[str] = []
     scalar_keys: list[str] = []
     for key in type(optimizer).state_keys:
@@ -110,12 +124,13 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
             for p in params
         ]
 
-    plan = _native.load().Plan(
+    plan = vm.Plan(
         list(params),
         [column(k) for k in vector_keys],
         [column(k) for k in scalar_keys],
         optimizer.state,
         optimizer._state_version,
+        watch,
     )
     return _Entry(plan, vector_keys, scalar_keys)
 
