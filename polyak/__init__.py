@@ -2,8 +2,9 @@
 
 from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamw import AdamW
+from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "required"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "RMSprop", "required"]
 __version__ = "0.1.0"

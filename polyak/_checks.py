@@ -29,6 +29,20 @@ def check_nonnegative(name: str, value: float | Tensor) -> None:
         raise ValueError(f"Invalid {name} value: {value}")
 
 
+def check_at_least(what: str, value: Any, low: float = 0.0) -> None:
+    """Check ``low <= value`` as most torch.optim optimizers do, so a value of the wrong type
+    fails the comparison with torch's TypeError; ``what`` names it as torch does (``learning
+    rate``, ``epsilon value``)."""
+    if not low <= value:
+        raise ValueError(f"Invalid {what}: {value}")
+
+
+def check_tensor_lr(lr: float | Tensor) -> None:
+    """A tensor learning rate holds one element."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
 def check_nesterov(nesterov: bool, momentum: float, dampening: float) -> None:
     """Nesterov momentum needs a buffer to look ahead with, and no dampening."""
     if nesterov and (momentum <= 0 or dampening != 0):

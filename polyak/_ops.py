@@ -44,6 +44,11 @@ def _traced(scale: Scale) -> TypeGuard[Tensor]:
     return isinstance(scale, Tensor) and scale.requires_grad
 
 
+def constant(scale: Scale) -> Scale:
+    """``scale`` cut from autograd, as torch reads a tensor passed where it takes a number."""
+    return scale.detach() if isinstance(scale, Tensor) else scale
+
+
 def copy(xs: list[Tensor]) -> list[Tensor]:
     """Copies of ``xs`` that stay in the autograd graph."""
     return [x.clone() for x in xs]
@@ -213,3 +218,26 @@ def maximum_(xs: list[Tensor], ys: list[Tensor]) -> None:
             torch.maximum(x, y, out=x)
     elif xs:
         torch._foreach_maximum_(xs, ys)
+
+
+def addcmul(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale) -> list[Tensor]:
+    """``x + value * y * z`` for each triple, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.addcmul(y, z, value=value) for x, y, z in zip(xs, ys, zs, strict=True)]
+    return list(torch._foreach_addcmul(xs, ys, zs, _numbers(value)))
+
+
+def sqrt_(xs: list[Tensor]) -> None:
+    """``x = sqrt(x)`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.sqrt_()
+    elif xs:
+        torch._foreach_sqrt_(xs)
+
+
+def add(xs: list[Tensor], scales: Scale) -> list[Tensor]:
+    """``x + scale`` for each x, as new tensors; ``scales`` is one or one per x."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.add(s) for x, s in _pairs(xs, scales)]
+    return list(torch._foreach_add(xs, _numbers(scales)))

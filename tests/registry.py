@@ -33,15 +33,29 @@ class Entry:
     stateful: dict[str, Any] = field(default_factory=lambda: {"lr": 0.01})
     #: A configuration for differentiating through steps (autograd w.r.t. ``lr``).
     differentiable: dict[str, Any] = field(default_factory=dict)
+    #: torch differentiates the step with respect to a tensor ``lr`` (RMSprop, among others,
+    #: takes ``lr`` only where it takes a number, and refuses one that requires grad).
+    differentiable_lr: bool = True
     #: Absolute tolerance for complex parameters on torch's foreach path.
     complex_foreach_tolerance: float = 0.0
     elementwise: bool = True
-    supports_sparse: bool = False
+    #: Configurations run with sparse gradients (an empty list: dense gradients only).
+    sparse_configs: list[dict[str, Any]] = field(default_factory=list)
     supports_complex: bool = True
+    #: torch's class takes ``fused``.
+    fused: bool = True
+    #: The default CPU step runs on the flat kernel for every configuration listed.
+    flat: bool = True
+    #: ``lr=0`` leaves the parameters unchanged (it does not where a step size is clamped
+    #: from below, as in Rprop).
+    lr_zero_is_identity: bool = True
+    #: A zero gradient with ``weight_decay=0`` leaves the parameters unchanged (it does not
+    #: where the rule decays by other means, as ASGD does).
+    zero_grad_is_identity: bool = True
 
 
-#: Errors every optimizer here raises as torch does.
-_COMMON_ERRORS = [
+#: Errors every optimizer that takes ``fused`` raises as torch does.
+_FUSED_ERRORS = [
     ErrorCase(
         {"fused": True, "differentiable": True},
         RuntimeError,
@@ -52,8 +66,10 @@ _COMMON_ERRORS = [
         RuntimeError,
         r"^`fused` and `foreach` cannot be `True` together\.$",
     ),
-    ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances"),
 ]
+#: Errors every optimizer here raises as torch does.
+_LR_TYPE_ERROR = ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances")
+_COMMON_ERRORS = [*_FUSED_ERRORS, _LR_TYPE_ERROR]
 
 
 def _sgd_configs() -> list[dict[str, Any]]:
@@ -135,6 +151,19 @@ _ADAM_FUSED_TOLERANCES = {
 }
 
 
+def _rmsprop_configs() -> list[dict[str, Any]]:
+    return [
+        {},
+        {"lr": 1e-3, "weight_decay": 0.1},
+        {"maximize": True, "weight_decay": 0.1},
+        {"weight_decay": 0.1, "centered": True},
+        {"weight_decay": 0.1, "centered": True, "momentum": 0.1, "maximize": True},
+        {"momentum": 0.5, "alpha": 0.9, "eps": 1e-6},
+        {"lr": torch.tensor(0.01), "momentum": 0.5},
+        {"lr": torch.tensor([0.01]), "centered": True},
+    ]
+
+
 REGISTRY: list[Entry] = [
     Entry(
         cls=polyak.SGD,
@@ -167,7 +196,7 @@ REGISTRY: list[Entry] = [
         },
         stateful={"lr": 0.05, "momentum": 0.9},
         differentiable={"momentum": 0.9, "nesterov": True},
-        supports_sparse=True,
+        sparse_configs=[{"lr": 0.1}, {"lr": 0.1, "momentum": 0.9}],
     ),
     *[
         Entry(
@@ -185,6 +214,27 @@ REGISTRY: list[Entry] = [
             (polyak.AdamW, torch.optim.AdamW, True),
         )
     ],
+    Entry(
+        cls=polyak.RMSprop,
+        reference=torch.optim.RMSprop,
+        configs=_rmsprop_configs(),
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"eps": -1.0}, ValueError, r"^Invalid epsilon value: -1\.0$"),
+            ErrorCase({"momentum": -1.0}, ValueError, r"^Invalid momentum value: -1\.0$"),
+            ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
+            ErrorCase({"alpha": -0.5}, ValueError, r"^Invalid alpha value: -0\.5$"),
+            _LR_TYPE_ERROR,
+        ],
+        stateful={"lr": 0.01, "momentum": 0.9, "centered": True},
+        differentiable={"momentum": 0.9, "weight_decay": 0.1},
+        differentiable_lr=False,
+        fused=False,
+        flat=False,
+    ),
 ]
 
 

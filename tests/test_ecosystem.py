@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 import torch.nn.functional as F
+from registry import REGISTRY, Entry, ids
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 from torch.optim import optimizer as torch_optimizer
@@ -607,26 +608,31 @@ def test_step_hooks_see_the_same_args_as_torch() -> None:
     assert seen["polyak"] == seen["torch"]
 
 
-# ------------------------------------------------------------------- Adam and AdamW likewise
-
-ADAMS = [
-    pytest.param(polyak.Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True}, id="Adam"),
-    pytest.param(polyak.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}, id="AdamW"),
-]
+# ------------------------------------------------------------------- every optimizer likewise
 
 
-@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), ADAMS)
-def test_adam_family_with_scheduler_clipping_and_checkpoint(
-    cls: Any, ref_cls: Any, kwargs: dict[str, Any], tmp_path: Path
-) -> None:
+def _cycles_momentum(entry: Entry) -> bool:
+    # OneCycleLR also cycles ``betas``, or ``momentum`` where the optimizer has one in use.
+    return (
+        "betas" in entry.stateful
+        or "betas" in entry.cls([torch.zeros(1)]).defaults
+        or (entry.stateful.get("momentum", 0) > 0)
+    )
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_scheduler_clipping_and_checkpoint(entry: Entry, tmp_path: Path) -> None:
     """A OneCycle schedule, gradient clipping and a mid-run save/load through files, identical to
     torch bit for bit; torch.optim resumes from polyak's checkpoint files and vice versa."""
     batches = make_batches(12)
+    cycle = _cycles_momentum(entry)
 
     def build(opt_cls: Any) -> tuple[nn.Sequential, Any, Any]:
         model = make_model()
-        opt = opt_cls(model.parameters(), **kwargs)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=len(batches))
+        opt = opt_cls(model.parameters(), **copy.deepcopy(entry.stateful))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.05, total_steps=len(batches), cycle_momentum=cycle
+        )
         return model, opt, sched
 
     def run(model: nn.Sequential, opt: Any, sched: Any, part: list[Any]) -> None:
@@ -639,7 +645,7 @@ def test_adam_family_with_scheduler_clipping_and_checkpoint(
                 opt.step()
                 sched.step()
 
-    mine, theirs = build(cls), build(ref_cls)
+    mine, theirs = build(entry.cls), build(entry.reference)
     run(*mine, batches[:6])
     run(*theirs, batches[:6])
     for name, (model, opt, sched) in (("mine", mine), ("theirs", theirs)):
@@ -649,7 +655,10 @@ def test_adam_family_with_scheduler_clipping_and_checkpoint(
         )
     # Each resumes from the other's files.
     resumed = {}
-    for name, opt_cls, source in (("mine", cls, "theirs"), ("theirs", ref_cls, "mine")):
+    for name, opt_cls, source in (
+        ("mine", entry.cls, "theirs"),
+        ("theirs", entry.reference, "mine"),
+    ):
         saved = torch.load(tmp_path / f"{source}.pt", weights_only=True)
         model, opt, sched = build(opt_cls)
         model.load_state_dict(saved["model"])
@@ -662,14 +671,19 @@ def test_adam_family_with_scheduler_clipping_and_checkpoint(
     assert_params_equal(resumed["theirs"], theirs[0])
 
 
-@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), ADAMS)
-@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
-def test_adam_family_grad_scaler(
-    cls: Any, ref_cls: Any, kwargs: dict[str, Any], fused: bool
-) -> None:
+def _amp_cases() -> list[Any]:
+    return [
+        pytest.param(entry, fused, id=f"{ids(entry)}-{'fused' if fused else 'default'}")
+        for entry in REGISTRY
+        for fused in ([False, True] if entry.fused else [False])
+    ]
+
+
+@pytest.mark.parametrize(("entry", "fused"), _amp_cases())
+def test_grad_scaler(entry: Entry, fused: bool) -> None:
     batches = make_batches(8)
-    got = run_amp(cls, fused, batches, kwargs)["params"]
-    ref = run_amp(ref_cls, fused, batches, kwargs)["params"]
+    got = run_amp(entry.cls, fused, batches, copy.deepcopy(entry.stateful))["params"]
+    ref = run_amp(entry.reference, fused, batches, copy.deepcopy(entry.stateful))["params"]
     for p_got, p_ref in zip(got, ref, strict=True):
         if fused:
             for a, b in zip(p_got, p_ref, strict=True):
