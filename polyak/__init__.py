@@ -1,10 +1,11 @@
 """polyak: PyTorch optimizers written from scratch, a drop-in for ``torch.optim``."""
 
+from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamw import AdamW
 from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "RMSprop", "required"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "required"]
 __version__ = "0.1.0"

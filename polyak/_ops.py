@@ -96,10 +96,10 @@ def sub_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
 
 
 def mul_(xs: list[Tensor], scale: Scale) -> None:
-    """``x *= scale`` for each x."""
+    """``x *= scale`` for each x; ``scale`` is one or one per x."""
     if _PER_TENSOR.get():
-        for x in xs:
-            x.mul_(scale)
+        for x, s in _pairs(xs, scale):
+            x.mul_(s)
     elif xs:
         torch._foreach_mul_(xs, _numbers(scale))
 
@@ -241,3 +241,10 @@ def add(xs: list[Tensor], scales: Scale) -> list[Tensor]:
     if _PER_TENSOR.get() or not xs:
         return [x.add(s) for x, s in _pairs(xs, scales)]
     return list(torch._foreach_add(xs, _numbers(scales)))
+
+
+def mul(xs: list[Tensor], scales: Scale) -> list[Tensor]:
+    """``x * scale`` for each x, as new tensors; ``scales`` is one or one per x."""
+    if _PER_TENSOR.get() or not xs:
+        return [x * s for x, s in _pairs(xs, scales)]
+    return list(torch._foreach_mul(xs, _numbers(scales)))

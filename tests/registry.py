@@ -44,6 +44,8 @@ class Entry:
     supports_complex: bool = True
     #: torch's class takes ``fused``.
     fused: bool = True
+    #: The constructor creates the state of its parameters, as torch's Adagrad does.
+    eager_state: bool = False
     #: The default CPU step runs on the flat kernel for every configuration listed.
     flat: bool = True
     #: ``lr=0`` leaves the parameters unchanged (it does not where a step size is clamped
@@ -164,6 +166,18 @@ def _rmsprop_configs() -> list[dict[str, Any]]:
     ]
 
 
+def _adagrad_configs() -> list[dict[str, Any]]:
+    return [
+        {},
+        {"weight_decay": 0.1, "maximize": True},
+        {"initial_accumulator_value": 0.1, "weight_decay": 0.1},
+        {"lr": 0.1, "lr_decay": 0.5, "weight_decay": 0.1},
+        {"lr": 0.05, "eps": 1e-6, "lr_decay": 0.1, "maximize": True},
+        {"lr": torch.tensor(0.01), "lr_decay": 0.1},
+        {"lr": torch.tensor([0.001]), "weight_decay": 0.1},
+    ]
+
+
 REGISTRY: list[Entry] = [
     Entry(
         cls=polyak.SGD,
@@ -234,6 +248,32 @@ REGISTRY: list[Entry] = [
         differentiable_lr=False,
         fused=False,
         flat=False,
+    ),
+    Entry(
+        cls=polyak.Adagrad,
+        reference=torch.optim.Adagrad,
+        configs=_adagrad_configs(),
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"lr_decay": -0.5}, ValueError, r"^Invalid lr_decay value: -0\.5$"),
+            ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
+            ErrorCase(
+                {"initial_accumulator_value": -1.0},
+                ValueError,
+                r"^Invalid initial_accumulator_value value: -1\.0$",
+            ),
+            ErrorCase({"eps": -1.0}, ValueError, r"^Invalid epsilon value: -1\.0$"),
+            *_COMMON_ERRORS,
+        ],
+        fused_tolerances=_ADAM_FUSED_TOLERANCES,
+        stateful={"lr": 0.05, "lr_decay": 0.1, "initial_accumulator_value": 0.1},
+        differentiable={"lr_decay": 0.1, "weight_decay": 0.1},
+        differentiable_lr=False,
+        sparse_configs=[{"lr": 0.1}, {"lr": 0.1, "lr_decay": 0.1, "maximize": True}],
+        eager_state=True,
     ),
 ]
 

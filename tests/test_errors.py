@@ -177,3 +177,17 @@ def test_bad_step_pre_hook_result(entry: Entry) -> None:
         opt.register_step_pre_hook(lambda *_: "nonsense")
         with pytest.raises(RuntimeError, match="must return None or a tuple"):
             opt.step()
+
+
+def test_adagrad_refuses_weight_decay_with_sparse_gradients_and_changes_nothing() -> None:
+    def build(cls: type[torch.optim.Optimizer]) -> tuple[Any, torch.Tensor]:
+        emb = torch.nn.Embedding(5, 2, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, weight_decay=0.1)
+        emb(torch.tensor([1, 3])).sum().backward()
+        return opt, emb.weight
+
+    (opt, weight), (ref, _) = build(polyak.Adagrad), build(torch.optim.Adagrad)
+    before = weight.detach().clone()
+    assert_same_error(opt.step, ref.step)
+    assert torch.equal(weight, before)
+    assert opt.state_dict()["state"][0]["step"] == 0

@@ -80,7 +80,7 @@ def test_flat_fused_half_precision_matches_torch_fused(
     opt = entry.cls(params, fused=True, **clone_kwargs(config))
     ref = entry.reference(ref_params, fused=True, **clone_kwargs(config))
     step_both(opt, ref, params, ref_params, 4)
-    assert any(flat_steps)
+    assert any(flat_steps) or not entry.flat
     assert_same(params, ref_params, entry.fused_tolerances[dtype])
 
 
