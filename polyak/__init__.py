@@ -2,10 +2,11 @@
 
 from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
+from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
 from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "required"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Adamax", "Optimizer", "RMSprop", "required"]
 __version__ = "0.1.0"

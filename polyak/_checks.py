@@ -43,6 +43,14 @@ def check_tensor_lr(lr: float | Tensor) -> None:
         raise ValueError("Tensor lr must be 1-element")
 
 
+def check_betas(betas: Any) -> None:
+    """Check that each of two betas is in [0, 1), with torch's wording."""
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
 def check_nesterov(nesterov: bool, momentum: float, dampening: float) -> None:
     """Nesterov momentum needs a buffer to look ahead with, and no dampening."""
     if nesterov and (momentum <= 0 or dampening != 0):

@@ -248,3 +248,17 @@ def mul(xs: list[Tensor], scales: Scale) -> list[Tensor]:
     if _PER_TENSOR.get() or not xs:
         return [x * s for x, s in _pairs(xs, scales)]
     return list(torch._foreach_mul(xs, _numbers(scales)))
+
+
+def absolute(xs: list[Tensor]) -> list[Tensor]:
+    """``|x|`` for each x, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.abs() for x in xs]
+    return list(torch._foreach_abs(xs))
+
+
+def amax_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x = max(x, y)`` elementwise for each pair, differentiated as ``torch.amax`` is (a tie
+    shares the gradient), for steps that autograd runs through."""
+    for x, y in zip(xs, ys, strict=True):
+        x.copy_(torch.amax(torch.stack([x, y]), 0))

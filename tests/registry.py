@@ -36,6 +36,9 @@ class Entry:
     #: torch differentiates the step with respect to a tensor ``lr`` (RMSprop, among others,
     #: takes ``lr`` only where it takes a number, and refuses one that requires grad).
     differentiable_lr: bool = True
+    #: Steps before differentiating: torch's own step fails to differentiate through a second
+    #: step for some optimizers (Adamax changes in place a moment autograd keeps).
+    differentiable_steps: int = 2
     #: Absolute tolerance for complex parameters on torch's foreach path.
     complex_foreach_tolerance: float = 0.0
     elementwise: bool = True
@@ -178,6 +181,27 @@ def _adagrad_configs() -> list[dict[str, Any]]:
     ]
 
 
+def _betas_errors() -> list[ErrorCase]:
+    return [
+        ErrorCase(
+            {"betas": (1.0, 0.999)}, ValueError, r"^Invalid beta parameter at index 0: 1\.0$"
+        ),
+        ErrorCase(
+            {"betas": (0.9, -0.1)}, ValueError, r"^Invalid beta parameter at index 1: -0\.1$"
+        ),
+    ]
+
+
+def _lr_eps_decay_errors() -> list[ErrorCase]:
+    return [
+        ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+        ErrorCase({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"),
+        ErrorCase({"eps": -1.0}, ValueError, r"^Invalid epsilon value: -1\.0$"),
+        ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
+        _LR_TYPE_ERROR,
+    ]
+
+
 REGISTRY: list[Entry] = [
     Entry(
         cls=polyak.SGD,
@@ -274,6 +298,25 @@ REGISTRY: list[Entry] = [
         differentiable_lr=False,
         sparse_configs=[{"lr": 0.1}, {"lr": 0.1, "lr_decay": 0.1, "maximize": True}],
         eager_state=True,
+    ),
+    Entry(
+        cls=polyak.Adamax,
+        reference=torch.optim.Adamax,
+        configs=[
+            {},
+            {"maximize": True},
+            {"weight_decay": 0.1, "maximize": True},
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1},
+            {"lr": torch.tensor(0.01), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.005]), "maximize": True},
+        ],
+        errors=[*_lr_eps_decay_errors(), *_betas_errors()],
+        stateful={"lr": 0.01, "weight_decay": 0.1},
+        differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+        differentiable_lr=False,
+        differentiable_steps=1,
+        fused=False,
+        flat=False,
     ),
 ]
 

@@ -207,8 +207,9 @@ def test_differentiable_step_matches_torch_gradients(entry: Entry) -> None:
         )
         p.grad = torch.tensor([0.3, 0.1, -0.2], dtype=torch.float64, requires_grad=True)
         opt.step()
-        p.grad = p.detach() * 0.5
-        opt.step()
+        if entry.differentiable_steps == 2:
+            p.grad = p.detach() * 0.5
+            opt.step()
         loss = (p**2).sum()
         inputs = [lr, leaf] if entry.differentiable_lr else [leaf]
         results.append(torch.autograd.grad(loss, inputs))

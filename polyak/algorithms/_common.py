@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polyak import _ops
 from polyak.strategies import Strategy, choose
 
 
@@ -55,3 +56,24 @@ def torch_foreach_path(hp: Any, params: list[Tensor], grads: list[Tensor]) -> bo
     """Whether torch.optim steps this group on its foreach path, which orders some operations
     differently from its per-tensor path: a rule that copies each path's order asks here."""
     return choose(vars(hp), params, grads) is Strategy.FOREACH
+
+
+def decay_as_real(
+    params: list[Tensor], grads: list[Tensor], weight_decay: Any, foreach_order: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``g + weight_decay * param``, and the real views of complex tensors.
+
+    torch's foreach path decays the real views, its per-tensor path the complex tensors, which
+    rounds differently: ``foreach_order`` picks the one to copy.
+    """
+    if weight_decay != 0 and not foreach_order:
+        grads = _ops.add_scaled(grads, params, weight_decay)
+    params, grads = _ops.as_real(params), _ops.as_real(grads)
+    if weight_decay != 0 and foreach_order:
+        grads = _ops.add_scaled(grads, params, weight_decay)
+    return params, grads
+
+
+def number(value: Any) -> Any:
+    """A tensor hyperparameter as the Python number torch's foreach paths read it."""
+    return value.item() if isinstance(value, Tensor) else value

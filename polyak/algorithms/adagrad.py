@@ -163,13 +163,9 @@ class Adagrad(Optimizer):
         # torch's fused kernel rounds in its own order, which neither path copies; the
         # per-tensor order needs no temporary for the scaled gradient.
         foreach_order = not hp.fused and _common.torch_foreach_path(hp, params, grads)
-        if hp.weight_decay != 0 and not foreach_order:
-            g = _ops.add_scaled(g, params, hp.weight_decay)
         # Complex parameters are updated as pairs of reals.
-        p, g, s = _ops.as_real(params), _ops.as_real(g), _ops.as_real(sums)
-        if hp.weight_decay != 0 and foreach_order:
-            # torch's foreach path decays the real views of complex tensors.
-            g = _ops.add_scaled(g, p, hp.weight_decay)
+        p, g = _common.decay_as_real(params, g, hp.weight_decay, foreach_order)
+        s = _ops.as_real(sums)
         _ops.addcmul_(s, g, g, 1)
         std = _ops.sqrt(s)
         if hp.differentiable:

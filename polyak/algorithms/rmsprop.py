@@ -142,15 +142,9 @@ class RMSprop(Optimizer):
         """Apply one RMSprop step to ``params`` given their ``grads``."""
         g = _ops.neg(grads) if hp.maximize else grads
         _ops.increment_(state["step"])  # type: ignore[arg-type]
-        # torch's foreach path decays the real views of complex tensors, its per-tensor path
-        # the complex tensors, which rounds differently.
-        decay_real = _common.torch_foreach_path(hp, params, grads)
-        if hp.weight_decay != 0 and not decay_real:
-            g = _ops.add_scaled(g, params, hp.weight_decay)
         # Complex parameters are updated as pairs of reals.
-        p, g = _ops.as_real(params), _ops.as_real(g)
-        if hp.weight_decay != 0 and decay_real:
-            g = _ops.add_scaled(g, p, hp.weight_decay)
+        foreach_order = _common.torch_foreach_path(hp, params, grads)
+        p, g = _common.decay_as_real(params, g, hp.weight_decay, foreach_order)
         v: list[Any] = _ops.as_real(state["square_avg"])  # type: ignore[arg-type]
         _ops.mul_(v, hp.alpha)
         _ops.addcmul_(v, g, g, 1 - hp.alpha)
