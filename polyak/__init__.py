@@ -1,5 +1,6 @@
 """polyak: PyTorch optimizers written from scratch, a drop-in for ``torch.optim``."""
 
+from polyak.algorithms.adadelta import Adadelta
 from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamax import Adamax
@@ -8,5 +9,15 @@ from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Adamax", "Optimizer", "RMSprop", "required"]
+__all__ = [
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Optimizer",
+    "RMSprop",
+    "required",
+]
 __version__ = "0.1.0"

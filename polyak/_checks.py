@@ -37,6 +37,12 @@ def check_at_least(what: str, value: Any, low: float = 0.0) -> None:
         raise ValueError(f"Invalid {what}: {value}")
 
 
+def check_between(what: str, value: Any, low: float, high: float) -> None:
+    """Check ``low <= value <= high``, with torch's wording (``Invalid rho value: 1.1``)."""
+    if not low <= value <= high:
+        raise ValueError(f"Invalid {what}: {value}")
+
+
 def check_tensor_lr(lr: float | Tensor) -> None:
     """A tensor learning rate holds one element."""
     if isinstance(lr, Tensor) and lr.numel() != 1:

@@ -135,6 +135,14 @@ def as_real(xs: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(x) if x.is_complex() else x for x in xs]
 
 
+def as_complex(xs: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """Real views back as complex tensors where the tensor at the same place in ``like`` is
+    complex; the others unchanged."""
+    return [
+        torch.view_as_complex(x) if y.is_complex() else x for x, y in zip(xs, like, strict=True)
+    ]
+
+
 def increment_(xs: list[Tensor]) -> None:
     """``x += 1`` for each x (step counters)."""
     if _PER_TENSOR.get():
@@ -262,3 +270,21 @@ def amax_(xs: list[Tensor], ys: list[Tensor]) -> None:
     shares the gradient), for steps that autograd runs through."""
     for x, y in zip(xs, ys, strict=True):
         x.copy_(torch.amax(torch.stack([x, y]), 0))
+
+
+def mul_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x *= y`` elementwise for each pair."""
+    if _PER_TENSOR.get():
+        for x, y in zip(xs, ys, strict=True):
+            x.mul_(y)
+    elif xs:
+        torch._foreach_mul_(xs, ys)
+
+
+def div_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x /= y`` elementwise for each pair."""
+    if _PER_TENSOR.get():
+        for x, y in zip(xs, ys, strict=True):
+            x.div_(y)
+    elif xs:
+        torch._foreach_div_(xs, ys)
