@@ -5,6 +5,7 @@ from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
+from polyak.algorithms.nadam import NAdam
 from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
@@ -16,6 +17,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "NAdam",
     "Optimizer",
     "RMSprop",
     "required",

@@ -96,12 +96,16 @@ def sub_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
 
 
 def mul_(xs: list[Tensor], scale: Scale) -> None:
-    """``x *= scale`` for each x; ``scale`` is one or one per x."""
+    """``x *= scale`` for each x; ``scale`` is one or one per x.
+
+    One tensor scale is passed to the foreach op as a tensor, as torch.optim passes it (a
+    half-precision tensor is then multiplied as by a tensor, not by a number).
+    """
     if _PER_TENSOR.get():
         for x, s in _pairs(xs, scale):
             x.mul_(s)
     elif xs:
-        torch._foreach_mul_(xs, _numbers(scale))
+        torch._foreach_mul_(xs, scale if isinstance(scale, Tensor) else _numbers(scale))
 
 
 def zero_(xs: list[Tensor]) -> None:

@@ -37,7 +37,7 @@ class Entry:
     #: takes ``lr`` only where it takes a number, and refuses one that requires grad).
     differentiable_lr: bool = True
     #: Steps before differentiating: torch's own step fails to differentiate through a second
-    #: step for some optimizers (Adamax changes in place a moment autograd keeps).
+    #: step for some optimizers (Adamax and NAdam change in place a moment autograd keeps).
     differentiable_steps: int = 2
     #: Absolute tolerance for complex parameters on torch's foreach path.
     complex_foreach_tolerance: float = 0.0
@@ -47,6 +47,9 @@ class Entry:
     supports_complex: bool = True
     #: torch's class takes ``fused``.
     fused: bool = True
+    #: torch's per-tensor and foreach paths compute the same numbers (they differ in the last
+    #: bit where they order operations differently, as NAdam's do).
+    paths_agree: bool = True
     #: The constructor creates the state of its parameters, as torch's Adagrad does.
     eager_state: bool = False
     #: The default CPU step runs on the flat kernel for every configuration listed.
@@ -338,6 +341,33 @@ REGISTRY: list[Entry] = [
         stateful={"lr": 0.5, "weight_decay": 0.1},
         differentiable={"rho": 0.8, "weight_decay": 0.1},
         differentiable_lr=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.NAdam,
+        reference=torch.optim.NAdam,
+        configs=[
+            {},
+            {"momentum_decay": 6e-3},
+            {"weight_decay": 0.1},
+            {"weight_decay": 0.1, "momentum_decay": 6e-3, "maximize": True},
+            {"weight_decay": 0.1, "momentum_decay": 6e-3, "decoupled_weight_decay": True},
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True},
+            {"lr": torch.tensor(0.01), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.01]), "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ],
+        errors=[
+            *_lr_eps_decay_errors(),
+            *_betas_errors(),
+            ErrorCase(
+                {"momentum_decay": -0.2}, ValueError, r"^Invalid momentum_decay value: -0\.2$"
+            ),
+        ],
+        stateful={"lr": 0.01, "weight_decay": 0.1},
+        differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+        differentiable_steps=1,
+        paths_agree=False,
         fused=False,
         flat=False,
     ),
