@@ -6,6 +6,7 @@ from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
 from polyak.algorithms.nadam import NAdam
+from polyak.algorithms.radam import RAdam
 from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
@@ -19,6 +20,7 @@ __all__ = [
     "Adamax",
     "NAdam",
     "Optimizer",
+    "RAdam",
     "RMSprop",
     "required",
 ]

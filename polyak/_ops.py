@@ -292,3 +292,29 @@ def div_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
             x.div_(y)
     elif xs:
         torch._foreach_div_(xs, ys)
+
+
+def mul_tensors(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """``x * y`` elementwise for each pair, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x * y for x, y in zip(xs, ys, strict=True)]
+    return list(torch._foreach_mul(xs, ys))
+
+
+def rdiv(scales: Scale, xs: list[Tensor]) -> list[Tensor]:
+    """``scale / x`` for each x, as new tensors, computed as torch computes it: the reciprocal
+    of x times the scale."""
+    if _PER_TENSOR.get() or not xs:
+        return [s / x for x, s in _pairs(xs, scales)]
+    out = list(torch._foreach_reciprocal(xs))
+    torch._foreach_mul_(out, _numbers(scales))
+    return out
+
+
+def reciprocal_(xs: list[Tensor]) -> None:
+    """``x = 1 / x`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.reciprocal_()
+    elif xs:
+        torch._foreach_reciprocal_(xs)

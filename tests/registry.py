@@ -371,6 +371,26 @@ REGISTRY: list[Entry] = [
         fused=False,
         flat=False,
     ),
+    Entry(
+        cls=polyak.RAdam,
+        reference=torch.optim.RAdam,
+        configs=[
+            {},
+            {"weight_decay": 0.1},
+            {"weight_decay": 0.1, "decoupled_weight_decay": True},
+            {"weight_decay": 0.1, "maximize": True},
+            # rho_t passes 5 at the sixth step: the reference runs both branches.
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True},
+            {"lr": torch.tensor(0.01), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.01]), "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ],
+        errors=[*_lr_eps_decay_errors(), *_betas_errors()],
+        stateful={"lr": 0.01, "weight_decay": 0.1},
+        differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+        paths_agree=False,
+        fused=False,
+        flat=False,
+    ),
 ]
 
 
