@@ -5,6 +5,7 @@ from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
+from polyak.algorithms.asgd import ASGD
 from polyak.algorithms.nadam import NAdam
 from polyak.algorithms.radam import RAdam
 from polyak.algorithms.rmsprop import RMSprop
@@ -12,6 +13,7 @@ from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adadelta",
     "Adagrad",

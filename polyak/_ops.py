@@ -83,6 +83,16 @@ def add_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
         torch._foreach_add_(xs, ys, alpha=scale)
 
 
+def add_scaled_each_(xs: list[Tensor], ys: list[Tensor], scales: list[Any]) -> None:
+    """``x += scale * y`` for each pair, with one scale per pair.
+
+    One call per tensor: the foreach op takes a single ``alpha``, and scaling ``y`` first would
+    round twice.
+    """
+    for x, y, s in zip(xs, ys, scales, strict=True):
+        x.add_(y, alpha=s)
+
+
 def sub_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
     """``x -= scale * y`` for each pair."""
     if _traced(scale):
@@ -318,3 +328,26 @@ def reciprocal_(xs: list[Tensor]) -> None:
             x.reciprocal_()
     elif xs:
         torch._foreach_reciprocal_(xs)
+
+
+def sub(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """``x - y`` for each pair, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.sub(y) for x, y in zip(xs, ys, strict=True)]
+    return list(torch._foreach_sub(xs, ys))
+
+
+def copy_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x = y`` elementwise for each pair, in place."""
+    if _PER_TENSOR.get():
+        for x, y in zip(xs, ys, strict=True):
+            x.copy_(y)
+    elif xs:
+        torch._foreach_copy_(xs, ys)
+
+
+def assign_(xs: list[Tensor], values: list[Any]) -> None:
+    """Set each 0-dim x to its value: a number, taken as ``torch.as_tensor`` takes it (in the
+    default dtype), or a 0-dim tensor."""
+    news = [torch.as_tensor(v, device=x.device) for x, v in zip(xs, values, strict=True)]
+    copy_(xs, news)
