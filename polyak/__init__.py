@@ -9,6 +9,7 @@ from polyak.algorithms.asgd import ASGD
 from polyak.algorithms.nadam import NAdam
 from polyak.algorithms.radam import RAdam
 from polyak.algorithms.rmsprop import RMSprop
+from polyak.algorithms.rprop import Rprop
 from polyak.algorithms.sgd import SGD
 from polyak.optimizer import Optimizer, required
 
@@ -24,6 +25,7 @@ __all__ = [
     "Optimizer",
     "RAdam",
     "RMSprop",
+    "Rprop",
     "required",
 ]
 __version__ = "0.1.0"

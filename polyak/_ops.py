@@ -351,3 +351,36 @@ def assign_(xs: list[Tensor], values: list[Any]) -> None:
     default dtype), or a 0-dim tensor."""
     news = [torch.as_tensor(v, device=x.device) for x, v in zip(xs, values, strict=True)]
     copy_(xs, news)
+
+
+def sign(xs: list[Tensor]) -> list[Tensor]:
+    """``sign(x)`` (-1, 0 or 1) for each x, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.sign() for x in xs]
+    return list(torch._foreach_sign(xs))
+
+
+def sign_(xs: list[Tensor]) -> None:
+    """``x = sign(x)`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.sign_()
+    elif xs:
+        torch._foreach_sign_(xs)
+
+
+def compare(xs: list[Tensor], op: str, value: Scale) -> list[Tensor]:
+    """Boolean masks ``x <op> value`` for each x; ``op`` is one of ``gt``, ``lt``, ``eq``."""
+    return [getattr(x, op)(value) for x in xs]
+
+
+def masked_fill_(xs: list[Tensor], masks: list[Tensor], value: Scale) -> None:
+    """Set the elements of each x where its mask is True to ``value``."""
+    for x, mask in zip(xs, masks, strict=True):
+        x.masked_fill_(mask, value)
+
+
+def clamp_(xs: list[Tensor], low: Scale, high: Scale) -> None:
+    """``x = min(max(x, low), high)`` for each x."""
+    for x in xs:
+        x.clamp_(low, high)

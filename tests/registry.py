@@ -37,7 +37,8 @@ class Entry:
     #: takes ``lr`` only where it takes a number, and refuses one that requires grad).
     differentiable_lr: bool = True
     #: Steps before differentiating: torch's own step fails to differentiate through a second
-    #: step for some optimizers (Adamax and NAdam change in place a moment autograd keeps).
+    #: step for some optimizers (Adamax, NAdam and Rprop change in place state that autograd
+    #: keeps).
     differentiable_steps: int = 2
     #: Absolute tolerance for complex parameters on torch's foreach path.
     complex_foreach_tolerance: float = 0.0
@@ -415,6 +416,36 @@ REGISTRY: list[Entry] = [
         differentiable_lr=False,
         paths_agree=False,
         zero_grad_is_identity=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.Rprop,
+        reference=torch.optim.Rprop,
+        configs=[
+            {},
+            {"lr": 2e-4},
+            {"etas": (0.5, 1.5)},
+            {"step_sizes": (2e-6, 100)},
+            {"maximize": True},
+            {"lr": 0.05, "etas": (0.3, 1.1), "step_sizes": (1e-3, 0.06), "maximize": True},
+            {"lr": torch.tensor(0.01), "etas": (0.4, 1.3)},
+            {"lr": torch.tensor([0.02])},
+        ],
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"etas": (1.0, 0.5)}, ValueError, r"^Invalid eta values: 1\.0, 0\.5$"),
+            ErrorCase({"etas": (0.5, 1.0)}, ValueError, r"^Invalid eta values: 0\.5, 1\.0$"),
+            _LR_TYPE_ERROR,
+        ],
+        stateful={"lr": 0.01},
+        differentiable={"etas": (0.4, 1.3)},
+        differentiable_lr=False,
+        differentiable_steps=1,
+        lr_zero_is_identity=False,
         fused=False,
         flat=False,
     ),
