@@ -247,13 +247,13 @@ REGISTRY: list[Entry] = [
             configs=_adam_configs(decoupled),
             errors=_adam_errors(),
             fused_tolerances=_ADAM_FUSED_TOLERANCES,
-            stateful={"lr": 0.01},
+            stateful=stateful,
             differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
             complex_foreach_tolerance=1e-6,
         )
-        for cls, ref, decoupled in (
-            (polyak.Adam, torch.optim.Adam, False),
-            (polyak.AdamW, torch.optim.AdamW, True),
+        for cls, ref, decoupled, stateful in (
+            (polyak.Adam, torch.optim.Adam, False, {"lr": 0.01, "amsgrad": True}),
+            (polyak.AdamW, torch.optim.AdamW, True, {"lr": 0.01, "weight_decay": 0.05}),
         )
     ],
     Entry(
