@@ -226,18 +226,25 @@ def check_adam(
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
-def capturable_devices() -> list[str]:
-    """Device types on which torch.optim accepts ``capturable=True``."""
-    return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name(), "xla"]
+def capturable_devices(xla: bool = True) -> list[str]:
+    """Device types on which torch.optim accepts ``capturable=True`` (some of its foreach
+    paths leave out ``xla``)."""
+    return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name()] + (
+        ["xla"] if xla else []
+    )
 
 
-def check_capturable_param(p: Tensor, step: Tensor) -> None:
-    """A capturable step keeps parameters and step counters on an accelerator."""
-    devices = capturable_devices()
+def check_capturable_param(
+    p: Tensor,
+    step: Tensor,
+    what: str = "params and state_steps must be",
+    xla: bool = True,
+) -> None:
+    """A capturable step keeps parameters and step counters on an accelerator; ``what`` and
+    ``xla`` give the wording of the torch.optim path being copied."""
+    devices = capturable_devices(xla)
     if not (p.device.type == step.device.type and p.device.type in devices):
-        raise AssertionError(
-            f"If capturable=True, params and state_steps must be on supported devices: {devices}."
-        )
+        raise AssertionError(f"If capturable=True, {what} on supported devices: {devices}.")
 
 
 def check_state_tensor(pid: int, key: Any, value: Any, shape: torch.Size) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -191,3 +192,25 @@ def test_adagrad_refuses_weight_decay_with_sparse_gradients_and_changes_nothing(
     assert_same_error(opt.step, ref.step)
     assert torch.equal(weight, before)
     assert opt.state_dict()["state"][0]["step"] == 0
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [e for e in REGISTRY if "capturable" in inspect.signature(e.cls).parameters],
+    ids=ids,
+)
+@pytest.mark.parametrize("foreach", [None, True], ids=["default", "foreach"])
+def test_capturable_on_the_cpu_fails_at_the_step_and_changes_nothing(
+    entry: Entry, foreach: bool | None
+) -> None:
+    def build(cls: type[torch.optim.Optimizer]) -> tuple[Any, list[torch.Tensor]]:
+        params = make_params()
+        opt = cls(params, **{**entry.stateful, "capturable": True, "foreach": foreach})
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return opt, params
+
+    (opt, params), (ref, _) = build(entry.cls), build(entry.reference)
+    before = [p.detach().clone() for p in params]
+    assert_same_error(opt.step, ref.step)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyak import _ops
+from polyak import _checks, _ops
 from polyak.strategies import Strategy, choose
 
 
@@ -77,3 +77,22 @@ def decay_as_real(
 def number(value: Any) -> Any:
     """A tensor hyperparameter as the Python number torch's foreach paths read it."""
     return value.item() if isinstance(value, Tensor) else value
+
+
+def check_capturable(
+    state: Any,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    loop: tuple[str, bool] = ("params and state_steps must be", True),
+    foreach: tuple[str, bool] = ("params and state_steps must be", True),
+) -> None:
+    """``capturable=True`` needs parameters and steps on an accelerator, with the wording of
+    the torch path that runs: ``loop`` and ``foreach`` give each path's subject and whether
+    its device list names ``xla``."""
+    if not group["capturable"]:
+        return
+    what, xla = foreach if choose(group, params, grads) is Strategy.FOREACH else loop
+    for p in params:
+        entry = state.get(p)
+        _checks.check_capturable_param(p, entry["step"] if entry else p, what, xla)

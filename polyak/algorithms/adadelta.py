@@ -105,10 +105,14 @@ class Adadelta(Optimizer):
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Adadelta takes dense gradients, and ``capturable`` needs an accelerator."""
         _common.check_dense("Adadelta", grads)
-        if group["capturable"]:
-            for p in params:
-                entry = self.state.get(p)
-                _checks.check_capturable_param(p, entry["step"] if entry else p)
+        _common.check_capturable(
+            self.state,
+            group,
+            params,
+            grads,
+            loop=("params and state_steps must be", False),
+            foreach=("params and state_steps must be", False),
+        )
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step counter and zero averages, as torch.optim creates them."""

@@ -112,10 +112,14 @@ class ASGD(Optimizer):
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """ASGD takes dense gradients, and ``capturable`` needs an accelerator."""
         _common.check_dense("ASGD", grads)
-        if group["capturable"]:
-            for p in params:
-                entry = self.state.get(p)
-                _checks.check_capturable_param(p, entry["step"] if entry else p)
+        _common.check_capturable(
+            self.state,
+            group,
+            params,
+            grads,
+            loop=("params, mus, etas, and state_steps must be", True),
+            foreach=("params, mus, etas, and state_steps must be", False),
+        )
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step, ``eta`` = lr, ``mu`` = 1 and a zero average, on the parameter's

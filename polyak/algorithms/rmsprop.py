@@ -120,10 +120,7 @@ class RMSprop(Optimizer):
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """RMSprop takes dense gradients, and ``capturable`` needs an accelerator."""
         _common.check_dense("RMSprop", grads)
-        if group["capturable"]:
-            for p in params:
-                entry = self.state.get(p)
-                _checks.check_capturable_param(p, entry["step"] if entry else p)
+        _common.check_capturable(self.state, group, params, grads)
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step counter and zero averages, as torch.optim creates them."""

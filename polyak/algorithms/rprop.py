@@ -108,10 +108,7 @@ class Rprop(Optimizer):
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Rprop takes dense gradients, and ``capturable`` needs an accelerator."""
         _common.check_dense("Rprop", grads)
-        if group["capturable"]:
-            for p in params:
-                entry = self.state.get(p)
-                _checks.check_capturable_param(p, entry["step"] if entry else p)
+        _common.check_capturable(self.state, group, params, grads)
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step and previous gradient, and step sizes filled with ``lr``."""
