@@ -11,6 +11,7 @@ from polyak.algorithms.radam import RAdam
 from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.rprop import Rprop
 from polyak.algorithms.sgd import SGD
+from polyak.algorithms.sparse_adam import SparseAdam
 from polyak.optimizer import Optimizer, required
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "RAdam",
     "RMSprop",
     "Rprop",
+    "SparseAdam",
     "required",
 ]
 __version__ = "0.1.0"

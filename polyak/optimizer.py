@@ -590,7 +590,8 @@ class Optimizer(torch.optim.Optimizer):
                 for key, template in self.init_state(meta, Hyper(group)).items():
                     if entry.get(key) is None:
                         raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
-                    _checks.check_state_tensor(pid, key, entry[key], template.shape)
+                    if isinstance(template, Tensor):
+                        _checks.check_state_tensor(pid, key, entry[key], template.shape)
             state[param] = {
                 key: self._read_state_value(pid, param, key, item, group)
                 for key, item in entry.items()
@@ -604,7 +605,7 @@ class Optimizer(torch.optim.Optimizer):
             steps = [
                 int(entry["step"])
                 for key, entry in state.items()
-                if isinstance(key, Tensor) and isinstance(entry.get("step"), Tensor)
+                if isinstance(key, Tensor) and isinstance(entry.get("step"), (Tensor, int))
             ]
             step_count = max(steps, default=0)
         return state, groups, step_count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,12 @@ class Entry:
     #: Absolute tolerance for complex parameters on torch's foreach path.
     complex_foreach_tolerance: float = 0.0
     elementwise: bool = True
+    #: A parameter listed twice in a group is updated twice in turn, as torch does. Not yet
+    #: for state kept as Python numbers (SparseAdam's step): the loop strategy hands the
+    #: second occurrence the count from before the first update.
+    duplicates_in_turn: bool = True
+    #: Steps take sparse gradients only (SparseAdam): every generic test gives it sparse ones.
+    sparse_grads: bool = False
     #: Configurations run with sparse gradients (an empty list: dense gradients only).
     sparse_configs: list[dict[str, Any]] = field(default_factory=list)
     supports_complex: bool = True
@@ -449,8 +456,46 @@ REGISTRY: list[Entry] = [
         fused=False,
         flat=False,
     ),
+    Entry(
+        cls=polyak.SparseAdam,
+        reference=torch.optim.SparseAdam,
+        configs=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6},
+            {"lr": 0.01, "maximize": True},
+            {"lr": torch.tensor(0.01)},
+            {"lr": torch.tensor([0.005]), "maximize": True},
+        ],
+        errors=[
+            ErrorCase({"lr": 0.0}, ValueError, r"^Invalid learning rate: 0\.0$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"eps": 0.0}, ValueError, r"^Invalid epsilon value: 0\.0$"),
+            *_betas_errors(),
+            _LR_TYPE_ERROR,
+        ],
+        stateful={"lr": 0.01},
+        sparse_grads=True,
+        sparse_configs=[{"lr": 0.1}, {"lr": 0.05, "maximize": True}],
+        duplicates_in_turn=False,
+        supports_complex=False,
+        fused=False,
+        flat=False,
+    ),
 ]
+
+
+def takes(entry: Entry, argument: str) -> bool:
+    """Whether the optimizer's constructor has ``argument`` (SparseAdam has no ``foreach``)."""
+    return argument in inspect.signature(entry.cls).parameters
 
 
 def ids(entry: Entry) -> str:
     return entry.cls.__name__
+
+
+#: Optimizer classes (polyak's and torch's) that step on sparse gradients only.
+SPARSE_GRADIENTS = {
+    cls for entry in REGISTRY if entry.sparse_grads for cls in (entry.cls, entry.reference)
+}

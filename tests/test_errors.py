@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_params
-from registry import REGISTRY, Entry, ErrorCase, ids
+from registry import REGISTRY, Entry, ErrorCase, ids, takes
 from torch.optim.optimizer import required as torch_required
 
 import polyak
@@ -163,7 +163,7 @@ def test_fused_rejects_integer_params_at_step(entry: Entry) -> None:
     assert_same_error(build(entry.cls), build(entry.reference))
 
 
-@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if takes(e, "differentiable")], ids=ids)
 def test_differentiable_accepts_non_leaf(entry: Entry) -> None:
     p = torch.zeros(2, requires_grad=True) * 1.0
     with warnings.catch_warnings():

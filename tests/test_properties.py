@@ -8,10 +8,18 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, clone_kwargs, make_params, set_grads, twin
+from conftest import (
+    as_grad,
+    assert_same,
+    clone_kwargs,
+    make_params,
+    set_grads,
+    takes_sparse_grads,
+    twin,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from registry import REGISTRY
+from registry import REGISTRY, takes
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -23,6 +31,8 @@ def entry_and_config(draw: st.DrawFn) -> tuple[Any, dict[str, Any]]:
     entry = draw(entries)
     config = clone_kwargs(draw(st.sampled_from(entry.configs)))
     flags = draw(st.sampled_from([{}, {"foreach": True}, {"foreach": False}]))
+    if not takes(entry, "foreach"):
+        flags = {}
     try:
         entry.reference(make_params(), **clone_kwargs({**config, **flags}))
     except (ValueError, RuntimeError):
@@ -34,7 +44,7 @@ def _steps(opt: Any, params: list[torch.Tensor], n: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     shadow = twin(params)
     for _ in range(n):
-        set_grads(params, shadow, gen)
+        set_grads(params, shadow, gen, takes_sparse_grads(opt))
         opt.step()
 
 
@@ -63,7 +73,7 @@ def test_zero_gradient_without_decay_leaves_params_unchanged(case: Any, steps: i
     opt = entry.cls(params, **config)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.zeros_like(p)
+            p.grad = as_grad(torch.zeros_like(p), entry.sparse_grads)
         opt.step()
     assert_same(params, before)
 
@@ -104,7 +114,7 @@ def test_regrouping_does_not_change_results(case: Any, assignment: list[int]) ->
     shadow = twin(grouped_params)
     # Same gradients per parameter as the one-group run, whatever the order of the groups.
     for _ in range(3):
-        set_grads(grouped_params, shadow, gen)
+        set_grads(grouped_params, shadow, gen, entry.sparse_grads)
         many.step()
     for p, q in zip(params, grouped_params, strict=True):
         assert_same(p, q)
