@@ -63,7 +63,7 @@ class Entry:
     #: The default CPU step runs on the flat kernel for every configuration listed.
     flat: bool = True
     #: ``lr=0`` leaves the parameters unchanged (it does not where a step size is clamped
-    #: from below, as in Rprop).
+    #: from below, as in Rprop; SparseAdam refuses ``lr=0``).
     lr_zero_is_identity: bool = True
     #: A zero gradient with ``weight_decay=0`` leaves the parameters unchanged (it does not
     #: where the rule decays by other means, as ASGD does).
@@ -478,6 +478,7 @@ REGISTRY: list[Entry] = [
         stateful={"lr": 0.01},
         sparse_grads=True,
         sparse_configs=[{"lr": 0.1}, {"lr": 0.05, "maximize": True}],
+        lr_zero_is_identity=False,
         duplicates_in_turn=False,
         supports_complex=False,
         fused=False,
