@@ -1,9 +1,33 @@
 """polyak: PyTorch optimizers written from scratch, a drop-in for ``torch.optim``."""
 
+from polyak.algorithms.adadelta import Adadelta
+from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
+from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
+from polyak.algorithms.asgd import ASGD
+from polyak.algorithms.nadam import NAdam
+from polyak.algorithms.radam import RAdam
+from polyak.algorithms.rmsprop import RMSprop
+from polyak.algorithms.rprop import Rprop
 from polyak.algorithms.sgd import SGD
+from polyak.algorithms.sparse_adam import SparseAdam
 from polyak.optimizer import Optimizer, required
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "required"]
+__all__ = [
+    "ASGD",
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "Optimizer",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SparseAdam",
+    "required",
+]
 __version__ = "0.1.0"

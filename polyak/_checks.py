@@ -29,6 +29,34 @@ def check_nonnegative(name: str, value: float | Tensor) -> None:
         raise ValueError(f"Invalid {name} value: {value}")
 
 
+def check_at_least(what: str, value: Any, low: float = 0.0) -> None:
+    """Check ``low <= value`` as most torch.optim optimizers do, so a value of the wrong type
+    fails the comparison with torch's TypeError; ``what`` names it as torch does (``learning
+    rate``, ``epsilon value``)."""
+    if not low <= value:
+        raise ValueError(f"Invalid {what}: {value}")
+
+
+def check_between(what: str, value: Any, low: float, high: float) -> None:
+    """Check ``low <= value <= high``, with torch's wording (``Invalid rho value: 1.1``)."""
+    if not low <= value <= high:
+        raise ValueError(f"Invalid {what}: {value}")
+
+
+def check_tensor_lr(lr: float | Tensor) -> None:
+    """A tensor learning rate holds one element."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
+def check_betas(betas: Any) -> None:
+    """Check that each of two betas is in [0, 1), with torch's wording."""
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
 def check_nesterov(nesterov: bool, momentum: float, dampening: float) -> None:
     """Nesterov momentum needs a buffer to look ahead with, and no dampening."""
     if nesterov and (momentum <= 0 or dampening != 0):
@@ -198,18 +226,25 @@ def check_adam(
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
-def capturable_devices() -> list[str]:
-    """Device types on which torch.optim accepts ``capturable=True``."""
-    return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name(), "xla"]
+def capturable_devices(xla: bool = True) -> list[str]:
+    """Device types on which torch.optim accepts ``capturable=True`` (some of its foreach
+    paths leave out ``xla``)."""
+    return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name()] + (
+        ["xla"] if xla else []
+    )
 
 
-def check_capturable_param(p: Tensor, step: Tensor) -> None:
-    """A capturable step keeps parameters and step counters on an accelerator."""
-    devices = capturable_devices()
+def check_capturable_param(
+    p: Tensor,
+    step: Tensor,
+    what: str = "params and state_steps must be",
+    xla: bool = True,
+) -> None:
+    """A capturable step keeps parameters and step counters on an accelerator; ``what`` and
+    ``xla`` give the wording of the torch.optim path being copied."""
+    devices = capturable_devices(xla)
     if not (p.device.type == step.device.type and p.device.type in devices):
-        raise AssertionError(
-            f"If capturable=True, params and state_steps must be on supported devices: {devices}."
-        )
+        raise AssertionError(f"If capturable=True, {what} on supported devices: {devices}.")
 
 
 def check_state_tensor(pid: Any, key: Any, value: Any, shape: torch.Size) -> Tensor:

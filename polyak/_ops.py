@@ -44,6 +44,11 @@ def _traced(scale: Scale) -> TypeGuard[Tensor]:
     return isinstance(scale, Tensor) and scale.requires_grad
 
 
+def constant(scale: Scale) -> Scale:
+    """``scale`` cut from autograd, as torch reads a tensor passed where it takes a number."""
+    return scale.detach() if isinstance(scale, Tensor) else scale
+
+
 def copy(xs: list[Tensor]) -> list[Tensor]:
     """Copies of ``xs`` that stay in the autograd graph."""
     return [x.clone() for x in xs]
@@ -83,6 +88,16 @@ def add_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
         torch._foreach_add_(xs, ys, alpha=scale)
 
 
+def add_scaled_each_(xs: list[Tensor], ys: list[Tensor], scales: list[Any]) -> None:
+    """``x += scale * y`` for each pair, with one scale per pair.
+
+    One call per tensor: the foreach op takes a single ``alpha``, and scaling ``y`` first would
+    round twice.
+    """
+    for x, y, s in zip(xs, ys, scales, strict=True):
+        x.add_(y, alpha=s)
+
+
 def sub_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
     """``x -= scale * y`` for each pair."""
     if _traced(scale):
@@ -96,12 +111,16 @@ def sub_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
 
 
 def mul_(xs: list[Tensor], scale: Scale) -> None:
-    """``x *= scale`` for each x."""
+    """``x *= scale`` for each x; ``scale`` is one or one per x.
+
+    One tensor scale is passed to the foreach op as a tensor, as torch.optim passes it (a
+    half-precision tensor is then multiplied as by a tensor, not by a number).
+    """
     if _PER_TENSOR.get():
-        for x in xs:
-            x.mul_(scale)
+        for x, s in _pairs(xs, scale):
+            x.mul_(s)
     elif xs:
-        torch._foreach_mul_(xs, _numbers(scale))
+        torch._foreach_mul_(xs, scale if isinstance(scale, Tensor) else _numbers(scale))
 
 
 def zero_(xs: list[Tensor]) -> None:
@@ -133,6 +152,14 @@ def _numbers(scales: Scale) -> Scale:
 def as_real(xs: list[Tensor]) -> list[Tensor]:
     """Complex tensors as real views with a trailing dimension of 2; real ones unchanged."""
     return [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+
+
+def as_complex(xs: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """Real views back as complex tensors where the tensor at the same place in ``like`` is
+    complex; the others unchanged."""
+    return [
+        torch.view_as_complex(x) if y.is_complex() else x for x, y in zip(xs, like, strict=True)
+    ]
 
 
 def increment_(xs: list[Tensor]) -> None:
@@ -222,3 +249,147 @@ def maximum_(xs: list[Tensor], ys: list[Tensor]) -> None:
                 torch.maximum(x, y, out=x)
     elif xs:
         torch._foreach_maximum_(xs, ys)
+
+
+def addcmul(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale) -> list[Tensor]:
+    """``x + value * y * z`` for each triple, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.addcmul(y, z, value=value) for x, y, z in zip(xs, ys, zs, strict=True)]
+    return list(torch._foreach_addcmul(xs, ys, zs, _numbers(value)))
+
+
+def sqrt_(xs: list[Tensor]) -> None:
+    """``x = sqrt(x)`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.sqrt_()
+    elif xs:
+        torch._foreach_sqrt_(xs)
+
+
+def add(xs: list[Tensor], scales: Scale) -> list[Tensor]:
+    """``x + scale`` for each x, as new tensors; ``scales`` is one or one per x."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.add(s) for x, s in _pairs(xs, scales)]
+    return list(torch._foreach_add(xs, _numbers(scales)))
+
+
+def mul(xs: list[Tensor], scales: Scale) -> list[Tensor]:
+    """``x * scale`` for each x, as new tensors; ``scales`` is one or one per x."""
+    if _PER_TENSOR.get() or not xs:
+        return [x * s for x, s in _pairs(xs, scales)]
+    return list(torch._foreach_mul(xs, _numbers(scales)))
+
+
+def absolute(xs: list[Tensor]) -> list[Tensor]:
+    """``|x|`` for each x, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.abs() for x in xs]
+    return list(torch._foreach_abs(xs))
+
+
+def amax_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x = max(x, y)`` elementwise for each pair, differentiated as ``torch.amax`` is (a tie
+    shares the gradient), for steps that autograd runs through."""
+    for x, y in zip(xs, ys, strict=True):
+        x.copy_(torch.amax(torch.stack([x, y]), 0))
+
+
+def mul_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x *= y`` elementwise for each pair."""
+    if _PER_TENSOR.get():
+        for x, y in zip(xs, ys, strict=True):
+            x.mul_(y)
+    elif xs:
+        torch._foreach_mul_(xs, ys)
+
+
+def div_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x /= y`` elementwise for each pair."""
+    if _PER_TENSOR.get():
+        for x, y in zip(xs, ys, strict=True):
+            x.div_(y)
+    elif xs:
+        torch._foreach_div_(xs, ys)
+
+
+def mul_tensors(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """``x * y`` elementwise for each pair, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x * y for x, y in zip(xs, ys, strict=True)]
+    return list(torch._foreach_mul(xs, ys))
+
+
+def rdiv(scales: Scale, xs: list[Tensor]) -> list[Tensor]:
+    """``scale / x`` for each x, as new tensors, computed as torch computes it: the reciprocal
+    of x times the scale."""
+    if _PER_TENSOR.get() or not xs:
+        return [s / x for x, s in _pairs(xs, scales)]
+    out = list(torch._foreach_reciprocal(xs))
+    torch._foreach_mul_(out, _numbers(scales))
+    return out
+
+
+def reciprocal_(xs: list[Tensor]) -> None:
+    """``x = 1 / x`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.reciprocal_()
+    elif xs:
+        torch._foreach_reciprocal_(xs)
+
+
+def sub(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """``x - y`` for each pair, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.sub(y) for x, y in zip(xs, ys, strict=True)]
+    return list(torch._foreach_sub(xs, ys))
+
+
+def copy_(xs: list[Tensor], ys: list[Tensor]) -> None:
+    """``x = y`` elementwise for each pair, in place."""
+    if _PER_TENSOR.get():
+        for x, y in zip(xs, ys, strict=True):
+            x.copy_(y)
+    elif xs:
+        torch._foreach_copy_(xs, ys)
+
+
+def assign_(xs: list[Tensor], values: list[Any]) -> None:
+    """Set each 0-dim x to its value: a number, taken as ``torch.as_tensor`` takes it (in the
+    default dtype), or a 0-dim tensor."""
+    news = [torch.as_tensor(v, device=x.device) for x, v in zip(xs, values, strict=True)]
+    copy_(xs, news)
+
+
+def sign(xs: list[Tensor]) -> list[Tensor]:
+    """``sign(x)`` (-1, 0 or 1) for each x, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.sign() for x in xs]
+    return list(torch._foreach_sign(xs))
+
+
+def sign_(xs: list[Tensor]) -> None:
+    """``x = sign(x)`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.sign_()
+    elif xs:
+        torch._foreach_sign_(xs)
+
+
+def compare(xs: list[Tensor], op: str, value: Scale) -> list[Tensor]:
+    """Boolean masks ``x <op> value`` for each x; ``op`` is one of ``gt``, ``lt``, ``eq``."""
+    return [getattr(x, op)(value) for x in xs]
+
+
+def masked_fill_(xs: list[Tensor], masks: list[Tensor], value: Scale) -> None:
+    """Set the elements of each x where its mask is True to ``value``."""
+    for x, mask in zip(xs, masks, strict=True):
+        x.masked_fill_(mask, value)
+
+
+def clamp_(xs: list[Tensor], low: Scale, high: Scale) -> None:
+    """``x = min(max(x, low), high)`` for each x."""
+    for x in xs:
+        x.clamp_(low, high)

@@ -683,6 +683,8 @@ class Optimizer(torch.optim.Optimizer):
                 for key, template in self.init_state(_state_template(param), Hyper(group)).items():
                     if entry.get(key) is None:
                         raise KeyError(f"loaded state for parameter {pid} has no {key!r} entry")
+                    if not isinstance(template, Tensor):
+                        continue  # a number the update keeps as such (SparseAdam's step)
                     if template.dim() == 0:
                         # A counter (Adam's step) may be any one-element tensor, as in torch.
                         _checks.check_state_scalar(pid, key, entry[key])
@@ -708,7 +710,7 @@ class Optimizer(torch.optim.Optimizer):
             steps = [
                 int(entry["step"])
                 for key, entry in state.items()
-                if isinstance(key, Tensor) and isinstance(entry.get("step"), Tensor)
+                if isinstance(key, Tensor) and isinstance(entry.get("step"), (Tensor, int))
             ]
             step_count = max(steps, default=0)
         return state, groups, step_count

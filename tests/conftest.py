@@ -36,16 +36,35 @@ def clone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(kwargs)
 
 
+def takes_sparse_grads(opt: Any) -> bool:
+    """Whether the optimizer under test steps on sparse gradients only (SparseAdam)."""
+    from registry import SPARSE_GRADIENTS
+
+    return type(opt) in SPARSE_GRADIENTS
+
+
+def as_grad(g: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """A gradient in the layout the optimizer takes: a sparse one holds g's nonzero rows."""
+    return g.to_sparse(1) if sparse and g.dim() > 0 else g
+
+
 def set_grads(
-    params_a: list[torch.Tensor], params_b: list[torch.Tensor], gen: torch.Generator
+    params_a: list[torch.Tensor],
+    params_b: list[torch.Tensor],
+    gen: torch.Generator,
+    sparse: bool = False,
 ) -> None:
-    """Give both parameter sets the same random gradients."""
+    """Give both parameter sets the same random gradients; sparse ones hold about half the
+    rows."""
     for p, q in zip(params_a, params_b, strict=True):
         g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
         if p.is_complex():
             g = torch.complex(g, torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        p.grad = g.to(p.dtype)
-        q.grad = g.to(q.dtype)
+        if sparse and g.dim() > 0:
+            rows = torch.rand(g.shape[0], generator=gen) < 0.5
+            g[rows] = 0
+        p.grad = as_grad(g.to(p.dtype), sparse)
+        q.grad = as_grad(g.to(q.dtype), sparse)
 
 
 def assert_same(a: Any, b: Any, atol: float = 0.0) -> None:
@@ -80,7 +99,7 @@ def step_both(
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     for i in range(steps):
-        set_grads(params_a, params_b, gen)
+        set_grads(params_a, params_b, gen, takes_sparse_grads(opt_a))
         opt_a.step()
         opt_b.step()
         if between is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,15 +34,44 @@ class Entry:
     stateful: dict[str, Any] = field(default_factory=lambda: {"lr": 0.01})
     #: A configuration for differentiating through steps (autograd w.r.t. ``lr``).
     differentiable: dict[str, Any] = field(default_factory=dict)
+    #: torch differentiates the step with respect to a tensor ``lr`` (RMSprop, among others,
+    #: takes ``lr`` only where it takes a number, and refuses one that requires grad).
+    differentiable_lr: bool = True
+    #: Steps before differentiating: torch's own step fails to differentiate through a second
+    #: step for some optimizers (Adamax, NAdam and Rprop change in place state that autograd
+    #: keeps).
+    differentiable_steps: int = 2
     #: Absolute tolerance for complex parameters on torch's foreach path.
     complex_foreach_tolerance: float = 0.0
     elementwise: bool = True
-    supports_sparse: bool = False
+    #: A parameter listed twice in a group is updated twice in turn, as torch does. Not yet
+    #: for state kept as Python numbers (SparseAdam's step): the loop strategy hands the
+    #: second occurrence the count from before the first update.
+    duplicates_in_turn: bool = True
+    #: Steps take sparse gradients only (SparseAdam): every generic test gives it sparse ones.
+    sparse_grads: bool = False
+    #: Configurations run with sparse gradients (an empty list: dense gradients only).
+    sparse_configs: list[dict[str, Any]] = field(default_factory=list)
     supports_complex: bool = True
+    #: torch's class takes ``fused``.
+    fused: bool = True
+    #: torch's per-tensor and foreach paths compute the same numbers (they differ in the last
+    #: bit where they order operations differently, as NAdam's do).
+    paths_agree: bool = True
+    #: The constructor creates the state of its parameters, as torch's Adagrad does.
+    eager_state: bool = False
+    #: The default CPU step runs on the flat kernel for every configuration listed.
+    flat: bool = True
+    #: ``lr=0`` leaves the parameters unchanged (it does not where a step size is clamped
+    #: from below, as in Rprop; SparseAdam refuses ``lr=0``).
+    lr_zero_is_identity: bool = True
+    #: A zero gradient with ``weight_decay=0`` leaves the parameters unchanged (it does not
+    #: where the rule decays by other means, as ASGD does).
+    zero_grad_is_identity: bool = True
 
 
-#: Errors every optimizer here raises as torch does.
-_COMMON_ERRORS = [
+#: Errors every optimizer that takes ``fused`` raises as torch does.
+_FUSED_ERRORS = [
     ErrorCase(
         {"fused": True, "differentiable": True},
         RuntimeError,
@@ -52,8 +82,10 @@ _COMMON_ERRORS = [
         RuntimeError,
         r"^`fused` and `foreach` cannot be `True` together\.$",
     ),
-    ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances"),
 ]
+#: Errors every optimizer here raises as torch does.
+_LR_TYPE_ERROR = ErrorCase({"lr": "0.1"}, TypeError, r"not supported between instances")
+_COMMON_ERRORS = [*_FUSED_ERRORS, _LR_TYPE_ERROR]
 
 
 def _sgd_configs() -> list[dict[str, Any]]:
@@ -135,6 +167,52 @@ _ADAM_FUSED_TOLERANCES = {
 }
 
 
+def _rmsprop_configs() -> list[dict[str, Any]]:
+    return [
+        {},
+        {"lr": 1e-3, "weight_decay": 0.1},
+        {"maximize": True, "weight_decay": 0.1},
+        {"weight_decay": 0.1, "centered": True},
+        {"weight_decay": 0.1, "centered": True, "momentum": 0.1, "maximize": True},
+        {"momentum": 0.5, "alpha": 0.9, "eps": 1e-6},
+        {"lr": torch.tensor(0.01), "momentum": 0.5},
+        {"lr": torch.tensor([0.01]), "centered": True},
+    ]
+
+
+def _adagrad_configs() -> list[dict[str, Any]]:
+    return [
+        {},
+        {"weight_decay": 0.1, "maximize": True},
+        {"initial_accumulator_value": 0.1, "weight_decay": 0.1},
+        {"lr": 0.1, "lr_decay": 0.5, "weight_decay": 0.1},
+        {"lr": 0.05, "eps": 1e-6, "lr_decay": 0.1, "maximize": True},
+        {"lr": torch.tensor(0.01), "lr_decay": 0.1},
+        {"lr": torch.tensor([0.001]), "weight_decay": 0.1},
+    ]
+
+
+def _betas_errors() -> list[ErrorCase]:
+    return [
+        ErrorCase(
+            {"betas": (1.0, 0.999)}, ValueError, r"^Invalid beta parameter at index 0: 1\.0$"
+        ),
+        ErrorCase(
+            {"betas": (0.9, -0.1)}, ValueError, r"^Invalid beta parameter at index 1: -0\.1$"
+        ),
+    ]
+
+
+def _lr_eps_decay_errors() -> list[ErrorCase]:
+    return [
+        ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+        ErrorCase({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"),
+        ErrorCase({"eps": -1.0}, ValueError, r"^Invalid epsilon value: -1\.0$"),
+        ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
+        _LR_TYPE_ERROR,
+    ]
+
+
 REGISTRY: list[Entry] = [
     Entry(
         cls=polyak.SGD,
@@ -167,7 +245,7 @@ REGISTRY: list[Entry] = [
         },
         stateful={"lr": 0.05, "momentum": 0.9},
         differentiable={"momentum": 0.9, "nesterov": True},
-        supports_sparse=True,
+        sparse_configs=[{"lr": 0.1}, {"lr": 0.1, "momentum": 0.9}],
     ),
     *[
         Entry(
@@ -176,17 +254,253 @@ REGISTRY: list[Entry] = [
             configs=_adam_configs(decoupled),
             errors=_adam_errors(),
             fused_tolerances=_ADAM_FUSED_TOLERANCES,
-            stateful={"lr": 0.01},
+            stateful=stateful,
             differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
             complex_foreach_tolerance=1e-6,
         )
-        for cls, ref, decoupled in (
-            (polyak.Adam, torch.optim.Adam, False),
-            (polyak.AdamW, torch.optim.AdamW, True),
+        for cls, ref, decoupled, stateful in (
+            (polyak.Adam, torch.optim.Adam, False, {"lr": 0.01, "amsgrad": True}),
+            (polyak.AdamW, torch.optim.AdamW, True, {"lr": 0.01, "weight_decay": 0.05}),
         )
     ],
+    Entry(
+        cls=polyak.RMSprop,
+        reference=torch.optim.RMSprop,
+        configs=_rmsprop_configs(),
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"eps": -1.0}, ValueError, r"^Invalid epsilon value: -1\.0$"),
+            ErrorCase({"momentum": -1.0}, ValueError, r"^Invalid momentum value: -1\.0$"),
+            ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
+            ErrorCase({"alpha": -0.5}, ValueError, r"^Invalid alpha value: -0\.5$"),
+            _LR_TYPE_ERROR,
+        ],
+        stateful={"lr": 0.01, "momentum": 0.9, "centered": True},
+        differentiable={"momentum": 0.9, "weight_decay": 0.1},
+        differentiable_lr=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.Adagrad,
+        reference=torch.optim.Adagrad,
+        configs=_adagrad_configs(),
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"lr_decay": -0.5}, ValueError, r"^Invalid lr_decay value: -0\.5$"),
+            ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
+            ErrorCase(
+                {"initial_accumulator_value": -1.0},
+                ValueError,
+                r"^Invalid initial_accumulator_value value: -1\.0$",
+            ),
+            ErrorCase({"eps": -1.0}, ValueError, r"^Invalid epsilon value: -1\.0$"),
+            *_COMMON_ERRORS,
+        ],
+        fused_tolerances=_ADAM_FUSED_TOLERANCES,
+        stateful={"lr": 0.05, "lr_decay": 0.1, "initial_accumulator_value": 0.1},
+        differentiable={"lr_decay": 0.1, "weight_decay": 0.1},
+        differentiable_lr=False,
+        sparse_configs=[{"lr": 0.1}, {"lr": 0.1, "lr_decay": 0.1, "maximize": True}],
+        eager_state=True,
+    ),
+    Entry(
+        cls=polyak.Adamax,
+        reference=torch.optim.Adamax,
+        configs=[
+            {},
+            {"maximize": True},
+            {"weight_decay": 0.1, "maximize": True},
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1},
+            {"lr": torch.tensor(0.01), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.005]), "maximize": True},
+        ],
+        errors=[*_lr_eps_decay_errors(), *_betas_errors()],
+        stateful={"lr": 0.01, "weight_decay": 0.1},
+        differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+        differentiable_lr=False,
+        differentiable_steps=1,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.Adadelta,
+        reference=torch.optim.Adadelta,
+        configs=[
+            {},
+            {"lr": 0.01, "weight_decay": 0.1},
+            {"weight_decay": 0.1, "maximize": True},
+            {"rho": 0.95, "weight_decay": 0.9},
+            {"rho": 0.5, "eps": 1e-4, "maximize": True},
+            {"lr": torch.tensor(0.5), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.5]), "maximize": True},
+        ],
+        errors=[
+            *_lr_eps_decay_errors(),
+            ErrorCase({"rho": 1.1}, ValueError, r"^Invalid rho value: 1\.1$"),
+            ErrorCase({"rho": -0.1}, ValueError, r"^Invalid rho value: -0\.1$"),
+        ],
+        stateful={"lr": 0.5, "weight_decay": 0.1},
+        differentiable={"rho": 0.8, "weight_decay": 0.1},
+        differentiable_lr=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.NAdam,
+        reference=torch.optim.NAdam,
+        configs=[
+            {},
+            {"momentum_decay": 6e-3},
+            {"weight_decay": 0.1},
+            {"weight_decay": 0.1, "momentum_decay": 6e-3, "maximize": True},
+            {"weight_decay": 0.1, "momentum_decay": 6e-3, "decoupled_weight_decay": True},
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True},
+            {"lr": torch.tensor(0.01), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.01]), "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ],
+        errors=[
+            *_lr_eps_decay_errors(),
+            *_betas_errors(),
+            ErrorCase(
+                {"momentum_decay": -0.2}, ValueError, r"^Invalid momentum_decay value: -0\.2$"
+            ),
+        ],
+        stateful={"lr": 0.01, "weight_decay": 0.1},
+        differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+        differentiable_steps=1,
+        paths_agree=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.RAdam,
+        reference=torch.optim.RAdam,
+        configs=[
+            {},
+            {"weight_decay": 0.1},
+            {"weight_decay": 0.1, "decoupled_weight_decay": True},
+            {"weight_decay": 0.1, "maximize": True},
+            # rho_t passes 5 at the sixth step: the reference runs both branches.
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True},
+            {"lr": torch.tensor(0.01), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.01]), "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ],
+        errors=[*_lr_eps_decay_errors(), *_betas_errors()],
+        stateful={"lr": 0.01, "weight_decay": 0.1},
+        differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+        paths_agree=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.ASGD,
+        reference=torch.optim.ASGD,
+        configs=[
+            {},
+            {"lambd": 0.1, "lr": 0.02},
+            {"t0": 2, "weight_decay": 0.1},
+            {"t0": 3, "alpha": 0.5, "maximize": True, "weight_decay": 0.1},
+            {"lr": torch.tensor(0.01), "t0": 2, "lambd": 0.01},
+            {"lr": torch.tensor([0.02]), "maximize": True},
+        ],
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"weight_decay": -0.5}, ValueError, r"^Invalid weight_decay value: -0\.5$"),
+            _LR_TYPE_ERROR,
+        ],
+        stateful={"lr": 0.02, "t0": 2, "lambd": 0.01},
+        differentiable={"t0": 1, "weight_decay": 0.1},
+        differentiable_lr=False,
+        paths_agree=False,
+        zero_grad_is_identity=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.Rprop,
+        reference=torch.optim.Rprop,
+        configs=[
+            {},
+            {"lr": 2e-4},
+            {"etas": (0.5, 1.5)},
+            {"step_sizes": (2e-6, 100)},
+            {"maximize": True},
+            {"lr": 0.05, "etas": (0.3, 1.1), "step_sizes": (1e-3, 0.06), "maximize": True},
+            {"lr": torch.tensor(0.01), "etas": (0.4, 1.3)},
+            {"lr": torch.tensor([0.02])},
+        ],
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"etas": (1.0, 0.5)}, ValueError, r"^Invalid eta values: 1\.0, 0\.5$"),
+            ErrorCase({"etas": (0.5, 1.0)}, ValueError, r"^Invalid eta values: 0\.5, 1\.0$"),
+            _LR_TYPE_ERROR,
+        ],
+        stateful={"lr": 0.01},
+        differentiable={"etas": (0.4, 1.3)},
+        differentiable_lr=False,
+        differentiable_steps=1,
+        lr_zero_is_identity=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.SparseAdam,
+        reference=torch.optim.SparseAdam,
+        configs=[
+            {},
+            {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6},
+            {"lr": 0.01, "maximize": True},
+            {"lr": torch.tensor(0.01)},
+            {"lr": torch.tensor([0.005]), "maximize": True},
+        ],
+        errors=[
+            ErrorCase({"lr": 0.0}, ValueError, r"^Invalid learning rate: 0\.0$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            ErrorCase({"eps": 0.0}, ValueError, r"^Invalid epsilon value: 0\.0$"),
+            *_betas_errors(),
+            _LR_TYPE_ERROR,
+        ],
+        stateful={"lr": 0.01},
+        sparse_grads=True,
+        sparse_configs=[{"lr": 0.1}, {"lr": 0.05, "maximize": True}],
+        lr_zero_is_identity=False,
+        duplicates_in_turn=False,
+        supports_complex=False,
+        fused=False,
+        flat=False,
+    ),
 ]
+
+
+def takes(entry: Entry, argument: str) -> bool:
+    """Whether the optimizer's constructor has ``argument`` (SparseAdam has no ``foreach``)."""
+    return argument in inspect.signature(entry.cls).parameters
 
 
 def ids(entry: Entry) -> str:
     return entry.cls.__name__
+
+
+#: Optimizer classes (polyak's and torch's) that step on sparse gradients only.
+SPARSE_GRADIENTS = {
+    cls for entry in REGISTRY if entry.sparse_grads for cls in (entry.cls, entry.reference)
+}
+
+
+#: The optimizers that take dense gradients (all but SparseAdam).
+DENSE = [entry for entry in REGISTRY if not entry.sparse_grads]

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 import torch.nn.functional as F
+from registry import REGISTRY, Entry, ids
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 from torch.optim import optimizer as torch_optimizer
@@ -36,8 +37,22 @@ OPTIMIZERS: list[tuple[str, SGDFactory]] = [("polyak", polyak.SGD), ("torch", to
 # ------------------------------------------------------------------------------------ helpers
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
+class _Lookup(nn.Module):
+    """A table of rows picked by the first input feature: its gradients are sparse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(12, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = (x[:, 0].abs() * 4).long().clamp(max=11)
+        return F.embedding(rows, self.weight, sparse=True)
+
+
+def make_model(seed: int = 0, sparse: bool = False) -> nn.Sequential:
     torch.manual_seed(seed)
+    if sparse:
+        return nn.Sequential(_Lookup())
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
 
 
@@ -260,8 +275,9 @@ def run_amp(
     fused: bool,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     hyper: dict[str, Any] | None = None,
+    sparse: bool = False,
 ) -> dict[str, Any]:
-    model = make_model()
+    model = make_model(sparse=sparse)
     kwargs: dict[str, Any] = dict(
         hyper or {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
     )
@@ -276,7 +292,8 @@ def run_amp(
             loss = F.mse_loss(model(x).float(), y)
         scaler.scale(loss).backward()
         if i == INF_STEP:
-            model[0].weight.grad[0, 0] = float("inf")
+            grad = model[0].weight.grad
+            (grad._values() if grad.is_sparse else grad)[0, 0] = float("inf")
         scaler.step(opt)
         scaler.update()
         out["scales"].append(scaler.get_scale())
@@ -605,26 +622,31 @@ def test_step_hooks_see_the_same_args_as_torch() -> None:
     assert seen["polyak"] == seen["torch"]
 
 
-# ------------------------------------------------------------------- Adam and AdamW likewise
-
-ADAMS = [
-    pytest.param(polyak.Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True}, id="Adam"),
-    pytest.param(polyak.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}, id="AdamW"),
-]
+# ------------------------------------------------------------------- every optimizer likewise
 
 
-@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), ADAMS)
-def test_adam_family_with_scheduler_clipping_and_checkpoint(
-    cls: Any, ref_cls: Any, kwargs: dict[str, Any], tmp_path: Path
-) -> None:
+def _cycles_momentum(entry: Entry) -> bool:
+    # OneCycleLR also cycles ``betas``, or ``momentum`` where the optimizer has one in use.
+    return (
+        "betas" in entry.stateful
+        or "betas" in entry.cls([torch.zeros(1)]).defaults
+        or (entry.stateful.get("momentum", 0) > 0)
+    )
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_scheduler_clipping_and_checkpoint(entry: Entry, tmp_path: Path) -> None:
     """A OneCycle schedule, gradient clipping and a mid-run save/load through files, identical to
     torch bit for bit; torch.optim resumes from polyak's checkpoint files and vice versa."""
     batches = make_batches(12)
+    cycle = _cycles_momentum(entry)
 
     def build(opt_cls: Any) -> tuple[nn.Sequential, Any, Any]:
-        model = make_model()
-        opt = opt_cls(model.parameters(), **kwargs)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=len(batches))
+        model = make_model(sparse=entry.sparse_grads)
+        opt = opt_cls(model.parameters(), **copy.deepcopy(entry.stateful))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.05, total_steps=len(batches), cycle_momentum=cycle
+        )
         return model, opt, sched
 
     def run(model: nn.Sequential, opt: Any, sched: Any, part: list[Any]) -> None:
@@ -633,11 +655,12 @@ def test_adam_family_with_scheduler_clipping_and_checkpoint(
             for x, y in part:
                 opt.zero_grad()
                 F.mse_loss(model(x), y).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                if not entry.sparse_grads:  # the norm of sparse gradients is not supported
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
                 opt.step()
                 sched.step()
 
-    mine, theirs = build(cls), build(ref_cls)
+    mine, theirs = build(entry.cls), build(entry.reference)
     run(*mine, batches[:6])
     run(*theirs, batches[:6])
     for name, (model, opt, sched) in (("mine", mine), ("theirs", theirs)):
@@ -647,7 +670,10 @@ def test_adam_family_with_scheduler_clipping_and_checkpoint(
         )
     # Each resumes from the other's files.
     resumed = {}
-    for name, opt_cls, source in (("mine", cls, "theirs"), ("theirs", ref_cls, "mine")):
+    for name, opt_cls, source in (
+        ("mine", entry.cls, "theirs"),
+        ("theirs", entry.reference, "mine"),
+    ):
         saved = torch.load(tmp_path / f"{source}.pt", weights_only=True)
         model, opt, sched = build(opt_cls)
         model.load_state_dict(saved["model"])
@@ -660,14 +686,20 @@ def test_adam_family_with_scheduler_clipping_and_checkpoint(
     assert_params_equal(resumed["theirs"], theirs[0])
 
 
-@pytest.mark.parametrize(("cls", "ref_cls", "kwargs"), ADAMS)
-@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
-def test_adam_family_grad_scaler(
-    cls: Any, ref_cls: Any, kwargs: dict[str, Any], fused: bool
-) -> None:
+def _amp_cases() -> list[Any]:
+    return [
+        pytest.param(entry, fused, id=f"{ids(entry)}-{'fused' if fused else 'default'}")
+        for entry in REGISTRY
+        for fused in ([False, True] if entry.fused else [False])
+    ]
+
+
+@pytest.mark.parametrize(("entry", "fused"), _amp_cases())
+def test_grad_scaler(entry: Entry, fused: bool) -> None:
     batches = make_batches(8)
-    got = run_amp(cls, fused, batches, kwargs)["params"]
-    ref = run_amp(ref_cls, fused, batches, kwargs)["params"]
+    kwargs = copy.deepcopy(entry.stateful)
+    got = run_amp(entry.cls, fused, batches, kwargs, entry.sparse_grads)["params"]
+    ref = run_amp(entry.reference, fused, batches, kwargs, entry.sparse_grads)["params"]
     for p_got, p_ref in zip(got, ref, strict=True):
         if fused:
             for a, b in zip(p_got, p_ref, strict=True):

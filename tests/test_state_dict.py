@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, clone_kwargs, make_params, step_both, twin
+from conftest import as_grad, assert_same, clone_kwargs, make_params, step_both, twin
 from registry import REGISTRY, Entry, ids
 
 import polyak
@@ -100,7 +100,7 @@ def test_load_casts_state_to_param_dtype_and_copies(entry: Entry) -> None:
     same = entry.cls(make_params(), **config)
     same.load_state_dict(sd)
     for p in same.param_groups[0]["params"]:
-        p.grad = torch.ones_like(p)
+        p.grad = as_grad(torch.ones_like(p), entry.sparse_grads)
     same.step()
     assert_same(sd["state"], kept["state"])
 
@@ -122,7 +122,9 @@ def test_named_parameters_round_trip(entry: Entry) -> None:
 def test_old_checkpoints_without_new_flags_load(entry: Entry) -> None:
     _opt, ref, params, _ref_params = _trained(entry, entry.stateful)
     sd = ref.state_dict()
-    flags = ("maximize", "foreach", "differentiable", "fused")
+    flags = [
+        f for f in ("maximize", "foreach", "differentiable", "fused") if f in entry.cls.backfill
+    ]
     for group in sd["param_groups"]:
         for flag in flags:
             group.pop(flag)
@@ -131,7 +133,9 @@ def test_old_checkpoints_without_new_flags_load(entry: Entry) -> None:
     mine = entry.cls(twin(params), lr=1.0)
     mine.load_state_dict(copy.deepcopy(sd))
     for flag in flags:
-        assert mine.param_groups[0][flag] == ref2.param_groups[0][flag]
+        # torch's SparseAdam leaves a missing flag missing and reads it with its default.
+        expected = ref2.param_groups[0].get(flag, entry.cls.backfill[flag])
+        assert mine.param_groups[0][flag] == expected
 
 
 def _corruptions(sd: dict[str, Any], key: str) -> list[tuple[str, type[Exception], dict[str, Any]]]:
@@ -298,7 +302,11 @@ def test_hyperparameters_no_constructor_takes_are_refused_at_load(
     assert str(caught.value) == str(constructed.value)
 
 
-_INIT_STATE = [e for e in REGISTRY if e.cls.init_state is not polyak.Optimizer.init_state]
+_INIT_STATE = [
+    e
+    for e in REGISTRY
+    if e.cls.init_state is not polyak.Optimizer.init_state and not e.sparse_grads
+]
 
 
 @pytest.mark.parametrize("entry", _INIT_STATE, ids=ids)
@@ -330,6 +338,8 @@ model = torch.nn.Sequential(
     torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)
 )
 for entry in REGISTRY:
+    if entry.sparse_grads:
+        continue
     opt = entry.cls(model.parameters(), **entry.stateful)
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     opt.step()

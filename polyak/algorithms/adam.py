@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
+from polyak.algorithms import _common
 from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
@@ -193,10 +194,9 @@ class Adam(Optimizer):
                     raise ValueError(
                         f"{name} as a Tensor is not supported for capturable=False and foreach=True"
                     )
-        if group["capturable"]:
-            for p in params:
-                step = self.state[p]["step"] if self.state.get(p) else p
-                _checks.check_capturable_param(p, step)
+        _common.check_capturable(
+            self.state, group, params, grads, foreach=("params and state_steps must be", False)
+        )
         if group["differentiable"]:
             for p in params:
                 entry = self.state.get(p)

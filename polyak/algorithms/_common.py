@@ -1,0 +1,98 @@
+"""What several algorithms share about their state: step counters and dense gradients."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polyak import _checks, _ops
+from polyak.strategies import Strategy, choose
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype of step counters: float32, or float64 under a float64 default dtype, as in
+    torch.optim."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def zero_step(param: Tensor, on_device: bool) -> Tensor:
+    """A zero step counter: on the parameter's device when ``on_device`` (a capturable step),
+    else on the CPU."""
+    return torch.zeros((), dtype=scalar_dtype(), device=param.device if on_device else None)
+
+
+def upgrade_step(entry: dict[str, Any], param: Tensor, on_device: bool) -> None:
+    """Turn a step counter kept as a Python number (older torch checkpoints) into a tensor.
+
+    Raises:
+        ValueError: the step is negative or not finite, which no training makes.
+    """
+    step = entry.get("step")
+    if isinstance(step, (int, float)) or (torch.is_tensor(step) and step.numel() == 1):
+        value = float(step)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"Invalid step {value}: a step count is a finite number >= 0")
+    if step is not None and not torch.is_tensor(step):
+        entry["step"] = torch.tensor(
+            float(step), dtype=scalar_dtype(), device=param.device if on_device else None
+        )
+
+
+def check_dense(name: str, grads: list[Tensor]) -> None:
+    """Refuse sparse gradients, with torch's message."""
+    if any(g.is_sparse for g in grads):
+        raise RuntimeError(f"{name} does not support sparse gradients")
+
+
+def zeros_like(param: Tensor) -> Tensor:
+    """A zero tensor shaped, typed and laid out as ``param``."""
+    return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def torch_foreach_path(hp: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether torch.optim steps this group on its foreach path, which orders some operations
+    differently from its per-tensor path: a rule that copies each path's order asks here."""
+    return choose(vars(hp), params, grads) is Strategy.FOREACH
+
+
+def decay_as_real(
+    params: list[Tensor], grads: list[Tensor], weight_decay: Any, foreach_order: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``g + weight_decay * param``, and the real views of complex tensors.
+
+    torch's foreach path decays the real views, its per-tensor path the complex tensors, which
+    rounds differently: ``foreach_order`` picks the one to copy.
+    """
+    if weight_decay != 0 and not foreach_order:
+        grads = _ops.add_scaled(grads, params, weight_decay)
+    params, grads = _ops.as_real(params), _ops.as_real(grads)
+    if weight_decay != 0 and foreach_order:
+        grads = _ops.add_scaled(grads, params, weight_decay)
+    return params, grads
+
+
+def number(value: Any) -> Any:
+    """A tensor hyperparameter as the Python number torch's foreach paths read it."""
+    return value.item() if isinstance(value, Tensor) else value
+
+
+def check_capturable(
+    state: Any,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    loop: tuple[str, bool] = ("params and state_steps must be", True),
+    foreach: tuple[str, bool] = ("params and state_steps must be", True),
+) -> None:
+    """``capturable=True`` needs parameters and steps on an accelerator, with the wording of
+    the torch path that runs: ``loop`` and ``foreach`` give each path's subject and whether
+    its device list names ``xla``."""
+    if not group["capturable"]:
+        return
+    what, xla = foreach if choose(group, params, grads) is Strategy.FOREACH else loop
+    for p in params:
+        entry = state.get(p)
+        _checks.check_capturable_param(p, entry["step"] if entry else p, what, xla)

@@ -1,0 +1,197 @@
+"""RAdam: Adam with the variance of its adaptive step size rectified."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from polyak import _checks, _ops
+from polyak.algorithms import _common
+from polyak.optimizer import Hyper, Optimizer, ParamsT
+from polyak.strategies import StateLists
+
+
+class RAdam(Optimizer):
+    r"""RAdam: Adam that takes momentum steps until its second moment is reliable.
+
+    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+
+        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1}
+            \quad\text{(or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,\theta_{t-1}
+            \text{ when decoupled)} \\
+        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        \rho_\infty &\leftarrow 2 / (1 - \beta_2) - 1, \quad
+            \rho_t \leftarrow \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t) \\
+        r_t &\leftarrow \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\,\rho_\infty}
+            {(\rho_\infty - 4)(\rho_\infty - 2)\,\rho_t}} \\
+        \theta_t &\leftarrow \theta_{t-1} - \gamma\, \frac{m_t}{1 - \beta_1^t}\,
+            \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}\, r_t
+            \ \text{if } \rho_t > 5, \text{ else }
+            \theta_{t-1} - \gamma\, \frac{m_t}{1 - \beta_1^t}
+
+    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` =
+    ``eps`` and :math:`\lambda` = ``weight_decay``; the gradient is negated when ``maximize``.
+    Complex parameters are updated as pairs of reals.
+
+    Note:
+        As in torch.optim, :math:`\epsilon` is added to :math:`\sqrt{v_t}` and the decoupled
+        decay (RAdamW) is scaled by the learning rate. On a capturable step polyak computes
+        the same numbers with the step read as a number.
+
+    Args:
+        params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
+            defining parameter groups.
+        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-3).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
+        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
+        weight_decay: :math:`\lambda`, >= 0 (default: 0).
+        decoupled_weight_decay: apply weight decay to the parameters directly, as AdamW
+            does, instead of adding it to the gradient (default: False).
+        foreach: run the update over all of a group's tensors per operation; None lets polyak
+            choose (default: None).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        capturable: keep step counters on the device; accelerators only (default: False).
+        differentiable: let autograd run through the step (default: False).
+
+    References:
+        L. Liu, H. Jiang, P. He, W. Chen, X. Liu, J. Gao, J. Han. On the Variance of the
+        Adaptive Learning Rate and Beyond. ICLR 2020. https://arxiv.org/abs/1908.03265
+    """
+
+    state_keys = ("step", "exp_avg", "exp_avg_sq")
+    param_shaped_state = ("exp_avg", "exp_avg_sq")
+    backfill = {  # noqa: RUF012 - read-only table
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+        "capturable": False,
+    }
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "differentiable": differentiable,
+        }
+        self.check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def check_hyperparameters(group: Mapping[str, Any]) -> None:
+        """RAdam's checks of its numbers, in torch.optim's order and wording."""
+        _checks.check_tensor_lr(group["lr"])
+        _checks.check_at_least("learning rate", group["lr"])
+        _checks.check_at_least("epsilon value", group["eps"])
+        _checks.check_betas(group["betas"])
+        _checks.check_at_least("weight_decay value", group["weight_decay"])
+
+    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
+        """Checkpoints of old torch versions kept the step as a Python number."""
+        _common.upgrade_step(entry, param, group["capturable"])
+
+    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """RAdam takes dense gradients, and ``capturable`` needs an accelerator."""
+        _common.check_dense("RAdam", grads)
+        _common.check_capturable(
+            self.state, group, params, grads, foreach=("params and state_steps must be", False)
+        )
+
+    def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
+        """A zero step counter and zero moments, as torch.optim creates them."""
+        return {
+            "step": _common.zero_step(param, hp.capturable),
+            "exp_avg": _common.zeros_like(param),
+            "exp_avg_sq": _common.zeros_like(param),
+        }
+
+    @staticmethod
+    def update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
+        """Apply one RAdam step to ``params`` given their ``grads``."""
+        steps: list[Any] = state["step"]
+        beta1, beta2 = hp.betas
+        g = _ops.neg(grads) if hp.maximize else grads
+        _ops.increment_(steps)
+        # Complex parameters are updated as pairs of reals, decayed as such on both of torch's
+        # paths.
+        p, g = _ops.as_real(params), _ops.as_real(g)
+        if hp.weight_decay != 0:
+            if hp.decoupled_weight_decay:
+                _ops.mul_(p, 1 - hp.lr * hp.weight_decay)
+            else:
+                g = _ops.add_scaled(g, p, hp.weight_decay)
+        m: list[Any] = _ops.as_real(state["exp_avg"])  # type: ignore[arg-type]
+        v: list[Any] = _ops.as_real(state["exp_avg_sq"])  # type: ignore[arg-type]
+        _ops.lerp_(m, g, 1 - beta1)
+        _ops.mul_(v, beta2)
+        _ops.addcmul_(v, g, g, 1 - beta2)
+        t = _ops.values(steps)
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_ts = [rho_inf - 2 * s * (beta2**s) / (1 - beta2**s) for s in t]
+        rects = [
+            ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
+            if rho > 5
+            else 0
+            for rho in rho_ts
+        ]
+        lr = hp.lr
+        if _common.torch_foreach_path(hp, params, grads):
+            # torch's foreach path folds both cases into one multiply-add: the step size
+            # 1 / (-(sqrt(v) + eps) / c2) + c1 is -c1 before rectification (c2 = 0) and
+            # -c2 / (sqrt(v) + eps) after it (c1 = 0).
+            bc1s = [1 - beta1**s for s in t]
+            c1 = [(lr * (0 if r > 0 else 1.0) / bc) * -1 for r, bc in zip(rects, bc1s, strict=True)]
+            c2 = [
+                ((1 - beta2**s) ** 0.5) * (lr * r / bc) * -1
+                for s, r, bc in zip(t, rects, bc1s, strict=True)
+            ]
+            size = _ops.sqrt(v)
+            _ops.add_(size, hp.eps)
+            _ops.div_(size, c2)
+            _ops.reciprocal_(size)
+            _ops.add_(size, c1)
+            _ops.addcmul_(p, m, size, 1)
+            return
+        # torch's per-tensor path branches on rectification, parameter by parameter.
+        for rect, idx in (
+            (True, [i for i, r in enumerate(rho_ts) if r > 5]),
+            (False, [i for i, r in enumerate(rho_ts) if not r > 5]),
+        ):
+            if not idx:
+                continue
+            p_i, m_i, v_i = [p[i] for i in idx], [m[i] for i in idx], [v[i] for i in idx]
+            d = _ops.mul(_ops.div(m_i, [1 - beta1 ** t[i] for i in idx]), lr)
+            if rect:
+                root = _ops.sqrt(v_i)
+                if hp.differentiable:
+                    # Out of place: autograd keeps the square root's result for its backward.
+                    root = _ops.add(root, hp.eps)
+                else:
+                    _ops.add_(root, hp.eps)
+                adaptive = _ops.rdiv([(1 - beta2 ** t[i]) ** 0.5 for i in idx], root)
+                d = _ops.mul(_ops.mul_tensors(d, adaptive), [rects[i] for i in idx])
+            _ops.sub_scaled_(p_i, d, 1.0)

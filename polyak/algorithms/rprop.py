@@ -1,0 +1,147 @@
+"""Rprop: resilient backpropagation, steps adapted from the signs of the gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polyak import _checks, _ops
+from polyak.algorithms import _common
+from polyak.optimizer import Hyper, Optimizer, ParamsT
+from polyak.strategies import StateLists
+
+
+class Rprop(Optimizer):
+    r"""Rprop: a per-coordinate step size that grows while the gradient keeps its sign.
+
+    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+
+        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) \\
+        \delta_t &\leftarrow \operatorname{clamp}\left(\delta_{t-1} \cdot
+            \begin{cases} \eta_+ & g_t\, g_{t-1} > 0 \\ \eta_- & g_t\, g_{t-1} < 0 \\
+            1 & \text{otherwise} \end{cases},\ \Gamma_{\min},\ \Gamma_{\max}\right) \\
+        g_t &\leftarrow 0 \ \text{where } g_t\, g_{t-1} < 0 \\
+        \theta_t &\leftarrow \theta_{t-1} - \operatorname{sign}(g_t)\, \delta_t
+
+    where :math:`(\eta_-, \eta_+)` = ``etas``, :math:`(\Gamma_{\min}, \Gamma_{\max})` =
+    ``step_sizes`` and :math:`\delta_0` = ``lr`` in every coordinate (both parts of a complex
+    one); the gradient is negated when ``maximize``. The state keys are ``prev``
+    (:math:`g_{t-1}`, zero at first) and ``step_size`` (:math:`\delta`). Complex parameters
+    are updated as pairs of reals.
+
+    Note:
+        As in torch.optim, ``lr`` only fills the initial step sizes: changing it later (a
+        scheduler) has no effect. A gradient whose sign flipped is stored as zero, so the next
+        step neither grows nor shrinks that coordinate (the iRprop- variant). The sign test
+        compares with :math:`\eta_-` in the parameter's dtype, as torch does.
+
+    Args:
+        params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
+            defining parameter groups.
+        lr: initial step size :math:`\delta_0`, a float or a one-element tensor, >= 0
+            (default: 1e-2).
+        etas: :math:`(\eta_-, \eta_+)`, with :math:`0 < \eta_- < 1 < \eta_+`
+            (default: (0.5, 1.2)).
+        step_sizes: :math:`(\Gamma_{\min}, \Gamma_{\max})` (default: (1e-6, 50)).
+        capturable: keep step counters on the device; accelerators only (default: False).
+        foreach: run the update over all of a group's tensors per operation; None lets polyak
+            choose (default: None).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        differentiable: let autograd run through the step (default: False).
+
+    References:
+        M. Riedmiller, H. Braun. A Direct Adaptive Method for Faster Backpropagation Learning:
+        The RPROP Algorithm. IEEE ICNN 1993. https://doi.org/10.1109/ICNN.1993.298623
+    """
+
+    state_keys = ("step", "prev", "step_size")
+    param_shaped_state = ("prev", "step_size")
+    backfill = {  # noqa: RUF012 - read-only table
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        etas: tuple[float, float] = (0.5, 1.2),
+        step_sizes: tuple[float, float] = (1e-6, 50),
+        *,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "etas": etas,
+            "step_sizes": step_sizes,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        }
+        self.check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def check_hyperparameters(group: Mapping[str, Any]) -> None:
+        """Rprop's checks of its numbers, in torch.optim's order and wording."""
+        _checks.check_tensor_lr(group["lr"])
+        _checks.check_at_least("learning rate", group["lr"])
+        etas = group["etas"]
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+
+    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
+        """Checkpoints of old torch versions kept the step as a Python number."""
+        _common.upgrade_step(entry, param, group["capturable"])
+
+    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Rprop takes dense gradients, and ``capturable`` needs an accelerator."""
+        _common.check_dense("Rprop", grads)
+        _common.check_capturable(self.state, group, params, grads)
+
+    def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
+        """A zero step and previous gradient, and step sizes filled with ``lr``."""
+        lr = hp.lr
+        fill = complex(lr, lr) if param.is_complex() else lr
+        return {
+            "step": _common.zero_step(param, hp.capturable),
+            "prev": _common.zeros_like(param),
+            "step_size": torch.full_like(param, fill),
+        }
+
+    @staticmethod
+    def update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
+        """Apply one Rprop step to ``params`` given their ``grads``."""
+        eta_minus, eta_plus = hp.etas
+        size_min, size_max = hp.step_sizes
+        g = _ops.neg(grads) if hp.maximize else grads
+        _ops.increment_(state["step"])  # type: ignore[arg-type]
+        # Complex parameters are updated as pairs of reals.
+        p, g = _ops.as_real(params), _ops.as_real(g)
+        prev: list[Any] = _ops.as_real(state["prev"])  # type: ignore[arg-type]
+        size: list[Any] = _ops.as_real(state["step_size"])  # type: ignore[arg-type]
+        # A copy of the previous gradient under autograd, which keeps it while it changes.
+        factor = _ops.mul_tensors(g, _ops.copy(prev) if hp.differentiable else prev)
+        _ops.sign_(factor)
+        # The sign of g_t g_{t-1} becomes the step size's factor: eta+, eta- or 1.
+        _ops.masked_fill_(factor, _ops.compare(factor, "gt", 0), eta_plus)
+        _ops.masked_fill_(factor, _ops.compare(factor, "lt", 0), eta_minus)
+        _ops.masked_fill_(factor, _ops.compare(factor, "eq", 0), 1)
+        _ops.mul_tensors_(size, factor)
+        _ops.clamp_(size, size_min, size_max)
+        # Where the sign flipped, the gradient counts as zero, now and as the next g_{t-1}.
+        g = _ops.copy(g)
+        _ops.masked_fill_(g, _ops.compare(factor, "eq", eta_minus), 0)
+        _ops.addcmul_(p, _ops.sign(g), size, -1)
+        _ops.copy_(prev, g)
