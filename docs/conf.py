@@ -41,7 +41,8 @@ _ROOT = re.compile(r"√(?:\(([^()]*)\)|(\w(?:_\w|_\{[^}]*\})?))")
 
 def _typeset(line: str) -> str:
     """TeX for one line of plain-Unicode math: aligned at its arrow, with roots and max set."""
-    line = line.replace("←", "&←", 1).replace("max(", r"\max(")
+    line = line.replace("←", "&←", 1).replace("max(", r"\max(").replace("min(", r"\min(")
+    line = line.replace("sign(", r"\operatorname{sign}(")
     return _ROOT.sub(lambda m: r"\sqrt{" + (m.group(1) or m.group(2)) + "}", line)
 
 

@@ -16,32 +16,35 @@ from polyak.strategies import StateLists
 class Adadelta(Optimizer):
     r"""Adadelta: an update in the units of the parameter, from two running averages.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
-        v_t &\leftarrow \rho\, v_{t-1} + (1 - \rho)\, g_t^2 \\
-        \Delta_t &\leftarrow \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t \\
-        u_t &\leftarrow \rho\, u_{t-1} + (1 - \rho)\, \Delta_t^2 \\
-        \theta_t &\leftarrow \theta_{t-1} - \gamma\, \Delta_t
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`\rho` = ``rho``, :math:`\epsilon` = ``eps`` and
-    :math:`\lambda` = ``weight_decay``; the gradient is negated when ``maximize``. The state
-    keys are ``square_avg`` (:math:`v`) and ``acc_delta`` (:math:`u`). Complex parameters are
-    updated as pairs of reals.
+        v_t ← ρ v_{t-1} + (1 - ρ) g_t^2
+
+        Δ_t ← √(u_{t-1} + ε) / √(v_t + ε) · g_t
+
+        u_t ← ρ u_{t-1} + (1 - ρ) Δ_t^2
+
+        θ_t ← θ_{t-1} - γ Δ_t
+
+    where γ = ``lr``, ρ = ``rho``, ε = ``eps`` and λ = ``weight_decay``; the gradient is
+    negated (−) when ``maximize``. The state keys are ``square_avg`` (v) and ``acc_delta``
+    (u). Complex parameters are updated as pairs of reals.
 
     Note:
-        The paper has no learning rate (:math:`\gamma = 1`, the default here); as in
-        torch.optim it scales the update, and both averages start at zero.
+        The paper has no learning rate (γ = 1, the default here); as in torch.optim it scales
+        the update, and both averages start at zero.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1.0).
-        rho: averaging coefficient :math:`\rho`, in [0, 1] (default: 0.9).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-6).
-        weight_decay: L2 penalty :math:`\lambda`, >= 0 (default: 0).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 1.0).
+        rho: averaging coefficient ρ, in [0, 1] (default: 0.9).
+        eps: ε, >= 0 (default: 1e-6).
+        weight_decay: L2 penalty λ, >= 0 (default: 0).
         foreach: run the update over all of a group's tensors per operation; None lets polyak
             choose (default: None).
         capturable: keep step counters on the device so the step can be graph-captured;

@@ -17,35 +17,37 @@ from polyak.strategies import StateLists
 class Adagrad(Optimizer):
     r"""Adagrad: scale each coordinate's step by the root of its accumulated squared gradients.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
-        \tilde\gamma_t &\leftarrow \gamma / (1 + (t - 1)\,\eta) \\
-        s_t &\leftarrow s_{t-1} + g_t^2 \\
-        \theta_t &\leftarrow \theta_{t-1} - \tilde\gamma_t\, \frac{g_t}{\sqrt{s_t} + \epsilon}
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`\eta` = ``lr_decay``, :math:`\lambda` =
-    ``weight_decay``, :math:`\epsilon` = ``eps`` and :math:`s_0` = ``initial_accumulator_value``
-    in every coordinate (both parts of a complex one); the gradient is negated when
-    ``maximize``. Complex parameters are updated as pairs of reals. With sparse gradients only
-    the coordinates present in the gradient change.
+        γ_t ← γ / (1 + (t - 1) η)
+
+        s_t ← s_{t-1} + g_t^2
+
+        θ_t ← θ_{t-1} - γ_t g_t / (√s_t + ε)
+
+    where γ = ``lr``, η = ``lr_decay``, λ = ``weight_decay``, ε = ``eps`` and s_0 =
+    ``initial_accumulator_value`` in every coordinate (both parts of a complex one); the
+    gradient is negated (−) when ``maximize``. Complex parameters are updated as pairs of
+    reals. With sparse gradients only the coordinates present in the gradient change.
 
     Note:
         As in torch.optim, the state of every parameter given to the constructor is created
         there, with the constructor's ``initial_accumulator_value``; parameters added later
-        get theirs at their first step, with the same value. :math:`\epsilon` is added outside
-        the square root.
+        get theirs at their first step, with the same value. ε is added outside the square
+        root.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-2).
-        lr_decay: learning rate decay :math:`\eta`, >= 0 (default: 0).
-        weight_decay: L2 penalty :math:`\lambda`, >= 0 (default: 0).
-        initial_accumulator_value: :math:`s_0`, >= 0 (default: 0).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-10).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 1e-2).
+        lr_decay: learning rate decay η, >= 0 (default: 0).
+        weight_decay: L2 penalty λ, >= 0 (default: 0).
+        initial_accumulator_value: s_0, >= 0 (default: 0).
+        eps: ε, >= 0 (default: 1e-10).
         foreach: run the update over all of a group's tensors per operation; None lets polyak
             choose (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).

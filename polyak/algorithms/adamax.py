@@ -16,30 +16,33 @@ from polyak.strategies import StateLists
 class Adamax(Optimizer):
     r"""Adamax: Adam whose second moment is an exponentially weighted infinity norm.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
-        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
-        u_t &\leftarrow \max(\beta_2 u_{t-1},\ |g_t| + \epsilon) \\
-        \theta_t &\leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\, \frac{m_t}{u_t}
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` =
-    ``eps`` and :math:`\lambda` = ``weight_decay``; the gradient is negated when ``maximize``.
+        m_t ← β_1 m_{t-1} + (1 - β_1) g_t
+
+        u_t ← max(β_2 u_{t-1}, |g_t| + ε)
+
+        θ_t ← θ_{t-1} - γ / (1 - β_1^t) · m_t / u_t
+
+    where γ = ``lr``, (β_1, β_2) = ``betas``, ε = ``eps`` and λ = ``weight_decay``; the
+    gradient is negated (−) when ``maximize``. The maximum is taken coordinate by coordinate.
     Complex parameters are updated as pairs of reals.
 
     Note:
-        As in torch.optim, :math:`\epsilon` is added to :math:`|g_t|` inside the maximum, which
-        keeps :math:`u_t > 0`; the paper divides by :math:`u_t` alone.
+        As in torch.optim, ε is added to the gradient's magnitude inside the maximum, which
+        keeps u_t > 0; the paper divides by u_t alone.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 2e-3).
-        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
-        weight_decay: L2 penalty :math:`\lambda`, >= 0 (default: 0).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 2e-3).
+        betas: (β_1, β_2), each in [0, 1) (default: (0.9, 0.999)).
+        eps: ε, >= 0 (default: 1e-8).
+        weight_decay: L2 penalty λ, >= 0 (default: 0).
         foreach: run the update over all of a group's tensors per operation; None lets polyak
             choose (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).

@@ -17,36 +17,38 @@ from polyak.strategies import StateLists
 class ASGD(Optimizer):
     r"""ASGD: SGD with decaying steps whose iterates are averaged (Polyak–Ruppert averaging).
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
-        \theta_t &\leftarrow (1 - \kappa\, \eta_{t-1})\, \theta_{t-1} - \eta_{t-1}\, g_t \\
-        \bar\theta_t &\leftarrow \bar\theta_{t-1} + \mu_{t-1} (\theta_t - \bar\theta_{t-1}) \\
-        \eta_t &\leftarrow \gamma / (1 + \kappa \gamma t)^{\alpha}, \quad
-            \mu_t \leftarrow 1 / \max(1, t - t_0)
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`\kappa` = ``lambd``, :math:`\alpha` = ``alpha``,
-    :math:`t_0` = ``t0`` and :math:`\lambda` = ``weight_decay``, with :math:`\eta_0 = \gamma`
-    and :math:`\mu_0 = 1`; the gradient is negated when ``maximize``. The state keys are
-    ``eta``, ``mu`` and ``ax`` (:math:`\bar\theta`), all kept on the parameter's device with the
-    ``step``. The optimizer steps :math:`\theta`; the average :math:`\bar\theta` is state.
-    Complex parameters are updated as pairs of reals.
+        θ_t ← (1 - κ η_{t-1}) θ_{t-1} - η_{t-1} g_t
+
+        a_t ← a_{t-1} + μ_{t-1} (θ_t - a_{t-1})
+
+        η_t ← γ / (1 + κ γ t)^α
+
+        μ_t ← 1 / max(1, t - t_0)
+
+    where γ = ``lr``, κ = ``lambd``, α = ``alpha``, t_0 = ``t0`` and λ = ``weight_decay``,
+    with η_0 = γ and μ_0 = 1; the gradient is negated (−) when ``maximize``. The state keys
+    are ``eta``, ``mu`` and ``ax`` (the average a), all kept on the parameter's device with
+    the ``step``. The optimizer steps θ; the average a is state. Complex parameters are
+    updated as pairs of reals.
 
     Note:
-        As in torch.optim, averaging starts after :math:`t_0` steps (before it
-        :math:`\bar\theta_t = \theta_t`), and :math:`\eta` and :math:`\mu` are stored in
-        float32 (or the default dtype).
+        As in torch.optim, averaging starts after t_0 steps (before it a_t = θ_t), and η and
+        μ are stored in float32 (or the default dtype).
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-2).
-        lambd: decay term :math:`\kappa` (default: 1e-4).
-        alpha: power :math:`\alpha` of the step-size decay (default: 0.75).
-        t0: step :math:`t_0` at which averaging starts (default: 1e6).
-        weight_decay: L2 penalty :math:`\lambda`, >= 0 (default: 0).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 1e-2).
+        lambd: decay term κ (default: 1e-4).
+        alpha: power α of the step-size decay (default: 0.75).
+        t0: step t_0 at which averaging starts (default: 1e6).
+        weight_decay: L2 penalty λ, >= 0 (default: 0).
         foreach: run the update over all of a group's tensors per operation; None lets polyak
             choose (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).

@@ -17,40 +17,46 @@ from polyak.strategies import StateLists
 class NAdam(Optimizer):
     r"""NAdam: Adam whose first moment looks one step ahead, as Nesterov momentum does.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1}
-            \quad\text{(or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,\theta_{t-1}
-            \text{ when decoupled)} \\
-        \mu_t &\leftarrow \beta_1 \left(1 - \tfrac12\, 0.96^{t\psi}\right), \quad
-            \Pi_t \leftarrow \Pi_{t-1}\, \mu_t \\
-        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
-        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
-        d_t &\leftarrow \sqrt{v_t / (1 - \beta_2^t)} + \epsilon \\
-        \theta_t &\leftarrow \theta_{t-1}
-            - \frac{\gamma (1 - \mu_t)}{1 - \Pi_t}\, \frac{g_t}{d_t}
-            - \frac{\gamma\, \mu_{t+1}}{1 - \Pi_t\, \mu_{t+1}}\, \frac{m_t}{d_t}
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` =
-    ``eps``, :math:`\lambda` = ``weight_decay`` and :math:`\psi` = ``momentum_decay``; the
-    gradient is negated when ``maximize``. :math:`\Pi_t` is the state ``mu_product``, kept as
-    a float32 (or default-dtype) tensor and multiplied in that precision, as in torch.optim.
-    Complex parameters are updated as pairs of reals.
+        μ_t ← β_1 (1 - 0.96^{t ψ} / 2)
+
+        Π_t ← Π_{t-1} μ_t
+
+        m_t ← β_1 m_{t-1} + (1 - β_1) g_t
+
+        v_t ← β_2 v_{t-1} + (1 - β_2) g_t^2
+
+        d_t ← √v_t / √(1 - β_2^t) + ε
+
+        n_t ← (1 - μ_t) / (1 - Π_t) · g_t + μ_{t+1} / (1 - Π_t μ_{t+1}) · m_t
+
+        θ_t ← θ_{t-1} - γ n_t / d_t
+
+    where γ = ``lr``, (β_1, β_2) = ``betas``, ε = ``eps``, λ = ``weight_decay`` and ψ =
+    ``momentum_decay``, with Π_0 = 1 and μ_{t+1} given by μ_t's formula at step t + 1; the
+    gradient is negated (−) when ``maximize``. With ``decoupled_weight_decay`` (NAdamW),
+    λ θ_{t-1} is left out of g_t and the parameters shrink first instead:
+    θ_{t-1} ← (1 - γ λ) θ_{t-1}. Π_t is the state ``mu_product``, kept as a float32 (or
+    default-dtype) tensor and multiplied in that precision, as in torch.optim. Complex
+    parameters are updated as pairs of reals.
 
     Note:
-        As in torch.optim, :math:`\epsilon` is added to the bias-corrected root, and the
-        decoupled decay (NAdamW) is scaled by the learning rate.
+        As in torch.optim, ε is added to the bias-corrected root, and the decoupled decay
+        (NAdamW) is scaled by the learning rate.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 2e-3).
-        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
-        weight_decay: :math:`\lambda`, >= 0 (default: 0).
-        momentum_decay: :math:`\psi`, >= 0 (default: 4e-3).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 2e-3).
+        betas: (β_1, β_2), each in [0, 1) (default: (0.9, 0.999)).
+        eps: ε, >= 0 (default: 1e-8).
+        weight_decay: λ, >= 0 (default: 0).
+        momentum_decay: ψ, >= 0 (default: 4e-3).
         decoupled_weight_decay: apply weight decay to the parameters directly, as AdamW
             does, instead of adding it to the gradient (default: False).
         foreach: run the update over all of a group's tensors per operation; None lets polyak

@@ -16,40 +16,43 @@ from polyak.strategies import StateLists
 class RAdam(Optimizer):
     r"""RAdam: Adam that takes momentum steps until its second moment is reliable.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1}
-            \quad\text{(or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,\theta_{t-1}
-            \text{ when decoupled)} \\
-        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
-        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
-        \rho_\infty &\leftarrow 2 / (1 - \beta_2) - 1, \quad
-            \rho_t \leftarrow \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t) \\
-        r_t &\leftarrow \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\,\rho_\infty}
-            {(\rho_\infty - 4)(\rho_\infty - 2)\,\rho_t}} \\
-        \theta_t &\leftarrow \theta_{t-1} - \gamma\, \frac{m_t}{1 - \beta_1^t}\,
-            \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}\, r_t
-            \ \text{if } \rho_t > 5, \text{ else }
-            \theta_{t-1} - \gamma\, \frac{m_t}{1 - \beta_1^t}
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` =
-    ``eps`` and :math:`\lambda` = ``weight_decay``; the gradient is negated when ``maximize``.
-    Complex parameters are updated as pairs of reals.
+        m_t ← β_1 m_{t-1} + (1 - β_1) g_t
+
+        v_t ← β_2 v_{t-1} + (1 - β_2) g_t^2
+
+        ρ_t ← ρ_∞ - 2 t β_2^t / (1 - β_2^t)
+
+        r_t ← (ρ_t - 4) (ρ_t - 2) ρ_∞ / ((ρ_∞ - 4) (ρ_∞ - 2) ρ_t)
+
+        a_t ← √r_t · √(1 - β_2^t) / (√v_t + ε)
+
+        θ_t ← θ_{t-1} - γ / (1 - β_1^t) · a_t m_t
+
+    where γ = ``lr``, (β_1, β_2) = ``betas``, ε = ``eps``, λ = ``weight_decay`` and
+    ρ_∞ = 2 / (1 - β_2) - 1; the gradient is negated (−) when ``maximize``. The adaptive
+    factor a_t is as written when ρ_t > 5; otherwise a_t = 1 and the step is bias-corrected
+    momentum alone. With ``decoupled_weight_decay`` (RAdamW), λ θ_{t-1} is left out of g_t
+    and the parameters shrink first instead: θ_{t-1} ← (1 - γ λ) θ_{t-1}. Complex parameters
+    are updated as pairs of reals.
 
     Note:
-        As in torch.optim, :math:`\epsilon` is added to :math:`\sqrt{v_t}` and the decoupled
-        decay (RAdamW) is scaled by the learning rate. On a capturable step polyak computes
-        the same numbers with the step read as a number.
+        As in torch.optim, ε is added to √v_t and the decoupled decay (RAdamW) is scaled by
+        the learning rate. On a capturable step polyak computes the same numbers with the
+        step read as a number.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-3).
-        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
-        weight_decay: :math:`\lambda`, >= 0 (default: 0).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 1e-3).
+        betas: (β_1, β_2), each in [0, 1) (default: (0.9, 0.999)).
+        eps: ε, >= 0 (default: 1e-8).
+        weight_decay: λ, >= 0 (default: 0).
         decoupled_weight_decay: apply weight decay to the parameters directly, as AdamW
             does, instead of adding it to the gradient (default: False).
         foreach: run the update over all of a group's tensors per operation; None lets polyak

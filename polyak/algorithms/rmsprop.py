@@ -16,36 +16,40 @@ from polyak.strategies import StateLists
 class RMSprop(Optimizer):
     r"""RMSprop: divide the gradient by a running root mean square of its recent values.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
-        v_t &\leftarrow \alpha\, v_{t-1} + (1 - \alpha)\, g_t^2 \\
-        \bar g_t &\leftarrow \alpha\, \bar g_{t-1} + (1 - \alpha)\, g_t \ \text{(centered)} \\
-        s_t &\leftarrow \sqrt{v_t - \bar g_t^2} + \epsilon \ \text{(centered)}
-            \quad\text{or}\quad \sqrt{v_t} + \epsilon \\
-        b_t &\leftarrow \mu\, b_{t-1} + g_t / s_t \\
-        \theta_t &\leftarrow \theta_{t-1} - \gamma\, b_t \ \text{(} \mu > 0 \text{)}
-            \quad\text{or}\quad \theta_{t-1} - \gamma\, g_t / s_t
+        g_t ← ±∇f_t(θ_{t-1}) + λ θ_{t-1}
 
-    where :math:`\gamma` = ``lr``, :math:`\alpha` = ``alpha``, :math:`\epsilon` = ``eps``,
-    :math:`\mu` = ``momentum`` and :math:`\lambda` = ``weight_decay``; the gradient is negated
-    when ``maximize``. Complex parameters are updated as pairs of reals.
+        v_t ← α v_{t-1} + (1 - α) g_t^2
+
+        m_t ← α m_{t-1} + (1 - α) g_t
+
+        s_t ← √(v_t - m_t^2) + ε
+
+        b_t ← μ b_{t-1} + g_t / s_t
+
+        θ_t ← θ_{t-1} - γ b_t
+
+    where γ = ``lr``, α = ``alpha``, ε = ``eps``, μ = ``momentum`` and λ = ``weight_decay``;
+    the gradient is negated (−) when ``maximize``. The running mean m_t of the gradient is
+    kept with ``centered``; without it, m_t = 0 and s_t = √v_t + ε. With μ = 0 there is no
+    buffer and b_t = g_t / s_t. Complex parameters are updated as pairs of reals.
 
     Note:
-        As in torch.optim, :math:`\epsilon` is added outside the square root, and the averages
-        :math:`v`, :math:`\bar g` and the buffer :math:`b` start at zero, so early steps are
-        larger than those of a bias-corrected average.
+        As in torch.optim, ε is added outside the square root, and the averages v, m and the
+        buffer b start at zero, so early steps are larger than those of a bias-corrected
+        average.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, >= 0 (default: 1e-2).
-        alpha: smoothing constant :math:`\alpha`, >= 0 (default: 0.99).
-        eps: :math:`\epsilon`, >= 0 (default: 1e-8).
-        weight_decay: L2 penalty :math:`\lambda`, >= 0 (default: 0).
-        momentum: momentum factor :math:`\mu`, >= 0 (default: 0).
+        lr: learning rate γ, a float or a one-element tensor, >= 0 (default: 1e-2).
+        alpha: smoothing constant α, >= 0 (default: 0.99).
+        eps: ε, >= 0 (default: 1e-8).
+        weight_decay: L2 penalty λ, >= 0 (default: 0).
+        momentum: momentum factor μ, >= 0 (default: 0).
         centered: divide by an estimate of the gradient's variance instead of its second
             moment (default: False).
         capturable: keep step counters on the device so the step can be graph-captured;

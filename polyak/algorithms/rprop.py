@@ -17,37 +17,39 @@ from polyak.strategies import StateLists
 class Rprop(Optimizer):
     r"""Rprop: a per-coordinate step size that grows while the gradient keeps its sign.
 
-    For each parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+    For each parameter θ with gradient g at step t:
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) \\
-        \delta_t &\leftarrow \operatorname{clamp}\left(\delta_{t-1} \cdot
-            \begin{cases} \eta_+ & g_t\, g_{t-1} > 0 \\ \eta_- & g_t\, g_{t-1} < 0 \\
-            1 & \text{otherwise} \end{cases},\ \Gamma_{\min},\ \Gamma_{\max}\right) \\
-        g_t &\leftarrow 0 \ \text{where } g_t\, g_{t-1} < 0 \\
-        \theta_t &\leftarrow \theta_{t-1} - \operatorname{sign}(g_t)\, \delta_t
+        g_t ← ±∇f_t(θ_{t-1})
 
-    where :math:`(\eta_-, \eta_+)` = ``etas``, :math:`(\Gamma_{\min}, \Gamma_{\max})` =
-    ``step_sizes`` and :math:`\delta_0` = ``lr`` in every coordinate (both parts of a complex
-    one); the gradient is negated when ``maximize``. The state keys are ``prev``
-    (:math:`g_{t-1}`, zero at first) and ``step_size`` (:math:`\delta`). Complex parameters
-    are updated as pairs of reals.
+        δ_t ← min(max(η_t δ_{t-1}, Γ_{min}), Γ_{max})
+
+        g_t ← [g_t g_{t-1} ≥ 0] · g_t
+
+        θ_t ← θ_{t-1} - sign(g_t) δ_t
+
+    where (η_{-}, η_{+}) = ``etas``, (Γ_{min}, Γ_{max}) = ``step_sizes`` and δ_0 = ``lr`` in
+    every coordinate (both parts of a complex one); the gradient is negated (−) when
+    ``maximize``. Coordinate by coordinate, the factor η_t is η_{+} where g_t g_{t-1} > 0,
+    η_{-} where g_t g_{t-1} < 0 and 1 elsewhere, and [·] is 1 where its condition holds and 0
+    elsewhere. The state keys are ``prev`` (g_{t-1}, zero at first) and ``step_size`` (δ).
+    Complex parameters are updated as pairs of reals.
 
     Note:
         As in torch.optim, ``lr`` only fills the initial step sizes: changing it later (a
         scheduler) has no effect. A gradient whose sign flipped is stored as zero, so the next
         step neither grows nor shrinks that coordinate (the iRprop- variant). The sign test
-        compares with :math:`\eta_-` in the parameter's dtype, as torch does.
+        compares with η_{-} in the parameter's dtype, as torch does.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: initial step size :math:`\delta_0`, a float or a one-element tensor, >= 0
+        lr: initial step size δ_0, a float or a one-element tensor, >= 0
             (default: 1e-2).
-        etas: :math:`(\eta_-, \eta_+)`, with :math:`0 < \eta_- < 1 < \eta_+`
+        etas: (η_{-}, η_{+}), with 0 < η_{-} < 1 < η_{+}
             (default: (0.5, 1.2)).
-        step_sizes: :math:`(\Gamma_{\min}, \Gamma_{\max})` (default: (1e-6, 50)).
+        step_sizes: (Γ_{min}, Γ_{max}) (default: (1e-6, 50)).
         capturable: keep step counters on the device; accelerators only (default: False).
         foreach: run the update over all of a group's tensors per operation; None lets polyak
             choose (default: None).

@@ -17,21 +17,22 @@ from polyak.strategies import StateLists
 class SparseAdam(Optimizer):
     r"""SparseAdam: Adam restricted to the entries present in each sparse gradient.
 
-    For each parameter :math:`\theta` with sparse gradient :math:`g` at step :math:`t`, on the
-    set :math:`S` of entries :math:`g` holds (the others are left as they are):
+    For each parameter θ with sparse gradient g at step t, on the set S of entries g holds
+    (the others are left as they are):
 
     .. math::
 
-        g_t &\leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) \\
-        m_t[S] &\leftarrow \beta_1 m_{t-1}[S] + (1 - \beta_1)\, g_t[S] \\
-        v_t[S] &\leftarrow \beta_2 v_{t-1}[S] + (1 - \beta_2)\, g_t[S]^2 \\
-        \theta_t[S] &\leftarrow \theta_{t-1}[S]
-            - \frac{\gamma \sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
-            \frac{m_t[S]}{\sqrt{v_t[S]} + \epsilon}
+        g_t ← ±∇f_t(θ_{t-1})
 
-    where :math:`\gamma` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas`` and :math:`\epsilon` =
-    ``eps``; the gradient is negated when ``maximize``. The step :math:`t` counts every step
-    with a gradient, including those whose gradient holds no entry.
+        m_t[S] ← β_1 m_{t-1}[S] + (1 - β_1) g_t[S]
+
+        v_t[S] ← β_2 v_{t-1}[S] + (1 - β_2) g_t[S]^2
+
+        θ_t[S] ← θ_{t-1}[S] - γ √(1 - β_2^t) / (1 - β_1^t) · m_t[S] / (√(v_t[S]) + ε)
+
+    where γ = ``lr``, (β_1, β_2) = ``betas`` and ε = ``eps``; the gradient is negated (−)
+    when ``maximize``. The step t counts every step with a gradient, including those whose
+    gradient holds no entry.
 
     Note:
         As in torch.optim, the entries a gradient holds are taken as its nonzero ones without
@@ -41,9 +42,9 @@ class SparseAdam(Optimizer):
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
             defining parameter groups.
-        lr: learning rate :math:`\gamma`, a float or a one-element tensor, > 0 (default: 1e-3).
-        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
-        eps: :math:`\epsilon`, > 0 (default: 1e-8).
+        lr: learning rate γ, a float or a one-element tensor, > 0 (default: 1e-3).
+        betas: (β_1, β_2), each in [0, 1) (default: (0.9, 0.999)).
+        eps: ε, > 0 (default: 1e-8).
         maximize: maximize the objective instead of minimizing it (default: False).
 
     References:
