@@ -821,7 +821,7 @@ def _stand_in(t: Tensor) -> Tensor:
     if t.dim() == 0 or t.numel() == 1:
         return t.detach().clone()
     if t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in (Tensor, torch.nn.Parameter):
-        return torch.empty_like(t.detach())
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     return torch.empty_like(t.detach(), device="meta")
 
 
