@@ -523,9 +523,8 @@ def contenders_for(optimizer: str, peers: dict[str, PeerStatus] | None = None) -
         else:
             contenders.append(Contender(label, _factory(polyak_cls, **hyper, **flags)))
     for peer in (peers or {}).values():
-        if peer.error is not None:
-            contenders.append(Contender(peer.name, None, f"not importable: {peer.error}"))
-        else:
+        # A peer that cannot be imported is said once, in the run's header, not in every table.
+        if peer.error is None:
             contenders.append(_peer_contender(optimizer, importlib.import_module(peer.name)))
     return contenders
 

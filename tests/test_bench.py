@@ -228,3 +228,9 @@ def test_a_busy_machine_is_flagged_in_the_table(result: bench.BenchResult) -> No
     assert "busy" in bench.format_summary([case])
     quiet = dataclasses.replace(case, load_average=1.2)
     assert quiet.busy is None and "WARNING" not in bench.format_case(quiet)
+
+
+def test_a_peer_that_cannot_be_imported_is_said_once_in_the_header() -> None:
+    missing = bench.PeerStatus("nosuchpeer", "no-such-peer", None, "ModuleNotFoundError")
+    labels = [c.label for c in bench.contenders_for("sgd", {"nosuchpeer": missing})]
+    assert "nosuchpeer" not in labels
