@@ -282,7 +282,7 @@ REGISTRY: list[Entry] = [
         differentiable={"momentum": 0.9, "weight_decay": 0.1},
         differentiable_lr=False,
         fused=False,
-        flat=False,
+        flat=True,
     ),
     Entry(
         cls=polyak.Adagrad,
@@ -327,7 +327,7 @@ REGISTRY: list[Entry] = [
         differentiable_lr=False,
         differentiable_steps=1,
         fused=False,
-        flat=False,
+        flat=True,
     ),
     Entry(
         cls=polyak.Adadelta,
@@ -350,7 +350,7 @@ REGISTRY: list[Entry] = [
         differentiable={"rho": 0.8, "weight_decay": 0.1},
         differentiable_lr=False,
         fused=False,
-        flat=False,
+        flat=True,
     ),
     Entry(
         cls=polyak.NAdam,

@@ -45,6 +45,7 @@ import torch
 
 from polyak.strategies import _native
 from polyak.strategies._trace import (
+    V_ABS,
     V_ADD,
     V_ADD1,
     V_ADDCDIV,
@@ -52,9 +53,11 @@ from polyak.strategies._trace import (
     V_ADDS,
     V_COPY,
     V_DIV,
+    V_DIVV,
     V_LERP,
     V_MAX,
     V_MUL,
+    V_MULV,
     V_NEG,
     V_SQRT,
 )
@@ -67,7 +70,7 @@ SQRT_NAMES = {
     SQRT_MKL_CALL: "MKL, called per block",
 }
 #: Bumped whenever the generated code changes meaning, so that old builds are not reused.
-_VERSION = 1
+_VERSION = 2
 # The kernel's flags (every rounding the one written), for a plain shared library.
 _FLAGS = [*_native.FLAGS, "-fno-trapping-math", "-fPIC", "-shared"]
 #: What each vector instruction computes for one element, with the interpreter's roundings
@@ -87,6 +90,9 @@ _STATEMENTS = {
     # NaN-propagating, as torch.maximum.
     V_MAX: "({a} != {a} || {b} != {b}) ? {a} + {b} : ({a} > {b} ? {a} : {b})",
     V_COPY: "{a}",
+    V_MULV: "{a} * {b}",
+    V_DIVV: "{a} / {b}",
+    V_ABS: "{abs}({a})",
 }
 #: Bytes per stream of a block: the loop's unit, and of the prefetches into the next item.
 _BLOCK_BYTES = 256
@@ -324,7 +330,8 @@ def generate(
         if k < len(splits) and splits[k][0] not in seen and splits[k][0] >= n_bound:
             needs.add(splits[k][0])
         live_in.append(needs)
-        writes.append({ins[1] for ins in seg})
+        # What the segment computes, the sqrt result it starts from included.
+        writes.append({ins[1] for ins in seg} | ({splits[k - 1][1]} if k > 0 else set()))
     spilled = sorted(set().union(*live_in))
     read_bound = sorted(
         {r for seg in segments for ins in seg for r in sources(ins) if r < n_bound}
@@ -355,7 +362,9 @@ def generate(
             va, vb, vc = (use(r) if r >= 0 else "" for r in (a, b, c))
             if op not in _STATEMENTS:
                 raise ValueError(f"unknown opcode {op}")
-            expr = _STATEMENTS[op].format(a=va, b=vb, c=vc, s=f"s{s}", k=s, fma=fma, sqrt=csqrt)
+            expr = _STATEMENTS[op].format(
+                a=va, b=vb, c=vc, s=f"s{s}", k=s, fma=fma, sqrt=csqrt, abs=fabs
+            )
             if dst in live:
                 lines.append(f"      v{dst} = {expr};")
             else:

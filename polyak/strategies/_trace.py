@@ -24,6 +24,7 @@ from polyak import _ops
 V_NEG, V_ADD, V_MUL, V_DIV, V_ADDS, V_LERP, V_ADDCMUL, V_ADDCDIV, V_SQRT, V_MAX, V_COPY, V_ADD1 = (
     range(12)
 )
+V_MULV, V_DIVV, V_ABS = range(12, 15)
 S_CONST, S_ADD, S_SUB, S_MUL, S_DIV, S_POW, S_NEG, S_LOAD, S_STORE = range(9)
 
 #: Vector registers the kernel binds to memory: the parameter, its gradient, then state.
@@ -261,10 +262,30 @@ class Vec:
         return self._add(other, alpha, self._in_place)
 
     def mul_(self, s: Any) -> Vec:
+        if isinstance(s, Vec):
+            return self._in_place(V_MULV, self.reg, s.reg)
         return self._in_place(V_MUL, self.reg, s=s)
 
     def div_(self, s: Any) -> Vec:
+        if isinstance(s, Vec):
+            return self._in_place(V_DIVV, self.reg, s.reg)
         return self._in_place(V_DIV, self.reg, s=s)
+
+    def mul(self, s: Any) -> Vec:
+        if isinstance(s, Vec):
+            return self._new(V_MULV, self.reg, s.reg)
+        return self._new(V_MUL, self.reg, s=s)
+
+    __mul__ = mul
+
+    def abs(self) -> Vec:
+        return self._new(V_ABS, self.reg)
+
+    def sqrt_(self) -> Vec:
+        return self._in_place(V_SQRT, self.reg)
+
+    def addcmul(self, t1: Vec, t2: Vec, value: Any = 1) -> Vec:
+        return self._new(V_ADDCMUL, self.reg, t1.reg, t2.reg, s=value)
 
     def __truediv__(self, s: Any) -> Vec:
         return self._new(V_DIV, self.reg, s=s)

@@ -99,6 +99,9 @@ enum VOp : int64_t {
   V_MAX = 9,      // d = maximum(a, b), NaN-propagating
   V_COPY = 10,    // d = a
   V_ADD1 = 11,    // d = a + b                 a.add(b)
+  V_MULV = 12,    // d = a * b                 a.mul(b)
+  V_DIVV = 13,    // d = a / b                 a.div(b)
+  V_ABS = 14,     // d = |a|
 };
 
 // Scalar opcodes, double precision.
@@ -170,6 +173,15 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         break;
       case V_COPY:
         for (int64_t j = 0; j < len; ++j) d[j] = a[j];
+        break;
+      case V_MULV:
+        for (int64_t j = 0; j < len; ++j) d[j] = a[j] * b[j];
+        break;
+      case V_DIVV:
+        for (int64_t j = 0; j < len; ++j) d[j] = a[j] / b[j];
+        break;
+      case V_ABS:
+        for (int64_t j = 0; j < len; ++j) d[j] = std::abs(a[j]);
         break;
       default:
         break;
