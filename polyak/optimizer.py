@@ -787,17 +787,25 @@ def _run(
 def _layout(value: Any) -> Any:
     """What of ``value`` decides whether a step over it can fail: types, shapes, dtypes and
     devices of its tensors, and of its numbers whether they are zero (rules branch on that)."""
+    kind = type(value)
+    # The usual hyperparameters first, by exact type: this runs at every step.
+    if kind is bool or kind is str or value is None:
+        return value
+    if kind is float or kind is int:
+        return (kind, value == 0)
+    if kind is dict:
+        return tuple([(key, _layout(item)) for key, item in value.items()])
     if isinstance(value, Tensor):
-        return (type(value), value.shape, value.dtype, value.device, value.layout)
+        return (kind, value.shape, value.dtype, value.device, value.layout)
     if isinstance(value, dict):
         return tuple((key, _layout(item)) for key, item in value.items())
     if isinstance(value, (list, tuple)):
-        return (type(value), *map(_layout, value))
-    if isinstance(value, (bool, str)) or value is None:
+        return (kind, *map(_layout, value))
+    if isinstance(value, (bool, str)):
         return value
     if isinstance(value, (int, float)):
-        return (type(value), value == 0)
-    return type(value)
+        return (kind, value == 0)
+    return kind
 
 
 _META = operator.attrgetter("shape", "dtype", "device")
