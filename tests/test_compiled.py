@@ -12,6 +12,7 @@ import torch
 from conftest import assert_same, clone_kwargs, make_params, twin
 from registry import REGISTRY, Entry, ids
 
+import polyak
 from polyak.strategies import _codegen, _native
 
 vm = _native.load(wait=True)
@@ -204,3 +205,38 @@ def test_an_unwritable_cache_falls_back_and_a_dead_build_is_cleaned(
     assert _codegen._open(built).polyak_probe_value() == 7
     assert not dead.exists()
     assert _codegen._built(source, "program") == built
+
+
+@needs_compiler
+@pytest.mark.parametrize("numel", [4, 31, 100, 70_001], ids=str)
+@pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"{t}threads")
+def test_amsgrad_nan_bits_are_torchs_in_body_and_tail(numel: int, threads: int) -> None:
+    """torch's maximum writes NaN as all ones in its vectorised body and as the canonical NaN
+    in each thread chunk's scalar tail; the compiled and interpreted steps write the same."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for cls in (torch.optim.Adam, polyak.Adam):
+            p = torch.nn.Parameter(torch.linspace(-1, 1, numel))
+            opt = cls([p], lr=0.01, amsgrad=True)
+            gen = torch.Generator().manual_seed(7)
+            for k in range(5):
+                g = torch.randn(numel, generator=gen)
+                if k >= 3:
+                    g[:: max(1, numel // 13)] = float("nan")
+                    g[-1] = float("nan")
+                p.grad = g
+                opt.step()
+                if k == 1:
+                    assert _codegen.wait(timeout=300)
+            results.append(
+                [
+                    t.detach().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+                    for t in (p, opt.state[p]["max_exp_avg_sq"])
+                ]
+            )
+        for mine, theirs in zip(results[1], results[0], strict=True):
+            assert torch.equal(mine, theirs)
+    finally:
+        torch.set_num_threads(before)

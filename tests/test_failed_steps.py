@@ -169,14 +169,9 @@ def _nan_bits(flags: dict[str, Any], where: str) -> list[list[int]]:
     return out
 
 
-_FLAT_MAXIMUM = pytest.mark.xfail(
-    strict=True, reason="the flat kernel's maximum keeps the NaN operand's bits"
-)
-
-
 @pytest.mark.parametrize(
     "flags",
-    [pytest.param({}, marks=_FLAT_MAXIMUM), {"foreach": False}, {"foreach": True}],
+    [{}, {"foreach": False}, {"foreach": True}],
     ids=STRATEGY_IDS,
 )
 @pytest.mark.parametrize("where", ["grad", "exp_avg_sq", "max_exp_avg_sq"])

@@ -70,7 +70,7 @@ SQRT_NAMES = {
     SQRT_MKL_CALL: "MKL, called per block",
 }
 #: Bumped whenever the generated code changes meaning, so that old builds are not reused.
-_VERSION = 2
+_VERSION = 3
 # The kernel's flags (every rounding the one written), for a plain shared library.
 _FLAGS = [*_native.FLAGS, "-fno-trapping-math", "-fPIC", "-shared"]
 #: What each vector instruction computes for one element, with the interpreter's roundings
@@ -87,8 +87,10 @@ _STATEMENTS = {
     V_ADDCMUL: "{fma}({s} * {b}, {c}, {a})",
     V_ADDCDIV: "{a} + ({s} * {b}) / {c}",
     V_SQRT: "{sqrt}({a})",
-    # NaN-propagating, as torch.maximum.
-    V_MAX: "({a} != {a} || {b} != {b}) ? {a} + {b} : ({a} > {b} ? {a} : {b})",
+    # As torch's maximum: NaN as all ones in its vectorised body, the canonical NaN in the
+    # scalar tail of each of its chunks (which also keeps the first of two equal values).
+    V_MAX: "({a} != {a} || {b} != {b}) ? (j0 + j >= tail ? pk_qnan : pk_ones) "
+    ": (j0 + j >= tail ? ({a} < {b} ? {b} : {a}) : ({a} > {b} ? {a} : {b}))",
     V_COPY: "{a}",
     V_MULV: "{a} * {b}",
     V_DIVV: "{a} / {b}",
@@ -125,6 +127,7 @@ struct polyak_ctx {
 
 PK_INLINE float pk_bits_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 PK_INLINE uint32_t pk_f_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+PK_INLINE double pk_bits_d(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
 
 /* bfloat16: the upper half of a float; stores round to nearest even, NaN to 0x7fc0. */
 PK_INLINE float pk_bf16_load(uint16_t h) { return pk_bits_f((uint32_t)h << 16); }
@@ -390,7 +393,8 @@ def generate(
     out: list[str] = [_PRELUDE]
     out.append(
         'extern "C" void polyak_run(void* const* bound, const double* r, int64_t start, '
-        "int64_t end, void* const* next, int64_t nstart, const struct polyak_ctx* ctx) {"
+        "int64_t end, void* const* next, int64_t nstart, int64_t tail, "
+        "const struct polyak_ctx* ctx) {"
     )
     for reg in range(n_bound):
         const = "" if reg in stored else "const "
@@ -411,7 +415,10 @@ def generate(
         out.append(f"  {compute}* __restrict const sq_in{k} = sp_all[{index}];")
         out.append(f"  {compute}* __restrict const sq_out{k} = sp_all[{index + 1}];")
         index += 2
-    out.append("  (void)ctx;")
+    ones = "pk_bits_f(0xffffffffu)" if compute == "float" else "pk_bits_d(~0ull)"
+    qnan = "pk_bits_f(0x7fc00000u)" if compute == "float" else "pk_bits_d(0x7ff8000000000000ull)"
+    out.append(f"  const {compute} pk_ones = {ones}, pk_qnan = {qnan};")
+    out.append("  (void)ctx; (void)tail; (void)pk_ones; (void)pk_qnan;")
     out.append(f"  for (int64_t j0 = start; j0 < end; j0 += {block}) {{")
     # Past the end of the item, every stream the program reads is asked for, into L2, that far
     # into the next item: the hardware prefetcher follows a stream within a page but stops at a

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -75,7 +76,7 @@ const Ctx kCtx = {vmsSqrt != nullptr ? vmsSqrt : static_cast<void (*)(int, const
 // prefetches ahead into the next work item. Filled in when the background build is done;
 // until then steps interpret the program.
 using KernelFn = void (*)(void* const* bound, const double* sregs, int64_t start, int64_t end,
-                          void* const* next, int64_t nstart, const Ctx* ctx);
+                          void* const* next, int64_t nstart, int64_t tail, const Ctx* ctx);
 struct Kernel {
   std::atomic<KernelFn> fn{nullptr};
 };
@@ -117,9 +118,22 @@ enum SOp : int64_t {
   S_STORE = 8,  // scalar state [a] of this tensor = reg b, rounded to its dtype
 };
 
+// NaN as torch's CPU maximum writes it: all ones in its vectorised body, the canonical quiet
+// NaN in the scalar tail of each of its thread's chunks.
+template <typename T>
+T all_ones() {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  const U bits = ~U(0);
+  T value;
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// ``first``: the index of the block's first element in its tensor; ``tail``: where the scalar
+// tail of torch's chunk holding the block starts (see Work).
 template <typename T>
 void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double* sregs,
-               int64_t len, bool exact_sqrt) {
+               int64_t len, bool exact_sqrt, int64_t first, int64_t tail) {
   for (int64_t k = 0; k < n_code; ++k) {
     const int64_t* ins = code + 6 * k;
     T* d = reg[ins[1]];
@@ -168,8 +182,14 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         }
         break;
       case V_MAX:
-        for (int64_t j = 0; j < len; ++j)
-          d[j] = (a[j] != a[j] || b[j] != b[j]) ? a[j] + b[j] : (a[j] > b[j] ? a[j] : b[j]);
+        for (int64_t j = 0; j < len; ++j) {
+          const bool in_tail = first + j >= tail;
+          if (a[j] != a[j] || b[j] != b[j]) {
+            d[j] = in_tail ? std::numeric_limits<T>::quiet_NaN() : all_ones<T>();
+          } else {
+            d[j] = in_tail ? (a[j] < b[j] ? b[j] : a[j]) : (a[j] > b[j] ? a[j] : b[j]);
+          }
+        }
         break;
       case V_COPY:
         for (int64_t j = 0; j < len; ++j) d[j] = a[j];
@@ -240,6 +260,8 @@ struct Plan {
   // Whether sqrt is the correctly rounded one (fused steps, as torch's fused kernels), or
   // the one torch's per-tensor path calls.
   bool exact_sqrt = false;
+  // The width of torch's CPU vectors, in bytes (64 where it runs AVX-512 kernels).
+  int64_t vector_bytes = 32;
 };
 
 // Return codes of step().
@@ -483,21 +505,36 @@ int64_t step_typed(Plan& plan) {
   }
 
   // Work items: (tensor, first element, end), at most kChunk elements each; a tensor without
-  // elements has one, which makes its scalar stores.
+  // elements has one, which makes its scalar stores. Items do not straddle the chunks torch's
+  // own kernels would split the tensor into (at::parallel_for over the grain size, and in each
+  // chunk a vectorised body and a scalar tail); ``tail`` is where the item's chunk's tail
+  // starts, for the one operation whose bits tell them apart (maximum, on NaN).
   constexpr int64_t kChunk = 1 << 14;
+  constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
   struct Work {
-    int64_t i, start, end;
+    int64_t i, start, end, tail;
   };
   std::vector<Work> work;
   work.reserve(n);
+  const int64_t torch_threads = at::get_num_threads();
+  const int64_t width = std::max<int64_t>(plan.vector_bytes / static_cast<int64_t>(sizeof(S)), 1);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = plan.numel[i];
     if (numel < 0) continue;  // no gradient
-    int64_t start = 0;
+    const int64_t parts = std::max<int64_t>(
+        1, std::min<int64_t>(torch_threads, (numel + kTorchGrain - 1) / kTorchGrain));
+    const int64_t span = std::max<int64_t>((numel + parts - 1) / parts, 1);
+    int64_t chunk_start = 0;
     do {
-      work.push_back({i, start, std::min(numel, start + kChunk)});
-      start += kChunk;
-    } while (start < numel);
+      const int64_t chunk_end = std::min(numel, chunk_start + span);
+      const int64_t tail = chunk_end - (chunk_end - chunk_start) % width;
+      int64_t start = chunk_start;
+      do {
+        work.push_back({i, start, std::min(chunk_end, start + kChunk), tail});
+        start += kChunk;
+      } while (start < chunk_end);
+      chunk_start = chunk_end;
+    } while (chunk_start < numel);
   }
   const int64_t* vc = vcode.data_ptr<int64_t>();
   const int64_t n_vcode = vcode.size(0);
@@ -530,7 +567,7 @@ int64_t step_typed(Plan& plan) {
         const bool more = w + 1 < hi;
         compiled(vptr + item.i * n_bound, r, item.start, item.end,
                  more ? vptr + work[w + 1].i * n_bound : nullptr, more ? work[w + 1].start : 0,
-                 &kCtx);
+                 item.tail, &kCtx);
       }
       if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
     });
@@ -576,11 +613,11 @@ int64_t step_typed(Plan& plan) {
         prefetch_next();
         if constexpr (std::is_same_v<S, T>) {
           for (int64_t b = 0; b < n_bound; ++b) reg[b] = bound[b] + off;
-          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt);
+          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail);
         } else {
           for (int64_t b : read)
             for (int64_t j = 0; j < len; ++j) local[b][j] = static_cast<T>(bound[b][off + j]);
-          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt);
+          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail);
           for (int64_t b : stored)
             for (int64_t j = 0; j < len; ++j) bound[b][off + j] = static_cast<S>(local[b][j]);
         }
@@ -746,8 +783,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init([](pybind11::list params, std::vector<std::vector<at::Tensor>> vstate,
                              std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
-                             int64_t version, pybind11::list watch) {
+                             int64_t version, pybind11::list watch, int64_t vector_bytes) {
         Plan plan;
+        plan.vector_bytes = vector_bytes;
         for (pybind11::handle w : watch) {
           auto t = w.cast<pybind11::tuple>();
           Plan::Watched watched{t[0].cast<int64_t>(), pybind11::reinterpret_borrow<pybind11::object>(t[1]), {}};

@@ -26,6 +26,8 @@ from polyak.strategies import _codegen, _native, _trace
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _NOT_HYPER = ("params", "param_names")
+#: The width of torch's CPU vectors by the capability its kernels run at.
+_VECTOR_BYTES = {"AVX512": 64, "AVX2": 32}
 # The kernel's answers to a step.
 _DONE, _STALE, _RELOAD = 0, 2, 3
 
@@ -131,6 +133,7 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         optimizer.state,
         optimizer._state_version,
         watch,
+        _VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability(), 32),
     )
     return _Entry(plan, vector_keys, scalar_keys)
 
