@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_same, make_params, step_both, twin
+from registry import DENSE, Entry, ids
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -244,3 +245,40 @@ def test_state_counts_its_changes_in_copies_and_pickles() -> None:
     before = opt._state_version
     opt.state[p].pop("momentum_buffer")
     assert opt._state_version == before + 1
+
+
+@pytest.mark.parametrize("entry", DENSE, ids=ids)
+def test_type_checks_by_torchs_class_pass_without_its_methods(
+    entry: Entry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``isinstance(opt, torch.optim.AdamW)`` holds (accelerate maps DeepSpeed's optimizer by
+    it), while nothing of torch's twin class (nor of its bases) is ever called."""
+
+    def make_raiser(owner: str, name: str) -> Any:
+        def raiser(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"{owner}.{name} was called")
+
+        return raiser
+
+    for cls in entry.reference.__mro__:
+        if cls is object:
+            continue
+        for name, value in list(vars(cls).items()):
+            if name in ("__dict__", "__weakref__", "__doc__", "__module__", "__annotations__"):
+                continue
+            if callable(value) or isinstance(value, (staticmethod, classmethod, property)):
+                monkeypatch.setattr(cls, name, make_raiser(cls.__name__, name))
+    params = make_params()
+    opt = entry.cls(params, **entry.stateful)
+    assert isinstance(opt, entry.reference)
+    assert isinstance(opt, torch.optim.Optimizer)
+    for flags in ({}, {"foreach": False}):
+        for group in opt.param_groups:
+            group.update(flags)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+    opt.load_state_dict(opt.state_dict())
+    opt.zero_grad()
+    pickle.loads(pickle.dumps(opt))

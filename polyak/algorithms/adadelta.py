@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
@@ -13,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class Adadelta(Optimizer):
+class Adadelta(Optimizer, torch.optim.Adadelta):
     r"""Adadelta: an update in the units of the parameter, from two running averages.
 
     For each parameter θ with gradient g at step t:

@@ -14,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class Adagrad(Optimizer):
+class Adagrad(Optimizer, torch.optim.Adagrad):
     r"""Adagrad: scale each coordinate's step by the root of its accumulated squared gradients.
 
     For each parameter θ with gradient g at step t:

@@ -22,7 +22,7 @@ def _scalar_dtype(fused: bool | None) -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class Adam(Optimizer):
+class Adam(Optimizer, torch.optim.Adam):
     r"""Adam: adaptive moment estimation.
 
     For each parameter θ with gradient g at step t:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
@@ -13,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class Adamax(Optimizer):
+class Adamax(Optimizer, torch.optim.Adamax):
     r"""Adamax: Adam whose second moment is an exponentially weighted infinity norm.
 
     For each parameter θ with gradient g at step t:

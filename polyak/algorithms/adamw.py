@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from polyak.algorithms.adam import Adam
 from polyak.optimizer import ParamsT
 
 
-class AdamW(Adam):
+class AdamW(Adam, torch.optim.AdamW):
     r"""AdamW: Adam whose weight decay shrinks the parameters instead of entering the moments.
 
     For each parameter θ with gradient g at step t:

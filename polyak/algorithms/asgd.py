@@ -14,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class ASGD(Optimizer):
+class ASGD(Optimizer, torch.optim.ASGD):
     r"""ASGD: SGD with decaying steps whose iterates are averaged (Polyak–Ruppert averaging).
 
     For each parameter θ with gradient g at step t:

@@ -14,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class NAdam(Optimizer):
+class NAdam(Optimizer, torch.optim.NAdam):
     r"""NAdam: Adam whose first moment looks one step ahead, as Nesterov momentum does.
 
     For each parameter θ with gradient g at step t:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
@@ -13,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class RAdam(Optimizer):
+class RAdam(Optimizer, torch.optim.RAdam):
     r"""RAdam: Adam that takes momentum steps until its second moment is reliable.
 
     For each parameter θ with gradient g at step t:

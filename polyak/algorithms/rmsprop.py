@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
@@ -13,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class RMSprop(Optimizer):
+class RMSprop(Optimizer, torch.optim.RMSprop):
     r"""RMSprop: divide the gradient by a running root mean square of its recent values.
 
     For each parameter θ with gradient g at step t:

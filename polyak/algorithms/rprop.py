@@ -14,7 +14,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class Rprop(Optimizer):
+class Rprop(Optimizer, torch.optim.Rprop):
     r"""Rprop: a per-coordinate step size that grows while the gradient keeps its sign.
 
     For each parameter θ with gradient g at step t:

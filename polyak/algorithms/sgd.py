@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
+import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
@@ -12,7 +13,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class SGD(Optimizer):
+class SGD(Optimizer, torch.optim.SGD):
     r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
 
     For each parameter θ with gradient g at step t:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from polyak import _checks
@@ -14,7 +15,7 @@ from polyak.optimizer import Hyper, Optimizer, ParamsT
 from polyak.strategies import StateLists
 
 
-class SparseAdam(Optimizer):
+class SparseAdam(Optimizer, torch.optim.SparseAdam):
     r"""SparseAdam: Adam restricted to the entries present in each sparse gradient.
 
     For each parameter θ with sparse gradient g at step t, on the set S of entries g holds
