@@ -234,3 +234,15 @@ def test_a_peer_that_cannot_be_imported_is_said_once_in_the_header() -> None:
     missing = bench.PeerStatus("nosuchpeer", "no-such-peer", None, "ModuleNotFoundError")
     labels = [c.label for c in bench.contenders_for("sgd", {"nosuchpeer": missing})]
     assert "nosuchpeer" not in labels
+
+
+def test_an_optimizer_without_a_fused_torch_step_compares_with_torchs_fastest_path() -> None:
+    ran = bench.run_benchmark(
+        ["rprop"], [TINY], rounds=1, warmup=1, threads=1, peers=False, bandwidth_mib=(4,)
+    )
+    case = ran.cases[0]
+    labels = [row.label for row in case.rows]
+    assert bench.REFERENCE not in labels and "polyak fused=True" not in labels
+    fastest = min(row.median for row in case.rows if row.label.startswith("torch ") and row.ok)
+    assert case.row("polyak (default)").reference_median == fastest
+    assert "fastest path" in bench.format_case(case)
