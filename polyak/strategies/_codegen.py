@@ -70,9 +70,11 @@ SQRT_NAMES = {
     SQRT_MKL_CALL: "MKL, called per block",
 }
 #: Bumped whenever the generated code changes meaning, so that old builds are not reused.
-_VERSION = 3
+_VERSION = 5
 # The kernel's flags (every rounding the one written), for a plain shared library.
 _FLAGS = [*_native.FLAGS, "-fno-trapping-math", "-fPIC", "-shared"]
+#: Whether an element lies in the scalar tail of torch's chunk (see _vm.cpp's Work).
+_TAIL_TEST = "(tb & (j0 + j >= tail))"
 #: What each vector instruction computes for one element, with the interpreter's roundings
 #: (one fused multiply-add where torch's CPU kernels fuse; see _vm.cpp).
 _STATEMENTS = {
@@ -89,8 +91,8 @@ _STATEMENTS = {
     V_SQRT: "{sqrt}({a})",
     # As torch's maximum: NaN as all ones in its vectorised body, the canonical NaN in the
     # scalar tail of each of its chunks (which also keeps the first of two equal values).
-    V_MAX: "({a} != {a} || {b} != {b}) ? (j0 + j >= tail ? pk_qnan : pk_ones) "
-    ": (j0 + j >= tail ? ({a} < {b} ? {b} : {a}) : ({a} > {b} ? {a} : {b}))",
+    V_MAX: "(({a} != {a}) | ({b} != {b})) ? (" + _TAIL_TEST + " ? pk_qnan : pk_ones) "
+    ": (" + _TAIL_TEST + " ? ({a} < {b} ? {b} : {a}) : ({a} > {b} ? {a} : {b}))",
     V_COPY: "{a}",
     V_MULV: "{a} * {b}",
     V_DIVV: "{a} / {b}",
@@ -433,9 +435,23 @@ def generate(
                 f" + {q}, 0, 2);"
             )
     out.append("    }")
+    # Whether the block reaches torch's scalar tail: a constant of the block, so that the
+    # compiler makes the usual blocks' loop free of the test.
+    out.append("    const int tb = j0 + " + str(block) + " > tail;")
+    out.append("    (void)tb;")
     out.append(f"    if (end - j0 >= {block}) {{")
     out.append(f"      const int64_t n = {block};")
-    out.extend(body)
+    # A block short of torch's tail takes a copy of the loop without the per-element test,
+    # which the compiler vectorises (the test makes the loop's control flow its own).
+    fast = [line.replace(_TAIL_TEST, "0") for line in body]
+    if fast != body:
+        out.append("      if (!tb) {")
+        out.extend("  " + line for line in fast)
+        out.append("      } else {")
+        out.extend("  " + line for line in body)
+        out.append("      }")
+    else:
+        out.extend(body)
     out.append("    } else {")
     out.append("      const int64_t n = end - j0;")
     out.extend(body)
