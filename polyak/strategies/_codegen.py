@@ -25,6 +25,7 @@ otherwise. ``fused=True`` steps use the correctly rounded sqrt, as torch's fused
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import json
@@ -720,6 +721,18 @@ class _Builder:
 
 
 _builder = _Builder()
+
+
+@atexit.register
+def _finish_builds() -> None:
+    # A process that ends while a build runs lets it finish (a compile takes about half a
+    # second): its result lands in the cache for the next process, and no thread is left in
+    # the middle of a build while the interpreter shuts down.
+    _builder.wait(timeout=_EXIT_WAIT)
+
+
+#: Seconds a process that ends waits for the builds it started.
+_EXIT_WAIT = 30.0
 #: The kernel slot of each program, by what determines its source.
 _kernels: dict[tuple[Any, ...], Any] = {}
 
