@@ -16,6 +16,14 @@ from polyak.strategies import _native
 _native.load(wait=True)
 
 
+def has_tensor(config: dict[str, Any]) -> bool:
+    """Whether a configuration holds a tensor hyperparameter (also inside a tuple: betas)."""
+    return any(
+        isinstance(v, torch.Tensor) or (isinstance(v, tuple) and has_tensor(dict(enumerate(v))))
+        for v in config.values()
+    )
+
+
 def make_params(
     shapes: list[tuple[int, ...]] = ((3, 4), (5,), (2, 2, 2)),  # type: ignore[assignment]
     dtype: torch.dtype = torch.float32,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, clone_kwargs, make_params, twin
+from conftest import assert_same, clone_kwargs, has_tensor, make_params, twin
 from registry import REGISTRY, Entry, ids
 
 import polyak
@@ -32,14 +32,8 @@ def _cases(fused: bool = False) -> list[Any]:
         for entry in REGISTRY
         if entry.flat and not entry.sparse_grads and (entry.fused or not fused)
         for i, config in enumerate(entry.configs)
-        if not any(isinstance(v, (torch.Tensor, tuple)) and _tensor_in(v) for v in config.values())
+        if not has_tensor(config)
     ]
-
-
-def _tensor_in(value: Any) -> bool:
-    if isinstance(value, tuple):
-        return any(_tensor_in(v) for v in value)
-    return isinstance(value, torch.Tensor)
 
 
 def _grads(params: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, clone_kwargs, make_params, step_both, twin
+from conftest import assert_same, clone_kwargs, has_tensor, make_params, step_both, twin
 from registry import REGISTRY, Entry, ids, takes
 
 import polyak
@@ -36,20 +36,13 @@ def flat_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     yield calls
 
 
-def _has_tensor(config: dict[str, Any]) -> bool:
-    return any(
-        isinstance(v, torch.Tensor) or (isinstance(v, tuple) and _has_tensor(dict(enumerate(v))))
-        for v in config.values()
-    )
-
-
 def _cases(fused: bool = False) -> list[Any]:
     return [
         pytest.param(entry, config, id=f"{ids(entry)}-{i}")
         for entry in REGISTRY
         if entry.fused or not fused
         for i, config in enumerate(entry.configs)
-        if not _has_tensor(config)
+        if not has_tensor(config)
     ]
 
 
@@ -91,7 +84,7 @@ def test_flat_fused_half_precision_matches_torch_fused(
 def test_every_strategy_matches_loop(entry: Entry, dtype: torch.dtype) -> None:
     # Tensor hyperparameters are left out: torch's per-tensor path computes with them as
     # float32 tensors and its fused path as numbers, which differ beyond rounding.
-    for config in [c for c in entry.configs if not _has_tensor(c)]:
+    for config in [c for c in entry.configs if not has_tensor(c)]:
         runs = []
         if not takes(entry, "foreach"):
             continue

@@ -17,6 +17,7 @@ and the fix. ``POLYAK_NATIVE=0`` (or ``false``, ``off``, ``no``) turns the kerne
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -52,7 +53,9 @@ def enabled() -> bool:
     return os.environ.get("POLYAK_NATIVE", "1").strip().lower() not in _FALSE
 
 
+@functools.cache
 def _name() -> str:
+    """The kernel module's name: a digest of its source and flags, read once per process."""
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
     return f"polyak_vm_{digest}"
 
