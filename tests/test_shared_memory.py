@@ -153,3 +153,32 @@ def test_edits_through_a_replaced_state_mapping_are_seen_as_torch_sees_them(
         results.append([p.detach().clone() for p in params])
     for x, y in zip(*results, strict=True):
         assert torch.equal(x, y), (x - y).abs().max()
+
+
+@pytest.mark.parametrize("entry", DENSE, ids=ids)
+def test_state_held_as_a_negative_view_is_read_through_its_sign(entry: Entry) -> None:
+    """A state tensor whose memory holds the negated values (a negative view) means what torch
+    reads through it, not what its memory holds."""
+    config = _stateful(entry)
+
+    def run(cls: Any) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(7, 5, generator=gen)) for _ in range(3)]
+        opt = cls(params, **config)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if step == 0:
+                for p in params:
+                    for key, value in opt.state[p].items():
+                        if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                            opt.state[p][key] = torch._neg_view(-value.clone())
+        return params, dict(opt.state[params[0]])
+
+    ours, our_state = run(entry.cls)
+    theirs, their_state = run(entry.reference)
+    for state in (our_state, their_state):
+        assert any(getattr(v, "is_neg", lambda: False)() for v in state.values())
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()

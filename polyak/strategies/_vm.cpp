@@ -225,7 +225,8 @@ struct Plan {
   std::vector<uint8_t> sdouble;  // [i][key]: whether it is a double (else a float)
   // The memory the last step found disjoint: ptr and sptr as they were then (empty: none yet).
   std::vector<void*> disjoint_ptr, disjoint_sptr;
-  std::vector<double> sregs;     // [i][register]: each tensor's scalar registers
+  std::vector<double> sregs;     // [row][register]: scalar registers, one row per distinct set
+  std::vector<int64_t> srow;     // [i]: the row of tensor i's scalar registers
   // The program to run (see _trace.py): vector and scalar code, the hyperparameter registers'
   // values, the scalar register count, and the bound registers the vector code writes.
   at::Tensor vcode, scode;
@@ -274,20 +275,53 @@ inline void prefetch(const void* at) { __builtin_prefetch(at, 0, 3); }
 
 inline c10::TensorImpl* impl_of(const at::Tensor& t) { return t.unsafeGetTensorImpl(); }
 
-// Asks for the lines of a tensor's metadata that the checks read: the storage and autograd
-// pointers at the head of the object, and the element count, dtype, device and flags, declared
-// last, at its tail.
+// Asks for every line of a tensor's metadata (the object is a few lines long): the storage and
+// autograd pointers, sizes, offset, element count, dtype, flags and dispatch keys.
 inline void prefetch_impl(const c10::TensorImpl* impl) {
   const char* base = reinterpret_cast<const char*>(impl);
-  prefetch(&impl->unsafe_storage());
-  prefetch(base + sizeof(c10::TensorImpl) - 48);
+  for (size_t at = 0; at < sizeof(c10::TensorImpl); at += 64) prefetch(base + at);
   prefetch(base + sizeof(c10::TensorImpl) - 1);
 }
 
-// Asks for the line of a storage that holds its data pointer.
+// Asks for the lines of a storage that hold its data pointer and its access flags.
 inline void prefetch_storage(const c10::TensorImpl* impl) {
   const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
-  if (storage != nullptr) prefetch(reinterpret_cast<const char*>(storage) + 16);
+  if (storage != nullptr) {
+    prefetch(reinterpret_cast<const char*>(storage) + 16);
+    prefetch(reinterpret_cast<const char*>(storage) + 63);
+  }
+}
+
+// The dispatch keys a tensor whose memory the kernel reads and writes in place may carry: a
+// dense CPU tensor, with or without autograd's and autocast's keys (an inference tensor has
+// none). A conjugate or negative view, a sparse, meta or wrapper tensor has others.
+struct PlainKeys {
+  uint64_t cpu = c10::DispatchKeySet(c10::DispatchKey::CPU).raw_repr();
+  uint64_t extras = 0;
+  PlainKeys() {
+    const uint64_t full = at::empty({0}).unsafeGetTensorImpl()->key_set().raw_repr();
+    extras = full & ~cpu;
+  }
+  bool plain(const c10::TensorImpl* t) const { return (t->key_set().raw_repr() & ~extras) == cpu; }
+};
+
+// Finds where a plain tensor's first element lives, as data_ptr() does: its storage's data at
+// the tensor's offset. A copy-on-write storage the step writes is materialised first, as there;
+// one it only reads (a gradient) is read as const_data_ptr() reads it. False for a tensor
+// without storage.
+inline bool data_of(const c10::TensorImpl* t, int64_t itemsize, void** at, bool written = true) {
+  c10::StorageImpl* storage = t->unsafe_storage().unsafeGetStorageImpl();
+  if (storage == nullptr) return false;
+  char* data = written ? static_cast<char*>(storage->mutable_data())
+                       : static_cast<char*>(const_cast<void*>(storage->data()));
+  *at = data == nullptr ? nullptr : data + t->storage_offset() * itemsize;
+  return true;
+}
+
+// A parameter's gradient, as TensorImpl::grad() returns it, read in place.
+inline const at::Tensor* grad_of(const c10::TensorImpl* t) {
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(t->autograd_meta());
+  return meta == nullptr ? nullptr : &meta->grad_;
 }
 
 // Rounds a scalar state value to its dtype.
@@ -347,14 +381,18 @@ bool check_group(Plan& plan) {
   plan.sdouble.resize(n * ns);
   // Without scalar state every tensor has the same scalars: one register file serves all.
   plan.sregs.resize(static_cast<size_t>((ns == 0 ? 1 : n) * n_sregs));
+  plan.srow.assign(n, 0);
   if (ns == 0) run_scalar_program(plan, 0, nullptr, plan.sregs.data(), nullptr);
   constexpr int64_t kAheadTensors = 4;  // tensors between two stages of the pipeline
+  static const PlainKeys keys;
+  const caffe2::TypeMeta dtype = c10::scalarTypeToTypeMeta(plan.dtype);
+  const int64_t itemsize = static_cast<int64_t>(dtype.itemsize());
   std::atomic<bool> unfit{false};
   at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
     // Tensors whose scalar state holds the same values as the previous one's (all of them, in
     // most steps) reuse its registers.
     const double* prev_in = nullptr;
-    const double* prev_r = nullptr;
+    int64_t prev_row = 0;
     std::vector<double> cur(ns);
     for (int64_t j = lo; j < hi + 4 * kAheadTensors; ++j) {
       if (int64_t i = j; i < hi) {
@@ -374,67 +412,66 @@ bool check_group(Plan& plan) {
         for (const auto& keyed : plan.sstate) prefetch_storage(impl_of(keyed[i]));
       }
       if (int64_t i = j - 2 * kAheadTensors; i >= lo && i < hi) {
-        const at::Tensor& g = impl_of(plan.params[i])->grad();
-        if (g.defined()) prefetch_impl(impl_of(g));
+        const at::Tensor* g = grad_of(impl_of(plan.params[i]));
+        if (g != nullptr && g->defined()) prefetch_impl(impl_of(*g));
         for (const auto& keyed : plan.sstate) {
           const c10::StorageImpl* storage = impl_of(keyed[i])->unsafe_storage().unsafeGetStorageImpl();
           if (storage != nullptr) prefetch(storage->data());
         }
       }
       if (int64_t i = j - 3 * kAheadTensors; i >= lo && i < hi) {
-        const at::Tensor& g = impl_of(plan.params[i])->grad();
-        if (g.defined()) prefetch_storage(impl_of(g));
+        const at::Tensor* g = grad_of(impl_of(plan.params[i]));
+        if (g != nullptr && g->defined()) prefetch_storage(impl_of(*g));
       }
       const int64_t i = j - 4 * kAheadTensors;
       if (i < lo) continue;
-      const at::Tensor& p = plan.params[i];
-      const at::Tensor& g = impl_of(p)->grad();
+      const c10::TensorImpl* p = impl_of(plan.params[i]);
+      const at::Tensor* grad = grad_of(p);
       plan.numel[i] = -1;
-      if (!g.defined()) {
+      if (grad == nullptr || !grad->defined()) {
         std::fill_n(plan.ptr.data() + i * n_bound, n_bound, nullptr);
         std::fill_n(plan.sptr.data() + i * ns, ns, nullptr);
         continue;
       }
-      const int64_t numel = p.numel();
-      bool fit = p.scalar_type() == plan.dtype && g.scalar_type() == plan.dtype &&
-                 g.layout() == at::kStrided && p.is_contiguous() && g.is_contiguous() &&
-                 g.numel() == numel && p.is_cpu() && g.is_cpu();
+      const c10::TensorImpl* g = impl_of(*grad);
+      const int64_t numel = p->numel();
       void** ptr = plan.ptr.data() + i * n_bound;
+      bool fit = keys.plain(p) && keys.plain(g) && p->dtype() == dtype && g->dtype() == dtype &&
+                 p->is_contiguous() && g->is_contiguous() && g->numel() == numel &&
+                 data_of(p, itemsize, &ptr[0]) && data_of(g, itemsize, &ptr[1], false);
       for (int64_t k = 0; fit && k < nv; ++k) {
-        const at::Tensor& st = plan.vstate[k][i];
+        const c10::TensorImpl* st = impl_of(plan.vstate[k][i]);
         // The parameter's shape, not only its size: torch refuses state of another shape.
-        fit = st.scalar_type() == plan.dtype && st.is_contiguous() && st.sizes() == p.sizes() &&
-              st.is_cpu();
-        if (fit) ptr[2 + k] = st.data_ptr();
+        fit = keys.plain(st) && st->dtype() == dtype && st->is_contiguous() &&
+              st->sizes() == p->sizes() && data_of(st, itemsize, &ptr[2 + k]);
       }
       double* in = plan.sval.data() + i * ns;
       for (int64_t k = 0; fit && k < ns; ++k) {
-        const at::Tensor& st = plan.sstate[k][i];
-        const at::ScalarType type = st.scalar_type();
-        fit = st.numel() == 1 && st.is_cpu() && st.layout() == at::kStrided &&
-              (type == at::kFloat || type == at::kDouble);
+        const c10::TensorImpl* st = impl_of(plan.sstate[k][i]);
+        const bool is_double = st->dtype() == caffe2::TypeMeta::Make<double>();
+        void* at = nullptr;
+        fit = keys.plain(st) && st->numel() == 1 &&
+              (is_double || st->dtype() == caffe2::TypeMeta::Make<float>()) &&
+              data_of(st, is_double ? 8 : 4, &at) && at != nullptr;
         if (!fit) break;
-        void* at = st.data_ptr();
         plan.sptr[i * ns + k] = at;
-        plan.sdouble[i * ns + k] = type == at::kDouble;
-        in[k] = type == at::kDouble ? *static_cast<const double*>(at)
-                                    : static_cast<double>(*static_cast<const float*>(at));
+        plan.sdouble[i * ns + k] = is_double;
+        in[k] = is_double ? *static_cast<const double*>(at)
+                          : static_cast<double>(*static_cast<const float*>(at));
       }
       if (!fit) {
         unfit.store(true, std::memory_order_relaxed);
         return;
       }
-      ptr[0] = p.data_ptr();
-      ptr[1] = const_cast<void*>(g.const_data_ptr());
       plan.numel[i] = numel;
       if (ns > 0) {
-        double* r = plan.sregs.data() + i * n_sregs;
         if (prev_in != nullptr && std::equal(in, in + ns, prev_in)) {
-          std::copy(prev_r, prev_r + n_sregs, r);
+          plan.srow[i] = prev_row;
         } else {
-          run_scalar_program(plan, i, in, r, cur.data());
+          run_scalar_program(plan, i, in, plan.sregs.data() + i * n_sregs, cur.data());
+          plan.srow[i] = i;
           prev_in = in;
-          prev_r = r;
+          prev_row = i;
         }
       }
     }
@@ -495,7 +532,6 @@ int64_t step_typed(Plan& plan) {
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
   const int64_t n_bound = 2 + nv;
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
-  const int64_t stride = ns == 0 ? 0 : n_sregs;
   // The scalar program's stores: (state key, register), made as each tensor is updated.
   std::vector<std::pair<int64_t, int64_t>> stores;
   {
@@ -558,7 +594,7 @@ int64_t step_typed(Plan& plan) {
           MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
       for (int64_t w = lo; w < hi; ++w) {
         const Work& item = work[w];
-        const double* r = plan.sregs.data() + item.i * stride;
+        const double* r = plan.sregs.data() + plan.srow[item.i] * n_sregs;
         if (item.start == 0) {
           for (const auto& [key, reg] : stores) {
             store_scalar(plan.sptr[item.i * ns + key], plan.sdouble[item.i * ns + key], r[reg]);
@@ -601,7 +637,7 @@ int64_t step_typed(Plan& plan) {
     for (int64_t k = 0; k < kMaxRegs; ++k) reg[k] = local[k];
     for (int64_t w = lo; w < hi; ++w) {
       const Work& item = work[w];
-      const double* r = plan.sregs.data() + item.i * stride;
+      const double* r = plan.sregs.data() + plan.srow[item.i] * n_sregs;
       S* const* bound = ptr + item.i * n_bound;
       if (item.start == 0) {
         for (const auto& [key, reg] : stores) {

@@ -58,20 +58,26 @@ def _batchable(
     # Tensor hyperparameters enter tensor methods as tensors (lerp's weight, for one), which
     # the foreach kernels would read as numbers: such groups stay per tensor. So does state of
     # a dtype other than its parameter's (an integer step counter, a float64 buffer of a
-    # float32 parameter), where foreach kernels and tensor methods promote differently.
+    # float32 parameter), where foreach kernels and tensor methods promote differently, and
+    # so do tensors written through a negative or conjugate view, which foreach kernels refuse.
     return (
         not torch.is_grad_enabled()
         and not any(_has_tensor(v) for v in vars(hp).values())
         and all(
-            p.is_cpu and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse
+            p.is_cpu and p.dtype not in _PER_TENSOR_DTYPES and not g.is_sparse and _direct(p)
             for p, g in zip(params, grads, strict=True)
         )
         and all(
-            t is None or (t.is_floating_point() and (t.dim() == 0 or t.dtype == p.dtype))
+            t is None
+            or (t.is_floating_point() and (t.dim() == 0 or t.dtype == p.dtype) and _direct(t))
             for values in state.values()
             for t, p in zip(values, params, strict=True)
         )
     )
+
+
+def _direct(t: Tensor) -> bool:
+    return not (t.is_neg() or t.is_conj())
 
 
 def _mode(
