@@ -402,7 +402,7 @@ class Optimizer(torch.optim.Optimizer):
         # kernel steps need neither autograd's mode nor the machinery below.
         differentiable = bool(self.defaults.get("differentiable", False))
         for group in self.param_groups:
-            if grad_scale is None and flat.eligible(group) and flat.step(self, group):
+            if flat.eligible(group) and flat.step(self, group, grad_scale):
                 continue
             with torch.set_grad_enabled(differentiable):
                 self._step_group(group, grad_scale)

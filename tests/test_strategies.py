@@ -27,8 +27,8 @@ def flat_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     calls: list[bool] = []
     real = flat.step
 
-    def spy(optimizer: Any, group: dict[str, Any]) -> bool:
-        done = real(optimizer, group)
+    def spy(optimizer: Any, group: dict[str, Any], grad_scale: Any = None) -> bool:
+        done = real(optimizer, group, grad_scale)
         calls.append(done)
         return done
 
@@ -76,6 +76,34 @@ def test_flat_fused_half_precision_matches_torch_fused(
     ref = entry.reference(ref_params, fused=True, **clone_kwargs(config))
     step_both(opt, ref, params, ref_params, 4)
     assert any(flat_steps) or not entry.flat
+    assert_same(params, ref_params, entry.fused_tolerances[dtype])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("entry", "config"), _cases(fused=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_flat_fused_unscales_gradients_in_the_same_pass(
+    entry: Entry, config: dict[str, Any], dtype: torch.dtype, flat_steps: list[bool]
+) -> None:
+    """Under a GradScaler a fused step runs flat: each gradient is divided by the scale in the
+    pass (and left so in ``.grad``), and the update matches torch's fused step."""
+    params = make_params(dtype=dtype)
+    ref_params = twin(params)
+    opt = entry.cls(params, fused=True, **clone_kwargs(config))
+    ref = entry.reference(ref_params, fused=True, **clone_kwargs(config))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        for p, q in zip(params, ref_params, strict=True):
+            # A scale that is not a power of two: the division rounds.
+            grad = (torch.randn(p.shape, generator=gen) * 1000.0).to(dtype)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        for o in (opt, ref):
+            o.grad_scale, o.found_inf = torch.tensor(1000.0), torch.tensor(0.0)
+            o.step()
+            del o.grad_scale, o.found_inf
+        assert_same([p.grad for p in params], [q.grad for q in ref_params])
+    if entry.flat:
+        assert flat_steps[1:] == [True] * 3, flat_steps
     assert_same(params, ref_params, entry.fused_tolerances[dtype])
 
 

@@ -124,9 +124,9 @@ class _Tracer:
         return Scalar(self, self.consts[key], key, None)
 
     def vop(self, op: int, dst: int, a: int = -1, b: int = -1, c: int = -1, s: Any = None) -> None:
-        if dst == GRAD:
-            raise TraceError("the update rule writes into the gradient")
-        if 2 <= dst < 2 + self.n_vstate or dst == PARAM:
+        # Bound registers the rule writes are stored back: the parameter, its state, and the
+        # gradient where the rule changes it in place (a fused step unscaling it).
+        if dst < 2 + self.n_vstate:
             self.stored.add(dst)
         sreg = -1 if s is None else self.scalar(s).reg
         self.vcode.append((op, dst, a, b, c, sreg))

@@ -361,6 +361,11 @@ void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r
 
 bool disjoint(Plan& plan);
 
+// Whether the program writes the gradient (a step that unscales it in place).
+inline bool writes_grad(const Plan& plan) {
+  return std::find(plan.stored.begin(), plan.stored.end(), 1) != plan.stored.end();
+}
+
 // Checks every tensor of the group, records where its data lives and runs its scalar program,
 // or returns false where this step cannot run flat; nothing is written to the tensors.
 //
@@ -385,6 +390,7 @@ bool check_group(Plan& plan) {
   if (ns == 0) run_scalar_program(plan, 0, nullptr, plan.sregs.data(), nullptr);
   constexpr int64_t kAheadTensors = 4;  // tensors between two stages of the pipeline
   static const PlainKeys keys;
+  const bool grad_written = writes_grad(plan);
   const caffe2::TypeMeta dtype = c10::scalarTypeToTypeMeta(plan.dtype);
   const int64_t itemsize = static_cast<int64_t>(dtype.itemsize());
   std::atomic<bool> unfit{false};
@@ -438,7 +444,7 @@ bool check_group(Plan& plan) {
       void** ptr = plan.ptr.data() + i * n_bound;
       bool fit = keys.plain(p) && keys.plain(g) && p->dtype() == dtype && g->dtype() == dtype &&
                  p->is_contiguous() && g->is_contiguous() && g->numel() == numel &&
-                 data_of(p, itemsize, &ptr[0]) && data_of(g, itemsize, &ptr[1], false);
+                 data_of(p, itemsize, &ptr[0]) && data_of(g, itemsize, &ptr[1], grad_written);
       for (int64_t k = 0; fit && k < nv; ++k) {
         const c10::TensorImpl* st = impl_of(plan.vstate[k][i]);
         // The parameter's shape, not only its size: torch refuses state of another shape.
@@ -490,12 +496,13 @@ bool disjoint(Plan& plan) {
   const int64_t n_bound = 2 + static_cast<int64_t>(plan.vstate.size());
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
   const int64_t item = static_cast<int64_t>(c10::elementSize(plan.dtype));
+  const bool grad_written = writes_grad(plan);
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
   spans.reserve(n * (n_bound - 1 + ns));
   for (int64_t i = 0; i < n; ++i) {
     if (plan.numel[i] < 0) continue;  // no gradient: nothing written
     for (int64_t b = 0; b < n_bound && plan.numel[i] > 0; ++b) {
-      if (b == 1) continue;  // the gradient is only read
+      if (b == 1 && !grad_written) continue;  // a gradient only read may be shared
       const auto at = reinterpret_cast<uintptr_t>(plan.ptr[i * n_bound + b]);
       spans.emplace_back(at, at + plan.numel[i] * item);
     }

@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from polyak import _ops
 from polyak._state import OptimizerState
 from polyak.strategies import _codegen, _native, _trace
 
@@ -138,6 +139,26 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     return _Entry(plan, vector_keys, scalar_keys)
 
 
+#: The hyperparameter a step that unscales its gradients (a ``fused=True`` step under a
+#: GradScaler) carries its scale in.
+GRAD_SCALE = "_grad_scale"
+_unscaling: dict[Any, Any] = {}
+
+
+def _unscaled(update: Any) -> Any:
+    """``update`` preceded by dividing each gradient in place by the scale, as torch's fused
+    kernels unscale them (the unscaled gradient is left in ``.grad``)."""
+    rule = _unscaling.get(update)
+    if rule is None:
+
+        def rule(params: list[Tensor], grads: list[Tensor], state: Any, hp: Any) -> None:
+            _ops.div_(grads, getattr(hp, GRAD_SCALE))
+            update(params, grads, state, hp)
+
+        rule = _unscaling[update] = rule
+    return rule
+
+
 def _program(
     optimizer: Any,
     entry: _Entry,
@@ -146,6 +167,8 @@ def _program(
     structure: tuple[Any, ...],
 ) -> _trace.Program | None:
     update = type(optimizer).update
+    if GRAD_SCALE in hyper:
+        update = _unscaled(update)
     key = (update, tuple(entry.vector_keys), tuple(entry.scalar_keys), structure)
     traced = _programs.setdefault(key, [])
     if traced is None:
@@ -201,16 +224,27 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
     return True
 
 
-def step(optimizer: Any, group: dict[str, Any]) -> bool:
-    """Run one step of ``group`` flat; False where this step must take another strategy."""
+def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None) -> bool:
+    """Run one step of ``group`` flat; False where this step must take another strategy.
+
+    A ``fused=True`` group given ``grad_scale`` (a GradScaler's scale, one number on the CPU)
+    divides each gradient by it in the same pass, leaving the unscaled gradient in ``.grad``
+    as torch's fused kernels do.
+    """
     cache: dict[int, _Entry] | None = optimizer.__dict__.get("_flat_entries")
     if cache is None:
         cache = optimizer.__dict__["_flat_entries"] = {}
-    entry = cache.get(id(group))
+    key = id(group)
+    if grad_scale is not None and group.get("fused"):
+        if grad_scale.device.type != "cpu" or grad_scale.numel() != 1:
+            return False
+        # The scale travels as one more hyperparameter: the kernel sees a group that holds it.
+        group = {**group, GRAD_SCALE: float(grad_scale)}
+    entry = cache.get(key)
     # The kernel checks that its plan still fits the group, so the usual step is one call.
     for _ in range(3):
         if entry is None:
-            entry = cache[id(group)] = _build(optimizer, group)
+            entry = cache[key] = _build(optimizer, group)
         if entry.plan is None:
             if entry.unchanged(group, optimizer):
                 return False
@@ -224,7 +258,7 @@ def step(optimizer: Any, group: dict[str, Any]) -> bool:
         elif done != _RELOAD or not _load(optimizer, entry, group):
             break
     # This step cannot run flat; look at the group afresh next time.
-    cache.pop(id(group), None)
+    cache.pop(key, None)
     return False
 
 
