@@ -145,6 +145,10 @@ class Case:
     name: str
     shapes: tuple[tuple[int, ...], ...]
     description: str = ""
+    #: How the parameters are held and stepped: ``""`` plain tensors; ``"dtensor"`` DTensor
+    #: shards on a one-rank mesh, as FSDP2 holds them; ``"amp"`` each step through a
+    #: GradScaler (scale 1, so the reused gradients stay as they are).
+    variant: str = ""
 
     @property
     def numel(self) -> int:
@@ -208,6 +212,13 @@ CASES: dict[str, Case] = {
         Case("mlp", ((1024, 1024), (1024,)) * 8, "8 Linear(1024, 1024) layers"),
         Case("convnet", _convnet_shapes(), "ResNet-like convolutions, batch norms, classifier"),
         Case("gpt2", _gpt2_shapes(), "GPT-2 small"),
+        Case(
+            "mlp-dtensor",
+            ((1024, 1024), (1024,)) * 8,
+            "the mlp set as DTensor shards (one-rank mesh, as FSDP2 holds them)",
+            "dtensor",
+        ),
+        Case("mlp-amp", ((1024, 1024), (1024,)) * 8, "the mlp set, stepped by a GradScaler", "amp"),
     )
 }
 
@@ -644,7 +655,9 @@ def state_bytes(optimizer: Any) -> int:
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
-            storage = item.untyped_storage()
+            # A distributed tensor's bytes are those of its local data.
+            local = getattr(item, "_local_tensor", None)
+            storage = (local if isinstance(local, Tensor) else item).untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
@@ -656,9 +669,43 @@ def state_bytes(optimizer: Any) -> int:
 
 
 def _tensors(case: Case, seed: int) -> list[Tensor]:
-    """Seeded standard-normal float32 tensors of the case's shapes."""
+    """Seeded standard-normal float32 tensors of the case's shapes (DTensors, sharded on their
+    first dimension, for a ``dtensor`` case)."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator) for shape in case.shapes]
+    tensors = [torch.randn(shape, generator=generator) for shape in case.shapes]
+    if case.variant != "dtensor":
+        return tensors
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _one_rank_mesh()
+    return [distribute_tensor(t, mesh, [Shard(0)]) for t in tensors]
+
+
+def _one_rank_mesh() -> Any:
+    """A device mesh of this process alone, made with the process group it needs."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
+class _Scaled:
+    """An optimizer stepped as a mixed-precision loop steps it: ``scaler.step``, then
+    ``scaler.update``. A fused optimizer unscales in its step; others are unscaled first."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2**30)
+        self.scaler.scale(torch.ones(()))  # makes the scale tensor
+        self.state = optimizer.state
+        self.param_groups = optimizer.param_groups
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 def plan_batches(labels: Sequence[str], per_contender: int, budget: int) -> list[list[str]]:
@@ -842,7 +889,10 @@ def _run_batch(
         try:
             params = [p.requires_grad_() for p in _tensors(case, seed)]
             grads = _tensors(case, seed + 1)
-            contender = _Live(fresh, params, grads, make(params))
+            optimizer = make(params)
+            if case.variant == "amp" and not isinstance(optimizer, _InPlaceAdd):
+                optimizer = _Scaled(optimizer)
+            contender = _Live(fresh, params, grads, optimizer)
             for step in range(warmup):
                 elapsed = contender.timed_step()
                 if step == 0:

@@ -144,7 +144,9 @@ def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--cases",
         type=_comma_list(tuple(bench.CASES)),
         default=",".join(bench.DEFAULT_CASES),
-        help="comma-separated parameter-shape sets (default: %(default)s)",
+        help="comma-separated parameter-shape sets, from "
+        + ",".join(bench.CASES)
+        + " (default: %(default)s)",
     )
     parser.add_argument(
         "--rounds",

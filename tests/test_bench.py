@@ -246,3 +246,23 @@ def test_an_optimizer_without_a_fused_torch_step_compares_with_torchs_fastest_pa
     fastest = min(row.median for row in case.rows if row.label.startswith("torch ") and row.ok)
     assert case.row("polyak (default)").reference_median == fastest
     assert "fastest path" in bench.format_case(case)
+
+
+@pytest.mark.parametrize("variant", ["amp", "dtensor"])
+def test_grad_scaler_and_dtensor_cases_step_every_contender(variant: str) -> None:
+    import torch.distributed as dist
+
+    if variant == "dtensor" and not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is unavailable")
+    case = bench.Case(f"tiny-{variant}", TINY.shapes, "tiny", variant)
+    try:
+        ran = bench.run_benchmark(
+            ["adamw"], [case], rounds=1, warmup=2, threads=1, peers=False, bandwidth_mib=(4,)
+        )
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    rows = {row.label: row for row in ran.cases[0].rows}
+    for label in (bench.MEMORY, bench.REFERENCE, *POLYAK_LABELS):
+        assert rows[label].ok, (label, rows[label].error)
+    assert rows["polyak (default)"].state_bytes == rows[bench.REFERENCE].state_bytes > 0

@@ -175,6 +175,11 @@ def _fsdp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 opt = opt_cls(model.parameters(), **kwargs)
                 _train(model, opt, 3, seed=1)
                 _save(model, opt, out / f"two-{name}-{which}")
+                if which == "polyak" and rank == 0:
+                    # Whether the flat kernel updated the shards (their local data).
+                    entries = opt.__dict__.get("_flat_entries", {}).values()
+                    ran = any(e.plan is not None and e.local is not None for e in entries)
+                    (out / f"flat-{name}").write_text(str(ran))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -212,6 +217,7 @@ def test_fsdp2_checkpoints_move_between_one_and_two_ranks(tmp_path: Path) -> Non
                 proc.terminate()
 
     for name, cls, ref_cls, kwargs in PAIRS:
+        assert (tmp_path / f"flat-{name}").read_text() == "True"
         # Saved on one rank, loaded on two.
         mine = torch.load(tmp_path / f"resumed-{name}-polyak.pt", weights_only=True)
         theirs = torch.load(tmp_path / f"resumed-{name}-torch.pt", weights_only=True)

@@ -214,7 +214,11 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
 // them are each step's scratch, kept so that a step allocates nothing.
 struct Plan {
   std::vector<pybind11::object> owners;  // the parameters as the group's list holds them
-  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> params;   // the tensors updated: the parameters, or their local data
+  // Each step's gradients where the plan's tensors are not the parameters themselves (the
+  // local data of distributed tensors): given by the caller, undefined for none. Empty: each
+  // parameter's own gradient.
+  std::vector<at::Tensor> grads;
   std::vector<std::vector<at::Tensor>> vstate;  // [key][i], param-shaped
   std::vector<std::vector<at::Tensor>> sstate;  // [key][i], 0-dim
   at::ScalarType dtype;
@@ -393,6 +397,7 @@ bool check_group(Plan& plan) {
   const bool grad_written = writes_grad(plan);
   const caffe2::TypeMeta dtype = c10::scalarTypeToTypeMeta(plan.dtype);
   const int64_t itemsize = static_cast<int64_t>(dtype.itemsize());
+  const bool given = !plan.grads.empty();
   std::atomic<bool> unfit{false};
   at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
     // Tensors whose scalar state holds the same values as the previous one's (all of them, in
@@ -418,7 +423,7 @@ bool check_group(Plan& plan) {
         for (const auto& keyed : plan.sstate) prefetch_storage(impl_of(keyed[i]));
       }
       if (int64_t i = j - 2 * kAheadTensors; i >= lo && i < hi) {
-        const at::Tensor* g = grad_of(impl_of(plan.params[i]));
+        const at::Tensor* g = given ? &plan.grads[i] : grad_of(impl_of(plan.params[i]));
         if (g != nullptr && g->defined()) prefetch_impl(impl_of(*g));
         for (const auto& keyed : plan.sstate) {
           const c10::StorageImpl* storage = impl_of(keyed[i])->unsafe_storage().unsafeGetStorageImpl();
@@ -426,13 +431,13 @@ bool check_group(Plan& plan) {
         }
       }
       if (int64_t i = j - 3 * kAheadTensors; i >= lo && i < hi) {
-        const at::Tensor* g = grad_of(impl_of(plan.params[i]));
+        const at::Tensor* g = given ? &plan.grads[i] : grad_of(impl_of(plan.params[i]));
         if (g != nullptr && g->defined()) prefetch_storage(impl_of(*g));
       }
       const int64_t i = j - 4 * kAheadTensors;
       if (i < lo) continue;
       const c10::TensorImpl* p = impl_of(plan.params[i]);
-      const at::Tensor* grad = grad_of(p);
+      const at::Tensor* grad = given ? &plan.grads[i] : grad_of(p);
       plan.numel[i] = -1;
       if (grad == nullptr || !grad->defined()) {
         std::fill_n(plan.ptr.data() + i * n_bound, n_bound, nullptr);
@@ -789,7 +794,8 @@ bool watched_unchanged(const Plan& plan, PyObject* state) {
   return true;
 }
 
-int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t version) {
+int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t version,
+             std::optional<std::vector<std::optional<at::Tensor>>> grads) {
   if (state.ptr() != plan.state.ptr() || version != plan.version) return kStale;
   if (!plan.watched.empty() && !watched_unchanged(plan, state.ptr())) return kStale;
   PyObject* params = PyDict_GetItemString(group.ptr(), "params");
@@ -802,14 +808,24 @@ int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t v
     if (items[i] != plan.owners[i].ptr()) return kStale;
   }
   if (!plan.vcode.defined() || !same_hyperparameters(plan, group.ptr())) return kReload;
-  pybind11::gil_scoped_release released;
-  switch (plan.dtype) {
-    case at::kFloat: return step_typed<float, float>(plan);
-    case at::kDouble: return step_typed<double, double>(plan);
-    case at::kHalf: return step_typed<c10::Half, float>(plan);
-    case at::kBFloat16: return step_typed<c10::BFloat16, float>(plan);
-    default: return kFallback;
+  plan.grads.clear();
+  if (grads) {
+    if (grads->size() != plan.params.size()) return kStale;
+    for (auto& g : *grads) plan.grads.push_back(g ? std::move(*g) : at::Tensor());
   }
+  int64_t done = kFallback;
+  {
+    pybind11::gil_scoped_release released;
+    switch (plan.dtype) {
+      case at::kFloat: done = step_typed<float, float>(plan); break;
+      case at::kDouble: done = step_typed<double, double>(plan); break;
+      case at::kHalf: done = step_typed<c10::Half, float>(plan); break;
+      case at::kBFloat16: done = step_typed<c10::BFloat16, float>(plan); break;
+      default: break;
+    }
+  }
+  plan.grads.clear();  // the gradients are not kept alive past the step
+  return done;
 }
 
 }  // namespace
@@ -826,7 +842,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init([](pybind11::list params, std::vector<std::vector<at::Tensor>> vstate,
                              std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
-                             int64_t version, pybind11::list watch, int64_t vector_bytes) {
+                             int64_t version, pybind11::list watch, int64_t vector_bytes,
+                             std::optional<std::vector<at::Tensor>> local) {
         Plan plan;
         plan.vector_bytes = vector_bytes;
         for (pybind11::handle w : watch) {
@@ -843,13 +860,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         plan.version = version;
         for (pybind11::handle p : params) {
           plan.owners.push_back(pybind11::reinterpret_borrow<pybind11::object>(p));
-          plan.params.push_back(p.cast<at::Tensor>());
+          if (!local) plan.params.push_back(p.cast<at::Tensor>());
         }
+        if (local) plan.params = std::move(*local);
         plan.dtype = plan.params.empty() ? at::kFloat : plan.params[0].scalar_type();
         plan.vstate = std::move(vstate);
         plan.sstate = std::move(sstate);
         return plan;
-      }))
+      }),
+           pybind11::arg("params"), pybind11::arg("vstate"), pybind11::arg("sstate"),
+           pybind11::arg("state"), pybind11::arg("version"), pybind11::arg("watch"),
+           pybind11::arg("vector_bytes"), pybind11::arg("local") = pybind11::none())
       .def("load_program",
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,
@@ -881,6 +902,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.group_size = PyDict_Size(group.ptr());
              plan.hyper = std::move(numbers);
            })
-      .def("step", &step)
+      .def("step", &step, pybind11::arg("group"), pybind11::arg("state"), pybind11::arg("version"),
+           pybind11::arg("grads") = pybind11::none())
       .def_readonly("compiled_steps", &Plan::compiled_steps);
 }

@@ -14,6 +14,7 @@ hyperparameter, a changed dtype) runs the reference path for that step.
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -51,6 +52,8 @@ class _Entry:
     version: int = -1
     #: The kernel module when the entry was made: one built meanwhile makes it stale.
     kernel: Any = field(default=None, repr=False)
+    #: For parameters that are distributed tensors: the local data the plan updates.
+    local: list[Tensor] | None = field(default=None, repr=False)
 
     def unchanged(self, group: dict[str, Any], optimizer: Any) -> bool:
         """Whether an entry without a plan still describes ``group``."""
@@ -63,6 +66,33 @@ class _Entry:
             and len(self.params) == len(group["params"])
             and all(map(operator.is_, self.params, group["params"]))
         )
+
+
+def _local_data(t: Any) -> Tensor | None:
+    """The plain tensor a distributed tensor (DTensor) holds on this rank, which elementwise
+    operations between tensors of one placement act on; None for anything else."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    if dtensor is None or not isinstance(t, dtensor):
+        return None
+    local = t._local_tensor
+    return local if type(local) in (Tensor, torch.nn.Parameter) else None
+
+
+def _local_grads(params: list[Tensor]) -> list[Tensor | None] | None:
+    """This step's gradients of distributed parameters as the local data the plan updates, or
+    None where one is placed unlike its parameter (the reference path redistributes it)."""
+    grads: list[Tensor | None] = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            grads.append(None)
+            continue
+        local = _local_data(g)
+        if local is None or g._spec != p._spec:  # type: ignore[attr-defined]
+            return None
+        grads.append(local)
+    return grads
 
 
 def eligible(group: dict[str, Any]) -> bool:
@@ -92,11 +122,16 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         return unfit
     dtype = params[0].dtype
     allowed = _FLOATS + _HALVES if group.get("fused") else _FLOATS
-    if dtype not in allowed or any(
-        p.dtype != dtype or not p.is_cpu or type(p) not in (Tensor, torch.nn.Parameter)
-        for p in params
-    ):
+    if dtype not in allowed or any(p.dtype != dtype or not p.is_cpu for p in params):
         return unfit
+    # Plain tensors are updated in place; distributed ones (every parameter of the group) through
+    # the local data each holds, with state of the same placement.
+    local: list[Tensor] | None = None
+    if any(type(p) not in (Tensor, torch.nn.Parameter) for p in params):
+        found_local = [_local_data(p) for p in params]
+        if any(t is None for t in found_local):
+            return unfit
+        local = cast(list[Tensor], found_local)
     state = optimizer.state
     if not isinstance(state, dict):
         return unfit
@@ -121,11 +156,19 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         (scalar_keys if found[0].dim() == 0 else vector_keys).append(key)
     empty = torch.empty(0, dtype=dtype)
 
+    def held(p: Tensor, key: str) -> Tensor:
+        s = optimizer.state.get(p)
+        value = s.get(key) if s else None
+        if not isinstance(value, Tensor):
+            return empty
+        if local is None or (value.dim() == 0 and type(value) is Tensor):
+            return value
+        data = _local_data(value)
+        # State placed unlike its parameter is left to the reference path.
+        return data if data is not None and value._spec == p._spec else value  # type: ignore[attr-defined]
+
     def column(key: str) -> list[Tensor]:
-        return [
-            s[key] if (s := optimizer.state.get(p)) and isinstance(s.get(key), Tensor) else empty
-            for p in params
-        ]
+        return [held(p, key) for p in params]
 
     plan = vm.Plan(
         list(params),
@@ -135,8 +178,9 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         optimizer._state_version,
         watch,
         _VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability(), 32),
+        local,
     )
-    return _Entry(plan, vector_keys, scalar_keys)
+    return _Entry(plan, vector_keys, scalar_keys, local=local)
 
 
 #: The hyperparameter a step that unscales its gradients (a ``fused=True`` step under a
@@ -250,7 +294,19 @@ def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
                 return False
             entry = None
             continue
-        done = entry.plan.step(group, optimizer.state, optimizer._state_version)
+        if entry.local is None:
+            done = entry.plan.step(group, optimizer.state, optimizer._state_version)
+        else:
+            params = group["params"]
+            if len(params) != len(entry.local) or any(
+                _local_data(p) is not t for p, t in zip(params, entry.local, strict=False)
+            ):
+                entry = None
+                continue
+            grads = _local_grads(params)
+            if grads is None:
+                return False
+            done = entry.plan.step(group, optimizer.state, optimizer._state_version, grads)
         if done == _DONE:
             return True
         if done == _STALE:
