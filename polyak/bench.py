@@ -847,8 +847,9 @@ def bench_case(
                 rows[label].memory_median = medians[MEMORY]
     if REFERENCE in rows and rows[REFERENCE].ok:
         rows[REFERENCE].reference_median = rows[REFERENCE].median
-    elif REFERENCE not in rows:
-        # torch has no fused step for this optimizer: compare with its fastest CPU path.
+    else:
+        # torch has no fused step for this optimizer, or not for these tensors (DTensor
+        # parameters of some optimizers): compare with its fastest CPU path.
         timed = [r for r in rows.values() if r.label.startswith("torch ") and r.ok]
         if timed:
             fastest = min(timed, key=lambda r: r.median).median
@@ -1220,6 +1221,8 @@ def format_case(result: CaseResult, *, markdown: bool = False) -> str:
             f"{REFERENCE}: torch has no fused CPU step for {CLASS_NAMES[result.optimizer]}; "
             "x compares with its fastest path here"
         )
+    elif not result.row(REFERENCE).ok:
+        unavailable.append(f"x compares with torch's fastest path here, {REFERENCE} failing")
     batch_note = (
         f"ran in {result.batches} memory-limited batches, each with {REFERENCE} and "
         f"{MEMORY}; ratios and shares compare with those of the same batch"
