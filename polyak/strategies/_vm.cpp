@@ -212,6 +212,16 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
 // One group's tensors, held across steps: the parameters themselves (so that a replaced
 // ``.data`` or a new ``.grad`` is seen), and each parameter's state tensors. The arrays after
 // them are each step's scratch, kept so that a step allocates nothing.
+// A run of one tensor's elements that one call of the kernel updates: (tensor, first element,
+// end), at most 2^14 elements. A tensor without elements has one, which makes its scalar
+// stores. Items do not straddle the chunks torch's own kernels would split the tensor into
+// (at::parallel_for over the grain size, and in each chunk a vectorised body and a scalar
+// tail); ``tail`` is where the item's chunk's tail starts, for the one operation whose bits
+// tell them apart (maximum, on NaN).
+struct Work {
+  int64_t i, start, end, tail;
+};
+
 struct Plan {
   std::vector<pybind11::object> owners;  // the parameters as the group's list holds them
   std::vector<at::Tensor> params;   // the tensors updated: the parameters, or their local data
@@ -231,6 +241,10 @@ struct Plan {
   std::vector<void*> disjoint_ptr, disjoint_sptr;
   std::vector<double> sregs;     // [row][register]: scalar registers, one row per distinct set
   std::vector<int64_t> srow;     // [i]: the row of tensor i's scalar registers
+  // The work items of the last step, and the element counts, threads and width they are for.
+  std::vector<Work> work;
+  std::vector<int64_t> work_numel;
+  int64_t work_threads = -1, work_width = -1;
   // The program to run (see _trace.py): vector and scalar code, the hyperparameter registers'
   // values, the scalar register count, and the bound registers the vector code writes.
   at::Tensor vcode, scode;
@@ -534,38 +548,18 @@ inline void store_scalar(void* at, bool is_double, double v) {
   }
 }
 
-template <typename S, typename T>
-int64_t step_typed(Plan& plan) {
-  if (!check_group(plan)) return kFallback;
-  const at::Tensor& vcode = plan.vcode;
-  const int64_t n_sregs = plan.n_sregs;
-  const std::vector<int64_t>& stored = plan.stored;
-  const int64_t n = static_cast<int64_t>(plan.params.size());
-  const int64_t nv = static_cast<int64_t>(plan.vstate.size());
-  const int64_t n_bound = 2 + nv;
-  const int64_t ns = static_cast<int64_t>(plan.sstate.size());
-  // The scalar program's stores: (state key, register), made as each tensor is updated.
-  std::vector<std::pair<int64_t, int64_t>> stores;
-  {
-    const int64_t* sc = plan.scode.data_ptr<int64_t>();
-    for (int64_t k = 0; k < plan.scode.size(0); ++k)
-      if (sc[4 * k] == S_STORE) stores.emplace_back(sc[4 * k + 2], sc[4 * k + 3]);
-  }
-
-  // Work items: (tensor, first element, end), at most kChunk elements each; a tensor without
-  // elements has one, which makes its scalar stores. Items do not straddle the chunks torch's
-  // own kernels would split the tensor into (at::parallel_for over the grain size, and in each
-  // chunk a vectorised body and a scalar tail); ``tail`` is where the item's chunk's tail
-  // starts, for the one operation whose bits tell them apart (maximum, on NaN).
+// Splits the tensors that have gradients into work items, or returns the items of the last
+// step where the element counts, the thread count and the vector width are as they were then.
+const std::vector<Work>& work_items(Plan& plan, int64_t torch_threads, int64_t width) {
   constexpr int64_t kChunk = 1 << 14;
   constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
-  struct Work {
-    int64_t i, start, end, tail;
-  };
-  std::vector<Work> work;
-  work.reserve(n);
-  const int64_t torch_threads = at::get_num_threads();
-  const int64_t width = std::max<int64_t>(plan.vector_bytes / static_cast<int64_t>(sizeof(S)), 1);
+  if (plan.work_numel == plan.numel && plan.work_threads == torch_threads &&
+      plan.work_width == width) {
+    return plan.work;
+  }
+  std::vector<Work>& work = plan.work;
+  work.clear();
+  const int64_t n = static_cast<int64_t>(plan.numel.size());
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = plan.numel[i];
     if (numel < 0) continue;  // no gradient
@@ -584,6 +578,32 @@ int64_t step_typed(Plan& plan) {
       chunk_start = chunk_end;
     } while (chunk_start < numel);
   }
+  plan.work_numel = plan.numel;
+  plan.work_threads = torch_threads;
+  plan.work_width = width;
+  return work;
+}
+
+template <typename S, typename T>
+int64_t step_typed(Plan& plan) {
+  if (!check_group(plan)) return kFallback;
+  const at::Tensor& vcode = plan.vcode;
+  const int64_t n_sregs = plan.n_sregs;
+  const std::vector<int64_t>& stored = plan.stored;
+  const int64_t n = static_cast<int64_t>(plan.params.size());
+  const int64_t nv = static_cast<int64_t>(plan.vstate.size());
+  const int64_t n_bound = 2 + nv;
+  const int64_t ns = static_cast<int64_t>(plan.sstate.size());
+  // The scalar program's stores: (state key, register), made as each tensor is updated.
+  std::vector<std::pair<int64_t, int64_t>> stores;
+  {
+    const int64_t* sc = plan.scode.data_ptr<int64_t>();
+    for (int64_t k = 0; k < plan.scode.size(0); ++k)
+      if (sc[4 * k] == S_STORE) stores.emplace_back(sc[4 * k + 2], sc[4 * k + 3]);
+  }
+
+  const int64_t width = std::max<int64_t>(plan.vector_bytes / static_cast<int64_t>(sizeof(S)), 1);
+  const std::vector<Work>& work = work_items(plan, at::get_num_threads(), width);
   const int64_t* vc = vcode.data_ptr<int64_t>();
   const int64_t n_vcode = vcode.size(0);
   // The memory-bound registers the program reads: only these are loaded and prefetched.
