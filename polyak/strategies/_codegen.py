@@ -79,14 +79,18 @@ _TAIL_TEST = "(tb & (j0 + j >= tail))"
 #: What each vector instruction computes for one element, with the interpreter's roundings
 #: (one fused multiply-add where torch's CPU kernels fuse; see _vm.cpp).
 _STATEMENTS = {
-    V_NEG: "-{a}",
+    # Negation flips the sign bit, NaN's included, as torch's neg does; written on the bits, so
+    # that the compiler does not fold it into a neighbouring multiply-add (whose NaN keeps its
+    # sign).
+    V_NEG: "{neg}({a})",
     V_ADD: "{fma}({b}, {s}, {a})",
     V_ADD1: "{a} + {b}",
     V_MUL: "{a} * {s}",
     V_DIV: "{a} / {s}",
     V_ADDS: "{a} + {s}",
-    # torch's lerp: from the nearer end, so that weights 0 and 1 are exact.
-    V_LERP: "lc{k} ? {fma}({s}, {b} - {a}, {a}) : {fma}(-({b} - {a}), lw{k}, {b})",
+    # torch's lerp: from the nearer end, so that weights 0 and 1 are exact, with its vectorised
+    # body's operands (the coefficient w - 1, NaN of b - a unchanged).
+    V_LERP: "lc{k} ? {fma}({s}, {b} - {a}, {a}) : {fma}(lw{k}, {b} - {a}, {b})",
     V_ADDCMUL: "{fma}({s} * {b}, {c}, {a})",
     V_ADDCDIV: "{a} + ({s} * {b}) / {c}",
     V_SQRT: "{sqrt}({a})",
@@ -131,6 +135,9 @@ struct polyak_ctx {
 PK_INLINE float pk_bits_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 PK_INLINE uint32_t pk_f_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 PK_INLINE double pk_bits_d(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
+PK_INLINE uint64_t pk_d_bits(double f) { uint64_t b; memcpy(&b, &f, 8); return b; }
+PK_INLINE float pk_neg_f(float x) { return pk_bits_f(pk_f_bits(x) ^ 0x80000000u); }
+PK_INLINE double pk_neg_d(double x) { return pk_bits_d(pk_d_bits(x) ^ 0x8000000000000000ull); }
 
 /* bfloat16: the upper half of a float; stores round to nearest even, NaN to 0x7fc0. */
 PK_INLINE float pk_bf16_load(uint16_t h) { return pk_bits_f((uint32_t)h << 16); }
@@ -369,7 +376,15 @@ def generate(
             if op not in _STATEMENTS:
                 raise ValueError(f"unknown opcode {op}")
             expr = _STATEMENTS[op].format(
-                a=va, b=vb, c=vc, s=f"s{s}", k=s, fma=fma, sqrt=csqrt, abs=fabs
+                a=va,
+                b=vb,
+                c=vc,
+                s=f"s{s}",
+                k=s,
+                fma=fma,
+                neg="pk_neg_f" if compute == "float" else "pk_neg_d",
+                sqrt=csqrt,
+                abs=fabs,
             )
             if dst in live:
                 lines.append(f"      v{dst} = {expr};")
@@ -406,7 +421,7 @@ def generate(
         out.append(f"  const {compute} s{s} = ({compute})r[{s}];")
     for s in sorted({ins[5] for ins in vcode if ins[0] == V_LERP}):
         out.append(f"  const int lc{s} = {fabs}(s{s}) < ({compute})0.5;")
-        out.append(f"  const {compute} lw{s} = ({compute})1 - s{s};")
+        out.append(f"  const {compute} lw{s} = s{s} - ({compute})1;")
     n_arrays = len(spilled) + 2 * len(splits)
     if n_arrays:
         out.append(f"  {compute} sp_all[{n_arrays}][{block}] __attribute__((aligned(64)));")

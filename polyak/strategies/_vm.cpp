@@ -164,8 +164,9 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         if (std::abs(s) < T(0.5)) {
           for (int64_t j = 0; j < len; ++j) d[j] = std::fma(s, b[j] - a[j], a[j]);
         } else {
-          const T w = T(1) - s;
-          for (int64_t j = 0; j < len; ++j) d[j] = std::fma(-(b[j] - a[j]), w, b[j]);
+          // As torch's vectorised body: the coefficient w - 1 (the NaN of b - a keeps its sign).
+          const T w = s - T(1);
+          for (int64_t j = 0; j < len; ++j) d[j] = std::fma(w, b[j] - a[j], b[j]);
         }
         break;
       case V_ADDCMUL:
