@@ -196,6 +196,23 @@ def test_generated_code_keeps_each_element_in_registers() -> None:
     assert body.count("for (int64_t j") == 2 and "ctx->vms((int)n, sq_in0, sq_out0" in body
 
 
+def test_a_branch_on_a_per_tensor_number_copies_the_loop_per_outcome() -> None:
+    """RAdam's rectification (``rho_t > 5``) is traced both ways and the parameter selected per
+    tensor; the generated code runs one copy of the element loop per outcome, each computing
+    its own continuation only."""
+    from polyak.strategies import _trace
+
+    opt = polyak.RAdam([torch.zeros(3, requires_grad=True)])
+    hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    program = _trace.trace(polyak.RAdam.update, hyper, ["exp_avg", "exp_avg_sq"], ["step"])
+    vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
+    assert [row[1] for row in vcode if row[0] == _trace.V_SELS] == [0]
+    source = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_EXACT)
+    assert source.count("for (int64_t j0") == 2
+    # Declared, then tested once: inside the copies the condition is a constant.
+    assert source.count("pk_if") == 2 and "1 ? " in source and "0 ? " in source
+
+
 @needs_compiler
 def test_an_unwritable_cache_falls_back_and_a_dead_build_is_cleaned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

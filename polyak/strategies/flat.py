@@ -146,7 +146,14 @@ def _program(
     structure: tuple[Any, ...],
 ) -> _trace.Program | None:
     update = type(optimizer).update
-    key = (update, tuple(entry.vector_keys), tuple(entry.scalar_keys), structure)
+    # Numbers a rule stores as new state values become tensors of the default dtype first.
+    key = (
+        update,
+        tuple(entry.vector_keys),
+        tuple(entry.scalar_keys),
+        structure,
+        torch.get_default_dtype(),
+    )
     traced = _programs.setdefault(key, [])
     if traced is None:
         return None
@@ -254,11 +261,11 @@ def build_ahead() -> tuple[bool, list[str]]:
             param = torch.zeros(4, dtype=dtype, requires_grad=True)
             try:
                 optimizer = cast(Any, cls)([param])
+                for _ in range(2):
+                    param.grad = torch.ones_like(param)
+                    optimizer.step()
             except Exception:
-                continue
-            for _ in range(2):
-                param.grad = torch.ones_like(param)
-                optimizer.step()
+                continue  # an optimizer that takes no dense gradients (SparseAdam)
     _codegen.wait()
     lines.append(f"programs: {_codegen.cache_dir()}")
     return True, lines
