@@ -92,6 +92,27 @@ def test_compiled_kernel_is_bit_identical_to_torch(
     assert_same(_bits(opt.state_dict()["state"]), _bits(ref.state_dict()["state"]))
 
 
+@pytest.mark.skipif(vm is None, reason="the flat kernel is unavailable")
+@pytest.mark.parametrize(("entry", "config"), _cases())
+def test_interpreted_programs_are_bit_identical_to_torch(
+    entry: Entry, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps interpret a program until its build is done (always, with POLYAK_COMPILE=0):
+    torch's bits there too, selects and per-tensor branches included."""
+    monkeypatch.setattr(_codegen, "_kernels", {})
+    monkeypatch.setenv("POLYAK_COMPILE", "0")
+    params = make_params(SHAPES)
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    _run(opt, params, 6, torch.Generator().manual_seed(1), wait_after=-1, nan_last=True)
+    _run(ref, ref_params, 6, torch.Generator().manual_seed(1), wait_after=-1, nan_last=True)
+    plans = _plans(opt)
+    assert plans and all(plan.compiled_steps == 0 for plan in plans)
+    assert_same(_bits(params), _bits(ref_params))
+    assert_same(_bits(opt.state_dict()["state"]), _bits(ref.state_dict()["state"]))
+
+
 def _bits(value: Any) -> Any:
     """Tensors, nested in dicts and lists, as their bytes (with their dtype)."""
     if isinstance(value, torch.Tensor):
