@@ -357,8 +357,12 @@ def copy_(xs: list[Tensor], ys: list[Tensor]) -> None:
 
 def assign_(xs: list[Tensor], values: list[Any]) -> None:
     """Set each 0-dim x to its value: a number, taken as ``torch.as_tensor`` takes it (in the
-    default dtype), or a 0-dim tensor."""
-    news = [torch.as_tensor(v, device=x.device) for x, v in zip(xs, values, strict=True)]
+    default dtype), or a 0-dim tensor. Anything else (a number the flat strategy's trace
+    stands in for) is handed to ``x.copy_``, which takes it as ``torch.as_tensor`` would."""
+    news = [
+        torch.as_tensor(v, device=x.device) if isinstance(v, (int, float, Tensor)) else v
+        for x, v in zip(xs, values, strict=True)
+    ]
     copy_(xs, news)
 
 

@@ -377,7 +377,7 @@ REGISTRY: list[Entry] = [
         differentiable_steps=1,
         paths_agree=False,
         fused=False,
-        flat=False,
+        flat=True,
     ),
     Entry(
         cls=polyak.RAdam,
@@ -397,7 +397,7 @@ REGISTRY: list[Entry] = [
         differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
         paths_agree=False,
         fused=False,
-        flat=False,
+        flat=True,
     ),
     Entry(
         cls=polyak.ASGD,
@@ -424,7 +424,7 @@ REGISTRY: list[Entry] = [
         paths_agree=False,
         zero_grad_is_identity=False,
         fused=False,
-        flat=False,
+        flat=True,
     ),
     Entry(
         cls=polyak.Rprop,
@@ -454,7 +454,7 @@ REGISTRY: list[Entry] = [
         differentiable_steps=1,
         lr_zero_is_identity=False,
         fused=False,
-        flat=False,
+        flat=True,
     ),
     Entry(
         cls=polyak.SparseAdam,

@@ -36,13 +36,18 @@ def _cases(fused: bool = False) -> list[Any]:
     ]
 
 
-def _grads(params: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+def _grads(
+    params: list[torch.Tensor], gen: torch.Generator, nan: bool = False
+) -> list[torch.Tensor]:
     grads = []
     for p in params:
         g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
         # Exact zeros (a moment of zero, whose sqrt MKL computes apart) and huge values.
         g.view(-1)[::7] = 0
         g.view(-1)[3::11] *= 1e18 if p.dtype == torch.float64 else 1e15
+        if nan:
+            # NaN through every operation, with its sign (negated under ``maximize``).
+            g.view(-1)[5::13] = float("nan")
         grads.append(g)
     return grads
 
@@ -52,10 +57,16 @@ def _plans(opt: Any) -> list[Any]:
 
 
 def _run(
-    opt: Any, params: list[torch.Tensor], steps: int, gen: torch.Generator, wait_after: int = 2
+    opt: Any,
+    params: list[torch.Tensor],
+    steps: int,
+    gen: torch.Generator,
+    wait_after: int = 2,
+    nan_last: bool = False,
 ) -> None:
     for k in range(steps):
-        for p, g in zip(params, _grads(params, gen), strict=True):
+        nan = nan_last and k == steps - 1
+        for p, g in zip(params, _grads(params, gen, nan), strict=True):
             p.grad = g
         opt.step()
         if k + 1 == wait_after:
@@ -72,14 +83,45 @@ def test_compiled_kernel_is_bit_identical_to_torch(
     ref_params = twin(params)
     opt = entry.cls(params, **clone_kwargs(config))
     ref = entry.reference(ref_params, **clone_kwargs(config))
-    _run(opt, params, 6, torch.Generator().manual_seed(1))
-    _run(ref, ref_params, 6, torch.Generator().manual_seed(1))
+    _run(opt, params, 6, torch.Generator().manual_seed(1), nan_last=True)
+    _run(ref, ref_params, 6, torch.Generator().manual_seed(1), nan_last=True)
     plans = _plans(opt)
     assert plans and all(plan.compiled_steps >= 4 for plan in plans)
-    # Bit for bit, NaNs included (eps=0 makes 0/0).
-    for a, b in zip(params, ref_params, strict=True):
-        assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
-    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+    # Bit for bit, NaNs included (eps=0 makes 0/0, and the last step's gradients hold NaNs).
+    assert_same(_bits(params), _bits(ref_params))
+    assert_same(_bits(opt.state_dict()["state"]), _bits(ref.state_dict()["state"]))
+
+
+@pytest.mark.skipif(vm is None, reason="the flat kernel is unavailable")
+@pytest.mark.parametrize(("entry", "config"), _cases())
+def test_interpreted_programs_are_bit_identical_to_torch(
+    entry: Entry, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps interpret a program until its build is done (always, with POLYAK_COMPILE=0):
+    torch's bits there too, selects and per-tensor branches included."""
+    monkeypatch.setattr(_codegen, "_kernels", {})
+    monkeypatch.setenv("POLYAK_COMPILE", "0")
+    params = make_params(SHAPES)
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    _run(opt, params, 6, torch.Generator().manual_seed(1), wait_after=-1, nan_last=True)
+    _run(ref, ref_params, 6, torch.Generator().manual_seed(1), wait_after=-1, nan_last=True)
+    plans = _plans(opt)
+    assert plans and all(plan.compiled_steps == 0 for plan in plans)
+    assert_same(_bits(params), _bits(ref_params))
+    assert_same(_bits(opt.state_dict()["state"]), _bits(ref.state_dict()["state"]))
+
+
+def _bits(value: Any) -> Any:
+    """Tensors, nested in dicts and lists, as their bytes (with their dtype)."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.detach().reshape(-1).view(torch.uint8))
+    if isinstance(value, dict):
+        return {k: _bits(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_bits(v) for v in value]
+    return value
 
 
 @needs_compiler
@@ -92,12 +134,12 @@ def test_compiled_fused_steps_equal_the_interpreter_bit_for_bit(
     params = make_params(SHAPES, dtype=dtype)
     other = twin(params)
     opt = entry.cls(params, fused=True, **clone_kwargs(config))
-    _run(opt, params, 5, torch.Generator().manual_seed(2))
+    _run(opt, params, 5, torch.Generator().manual_seed(2), nan_last=True)
     assert all(plan.compiled_steps >= 3 for plan in _plans(opt))
     monkeypatch.setattr(_codegen, "_kernels", {})
     monkeypatch.setenv("POLYAK_COMPILE", "0")
     slow = entry.cls(other, fused=True, **clone_kwargs(config))
-    _run(slow, other, 5, torch.Generator().manual_seed(2))
+    _run(slow, other, 5, torch.Generator().manual_seed(2), nan_last=True)
     assert all(plan.compiled_steps == 0 for plan in _plans(slow))
     for a, b in zip(params, other, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
@@ -173,6 +215,23 @@ def test_generated_code_keeps_each_element_in_registers() -> None:
     called = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_MKL_CALL)
     body = called[called.index("const int64_t n = 64;") : called.index("} else {")]
     assert body.count("for (int64_t j") == 2 and "ctx->vms((int)n, sq_in0, sq_out0" in body
+
+
+def test_a_branch_on_a_per_tensor_number_copies_the_loop_per_outcome() -> None:
+    """RAdam's rectification (``rho_t > 5``) is traced both ways and the parameter selected per
+    tensor; the generated code runs one copy of the element loop per outcome, each computing
+    its own continuation only."""
+    from polyak.strategies import _trace
+
+    opt = polyak.RAdam([torch.zeros(3, requires_grad=True)])
+    hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    program = _trace.trace(polyak.RAdam.update, hyper, ["exp_avg", "exp_avg_sq"], ["step"])
+    vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
+    assert [row[1] for row in vcode if row[0] == _trace.V_SELS] == [0]
+    source = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_EXACT)
+    assert source.count("for (int64_t j0") == 2
+    # Declared, then tested once: inside the copies the condition is a constant.
+    assert source.count("pk_if") == 2 and "1 ? " in source and "0 ? " in source
 
 
 @needs_compiler

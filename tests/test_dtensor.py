@@ -90,7 +90,12 @@ def test_local_data_runs_flat_with_torchs_numbers(
         ref = entry.reference(ref_params, **clone_kwargs(config))
         for seed in range(4):
             _step(opt, params, mesh, placement, seed)
-            _step(ref, ref_params, mesh, placement, seed)
+            try:
+                _step(ref, ref_params, mesh, placement, seed)
+            except RuntimeError as error:
+                # Rprop's per-tensor path indexes in place, which sharded DTensors refuse.
+                assert "placement" in str(error)
+                pytest.skip(f"torch's own step fails on {placement}")
         assert _ran_flat(opt)
         atol = entry.fused_tolerances[torch.float32] if fused else 0.0
         assert_same([p.full_tensor() for p in params], [p.full_tensor() for p in ref_params], atol)

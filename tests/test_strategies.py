@@ -388,6 +388,61 @@ def test_new_numbers_from_a_scheduler_are_taken_by_the_kernel(
 
 
 @needs_kernel
+def test_the_kernel_takes_new_bounds_and_loads_another_program_for_a_nan_one(
+    monkeypatch: pytest.MonkeyPatch, flat_steps: list[bool]
+) -> None:
+    """Rprop's step-size bounds are compared with each other (torch fills NaN where one is
+    NaN): new finite bounds are taken by the kernel, a NaN one loads the program that fills."""
+    loads: list[int] = []
+    real = flat._load
+
+    def spy(optimizer: Any, entry: Any, group: dict[str, Any]) -> bool:
+        loads.append(optimizer._step_count)
+        return real(optimizer, entry, group)
+
+    monkeypatch.setattr(flat, "_load", spy)
+    params = make_params([(300,), (5,)])
+    ref_params = twin(params)
+    opt = polyak.Rprop(params, lr=0.01)
+    ref = torch.optim.Rprop(ref_params, lr=0.01)
+    bounds = [(1e-6, 50.0), (1e-3, 1e-3), (0.1, 1e-3), (float("nan"), 50.0)]
+
+    def every_step(i: int) -> None:
+        for o in (opt, ref):
+            o.param_groups[0]["step_sizes"] = bounds[min(i // 2, 3)]
+
+    step_both(opt, ref, params, ref_params, 9, between=every_step)
+    for a, b in zip(params, ref_params, strict=True):
+        assert torch.equal(a.detach().view(torch.uint8), b.detach().view(torch.uint8))
+    assert all(flat_steps[1:]) and loads == [0, 1, 7]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("cls", "ref_cls", "config"),
+    [
+        (polyak.RAdam, torch.optim.RAdam, {"lr": 0.01, "betas": (0.8, 0.99)}),
+        (polyak.ASGD, torch.optim.ASGD, {"lr": 0.02, "t0": 2, "lambd": 0.01}),
+    ],
+    ids=["RAdam", "ASGD"],
+)
+def test_flat_branches_on_computed_numbers_tensor_by_tensor(
+    cls: Any, ref_cls: Any, config: dict[str, Any], flat_steps: list[bool]
+) -> None:
+    """RAdam's rectification and ASGD's averaging start at a step count: tensors whose counts
+    differ (one stepped alone first) take different branches in the same flat step."""
+    params = make_params([(3, 4), (300,), (5,)])
+    ref_params = twin(params)
+    opt = cls(params, **config)
+    ref = ref_cls(ref_params, **config)
+    step_both(opt, ref, params[:1], ref_params[:1], 3)
+    step_both(opt, ref, params, ref_params, 7, seed=2)
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+    assert all(flat_steps[1:3]) and all(flat_steps[4:])
+
+
+@needs_kernel
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_flat_follows_state_replaced_by_assignment(entry: Entry, flat_steps: list[bool]) -> None:
     """A state tensor, a parameter's whole state dict, or the whole state replaced by hand (as
@@ -423,3 +478,25 @@ def test_flat_follows_state_replaced_by_assignment(entry: Entry, flat_steps: lis
         assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
     assert flat_steps[-1] or not entry.flat
     assert isinstance(opt.state, defaultdict)
+
+
+@needs_kernel
+def test_scalar_state_of_mixed_dtypes_rounds_each_in_its_own(flat_steps: list[bool]) -> None:
+    """Two tensors whose scalar state holds the same value in float32 and in float64 (NAdam's
+    mu_product) each round the new value in their own dtype, as torch does."""
+    results = []
+    for cls in (polyak.NAdam, torch.optim.NAdam):
+        params = make_params([(6,), (6,), (6,)])
+        opt = cls(params, lr=0.01)
+        gen = torch.Generator().manual_seed(4)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if step == 0:
+                state = opt.state[params[1]]
+                state["mu_product"] = state["mu_product"].to(torch.float64)
+        results.append((params, [opt.state[p]["mu_product"] for p in params]))
+    assert results[0][1][1].dtype == torch.float64
+    assert_same(results[0], results[1])
+    assert any(flat_steps)

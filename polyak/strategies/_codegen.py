@@ -52,14 +52,20 @@ from polyak.strategies._trace import (
     V_ADDCDIV,
     V_ADDCMUL,
     V_ADDS,
+    V_COMPARISONS,
     V_COPY,
     V_DIV,
     V_DIVV,
+    V_FILL,
     V_LERP,
     V_MAX,
     V_MUL,
     V_MULV,
     V_NEG,
+    V_RECIP,
+    V_SELECT,
+    V_SELS,
+    V_SIGN,
     V_SQRT,
 )
 
@@ -79,14 +85,18 @@ _TAIL_TEST = "(tb & (j0 + j >= tail))"
 #: What each vector instruction computes for one element, with the interpreter's roundings
 #: (one fused multiply-add where torch's CPU kernels fuse; see _vm.cpp).
 _STATEMENTS = {
-    V_NEG: "-{a}",
+    # Negation flips the sign bit, NaN's included, as torch's neg does; written on the bits, so
+    # that the compiler does not fold it into a neighbouring multiply-add (whose NaN keeps its
+    # sign).
+    V_NEG: "{neg}({a})",
     V_ADD: "{fma}({b}, {s}, {a})",
     V_ADD1: "{a} + {b}",
     V_MUL: "{a} * {s}",
     V_DIV: "{a} / {s}",
     V_ADDS: "{a} + {s}",
-    # torch's lerp: from the nearer end, so that weights 0 and 1 are exact.
-    V_LERP: "lc{k} ? {fma}({s}, {b} - {a}, {a}) : {fma}(-({b} - {a}), lw{k}, {b})",
+    # torch's lerp: from the nearer end, so that weights 0 and 1 are exact, with its vectorised
+    # body's operands (the coefficient w - 1, NaN of b - a unchanged).
+    V_LERP: "lc{k} ? {fma}({s}, {b} - {a}, {a}) : {fma}(lw{k}, {b} - {a}, {b})",
     V_ADDCMUL: "{fma}({s} * {b}, {c}, {a})",
     V_ADDCDIV: "{a} + ({s} * {b}) / {c}",
     V_SQRT: "{sqrt}({a})",
@@ -98,6 +108,17 @@ _STATEMENTS = {
     V_MULV: "{a} * {b}",
     V_DIVV: "{a} / {b}",
     V_ABS: "{abs}({a})",
+    # As torch's sign: 0 for zeros (+0) and NaN.
+    V_SIGN: "({a} > 0 ? ({t})1 : ({t})0) - ({a} < 0 ? ({t})1 : ({t})0)",
+    V_RECIP: "({t})1 / {a}",
+    # Masks are booleans, which the compiler turns into vector masks and the selects into
+    # blends; ``{bs}`` is ``b``, or the scalar where the instruction has no ``b``.
+    **{op: "{a} " + name + " {bs}" for name, op in V_COMPARISONS.items()},
+    V_SELECT: "{c} ? {bs} : {a}",
+    # Per-tensor conditions are constants of the loop, which is copied for each outcome (see
+    # _unswitch): ``pk_if`` is 1 or 0 there, and the compiler drops what is not kept.
+    V_SELS: "pk_if{k}_ ? {b} : {a}",
+    V_FILL: "{s}",
 }
 #: Bytes per stream of a block: the loop's unit, and of the prefetches into the next item.
 _BLOCK_BYTES = 256
@@ -131,6 +152,9 @@ struct polyak_ctx {
 PK_INLINE float pk_bits_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 PK_INLINE uint32_t pk_f_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 PK_INLINE double pk_bits_d(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
+PK_INLINE uint64_t pk_d_bits(double f) { uint64_t b; memcpy(&b, &f, 8); return b; }
+PK_INLINE float pk_neg_f(float x) { return pk_bits_f(pk_f_bits(x) ^ 0x80000000u); }
+PK_INLINE double pk_neg_d(double x) { return pk_bits_d(pk_d_bits(x) ^ 0x8000000000000000ull); }
 
 /* bfloat16: the upper half of a float; stores round to nearest even, NaN to 0x7fc0. */
 PK_INLINE float pk_bf16_load(uint16_t h) { return pk_bits_f((uint32_t)h << 16); }
@@ -344,6 +368,8 @@ def generate(
         | {src for src, _ in splits if src < n_bound}
     )
     sregs = sorted({ins[5] for ins in vcode if ins[5] >= 0})
+    # Registers holding masks: never numbers (the trace keeps the two apart).
+    masks = {ins[1] for ins in vcode if ins[0] in V_COMPARISONS.values()}
 
     body: list[str] = []
     for k, seg in enumerate(segments):
@@ -369,13 +395,24 @@ def generate(
             if op not in _STATEMENTS:
                 raise ValueError(f"unknown opcode {op}")
             expr = _STATEMENTS[op].format(
-                a=va, b=vb, c=vc, s=f"s{s}", k=s, fma=fma, sqrt=csqrt, abs=fabs
+                a=va,
+                b=vb,
+                c=vc,
+                s=f"s{s}",
+                bs=vb if b >= 0 else f"s{s}",
+                k=s,
+                t=compute,
+                fma=fma,
+                neg="pk_neg_f" if compute == "float" else "pk_neg_d",
+                sqrt=csqrt,
+                abs=fabs,
             )
             if dst in live:
                 lines.append(f"      v{dst} = {expr};")
             else:
                 live.add(dst)
-                lines.append(f"      {compute} v{dst} = {expr};")
+                kind = "bool" if dst in masks else compute
+                lines.append(f"      {kind} v{dst} = {expr};")
         if k < len(splits):
             lines.append(f"      sq_in{k}[j] = {use(splits[k][0])};")
         for reg in sorted(writes[k]):
@@ -406,7 +443,7 @@ def generate(
         out.append(f"  const {compute} s{s} = ({compute})r[{s}];")
     for s in sorted({ins[5] for ins in vcode if ins[0] == V_LERP}):
         out.append(f"  const int lc{s} = {fabs}(s{s}) < ({compute})0.5;")
-        out.append(f"  const {compute} lw{s} = ({compute})1 - s{s};")
+        out.append(f"  const {compute} lw{s} = s{s} - ({compute})1;")
     n_arrays = len(spilled) + 2 * len(splits)
     if n_arrays:
         out.append(f"  {compute} sp_all[{n_arrays}][{block}] __attribute__((aligned(64)));")
@@ -422,44 +459,71 @@ def generate(
     qnan = "pk_bits_f(0x7fc00000u)" if compute == "float" else "pk_bits_d(0x7ff8000000000000ull)"
     out.append(f"  const {compute} pk_ones = {ones}, pk_qnan = {qnan};")
     out.append("  (void)ctx; (void)tail; (void)pk_ones; (void)pk_qnan;")
-    out.append(f"  for (int64_t j0 = start; j0 < end; j0 += {block}) {{")
+    conditions = sorted({ins[5] for ins in vcode if ins[0] == V_SELS})
+    for s in conditions:
+        out.append(f"  const int pk_if{s}_ = s{s} != 0;")
+    loop: list[str] = []
+    loop.append(f"  for (int64_t j0 = start; j0 < end; j0 += {block}) {{")
     # Past the end of the item, every stream the program reads is asked for, into L2, that far
     # into the next item: the hardware prefetcher follows a stream within a page but stops at a
     # page's end, let alone a tensor's. Within an item it does better alone.
-    out.append(f"    const int64_t pf = j0 + {ahead};")
-    out.append("    if (pf >= end && next != 0) {")
-    out.append("      const int64_t at = nstart + (pf - end);")
+    loop.append(f"    const int64_t pf = j0 + {ahead};")
+    loop.append("    if (pf >= end && next != 0) {")
+    loop.append("      const int64_t at = nstart + (pf - end);")
     for reg in read_bound:
         for q in range(0, _BLOCK_BYTES, 64):
-            out.append(
+            loop.append(
                 f"      __builtin_prefetch((const char*)((const {storage}*)next[{reg}] + at)"
                 f" + {q}, 0, 2);"
             )
-    out.append("    }")
+    loop.append("    }")
     # Whether the block reaches torch's scalar tail: a constant of the block, so that the
     # compiler makes the usual blocks' loop free of the test.
-    out.append("    const int tb = j0 + " + str(block) + " > tail;")
-    out.append("    (void)tb;")
-    out.append(f"    if (end - j0 >= {block}) {{")
-    out.append(f"      const int64_t n = {block};")
+    loop.append("    const int tb = j0 + " + str(block) + " > tail;")
+    loop.append("    (void)tb;")
+    loop.append(f"    if (end - j0 >= {block}) {{")
+    loop.append(f"      const int64_t n = {block};")
     # A block short of torch's tail takes a copy of the loop without the per-element test,
     # which the compiler vectorises (the test makes the loop's control flow its own).
     fast = [line.replace(_TAIL_TEST, "0") for line in body]
     if fast != body:
-        out.append("      if (!tb) {")
-        out.extend("  " + line for line in fast)
-        out.append("      } else {")
-        out.extend("  " + line for line in body)
-        out.append("      }")
+        loop.append("      if (!tb) {")
+        loop.extend("  " + line for line in fast)
+        loop.append("      } else {")
+        loop.extend("  " + line for line in body)
+        loop.append("      }")
     else:
-        out.extend(body)
-    out.append("    } else {")
-    out.append("      const int64_t n = end - j0;")
-    out.extend(body)
-    out.append("    }")
-    out.append("  }")
+        loop.extend(body)
+    loop.append("    } else {")
+    loop.append("      const int64_t n = end - j0;")
+    loop.extend(body)
+    loop.append("    }")
+    loop.append("  }")
+    out.extend(_unswitch(loop, conditions[:_UNSWITCHED]))
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+#: Per-tensor conditions the element loop is copied for (2**n copies); more stay selects.
+_UNSWITCHED = 2
+
+
+def _unswitch(loop: list[str], conditions: list[int]) -> list[str]:
+    """``loop`` once per outcome of each condition of the scalar program it selects on (a
+    branch of the rule on a per-tensor number, see ``_trace._merge``), each copy computing
+    only the continuation it keeps: both continuations' roundings are their own, so the bits
+    are those of the select, without the other continuation's work."""
+    if not conditions:
+        return loop
+    name = f"pk_if{conditions[0]}_"
+    copies = [_unswitch([line.replace(name, v) for line in loop], conditions[1:]) for v in "10"]
+    return [
+        f"  if ({name}) {{",
+        *("  " + line for line in copies[0]),
+        "  } else {",
+        *("  " + line for line in copies[1]),
+        "  }",
+    ]
 
 
 def _cpu_signature() -> str:

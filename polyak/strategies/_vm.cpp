@@ -103,6 +103,14 @@ enum VOp : int64_t {
   V_MULV = 12,    // d = a * b                 a.mul(b)
   V_DIVV = 13,    // d = a / b                 a.div(b)
   V_ABS = 14,     // d = |a|
+  V_SIGN = 15,    // d = (a > 0) - (a < 0)    a.sign(): 0 for zeros and NaN
+  V_RECIP = 16,   // d = 1 / a
+  // Comparisons of a with b, or without b with s: a mask register (1 or 0 here; the
+  // generated code keeps masks as booleans).
+  V_LT = 17, V_LE = 18, V_GT = 19, V_GE = 20, V_EQ = 21, V_NE = 22,
+  V_SELECT = 23,  // d = c ? (b or s) : a      masked_fill, where
+  V_SELS = 24,    // d = s ? b : a             s a per-tensor condition of the scalar program
+  V_FILL = 25,    // d = s
 };
 
 // Scalar opcodes, double precision.
@@ -116,6 +124,11 @@ enum SOp : int64_t {
   S_NEG = 6,
   S_LOAD = 7,   // d = scalar state [a] of this tensor
   S_STORE = 8,  // scalar state [a] of this tensor = reg b, rounded to its dtype
+  S_F32 = 9,    // d = a rounded to float32
+  S_ROUND = 10, // d = a rounded to the dtype of scalar state [b]
+  S_LT = 11, S_LE = 12, S_GT = 13, S_GE = 14, S_EQ = 15, S_NE = 16,  // d = 1 or 0
+  S_COPY = 17,
+  S_SELECT = 18,  // d = d ? a : b
 };
 
 // NaN as torch's CPU maximum writes it: all ones in its vectorised body, the canonical quiet
@@ -127,6 +140,16 @@ T all_ones() {
   T value;
   std::memcpy(&value, &bits, sizeof(T));
   return value;
+}
+
+// A comparison into a mask register, of ``a`` with ``b`` or, without it, with ``s``.
+template <typename T, typename F>
+inline void compare(T* d, const T* a, const T* b, T s, int64_t len, F holds) {
+  if (b != nullptr) {
+    for (int64_t j = 0; j < len; ++j) d[j] = holds(a[j], b[j]) ? T(1) : T(0);
+  } else {
+    for (int64_t j = 0; j < len; ++j) d[j] = holds(a[j], s) ? T(1) : T(0);
+  }
 }
 
 // ``first``: the index of the block's first element in its tensor; ``tail``: where the scalar
@@ -164,8 +187,9 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         if (std::abs(s) < T(0.5)) {
           for (int64_t j = 0; j < len; ++j) d[j] = std::fma(s, b[j] - a[j], a[j]);
         } else {
-          const T w = T(1) - s;
-          for (int64_t j = 0; j < len; ++j) d[j] = std::fma(-(b[j] - a[j]), w, b[j]);
+          // As torch's vectorised body: the coefficient w - 1 (the NaN of b - a keeps its sign).
+          const T w = s - T(1);
+          for (int64_t j = 0; j < len; ++j) d[j] = std::fma(w, b[j] - a[j], b[j]);
         }
         break;
       case V_ADDCMUL:
@@ -202,6 +226,31 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         break;
       case V_ABS:
         for (int64_t j = 0; j < len; ++j) d[j] = std::abs(a[j]);
+        break;
+      case V_SIGN:
+        for (int64_t j = 0; j < len; ++j) {
+          d[j] = (a[j] > T(0) ? T(1) : T(0)) - (a[j] < T(0) ? T(1) : T(0));
+        }
+        break;
+      case V_RECIP:
+        for (int64_t j = 0; j < len; ++j) d[j] = T(1) / a[j];
+        break;
+      case V_LT: compare(d, a, b, s, len, [](T x, T y) { return x < y; }); break;
+      case V_LE: compare(d, a, b, s, len, [](T x, T y) { return x <= y; }); break;
+      case V_GT: compare(d, a, b, s, len, [](T x, T y) { return x > y; }); break;
+      case V_GE: compare(d, a, b, s, len, [](T x, T y) { return x >= y; }); break;
+      case V_EQ: compare(d, a, b, s, len, [](T x, T y) { return x == y; }); break;
+      case V_NE: compare(d, a, b, s, len, [](T x, T y) { return x != y; }); break;
+      case V_SELECT:
+        for (int64_t j = 0; j < len; ++j) d[j] = c[j] != T(0) ? (b != nullptr ? b[j] : s) : a[j];
+        break;
+      case V_SELS: {
+        const bool cond = sregs[ins[5]] != 0.0;
+        for (int64_t j = 0; j < len; ++j) d[j] = cond ? b[j] : a[j];
+        break;
+      }
+      case V_FILL:
+        for (int64_t j = 0; j < len; ++j) d[j] = s;
         break;
       default:
         break;
@@ -372,6 +421,16 @@ void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r
       case S_NEG: r[ins[1]] = -r[ins[2]]; break;
       case S_LOAD: r[ins[1]] = cur[ins[2]]; break;
       case S_STORE: cur[ins[2]] = r[ins[3]] = rounded(is_double[ins[2]], r[ins[3]]); break;
+      case S_F32: r[ins[1]] = rounded(false, r[ins[2]]); break;
+      case S_ROUND: r[ins[1]] = rounded(is_double[ins[3]], r[ins[2]]); break;
+      case S_LT: r[ins[1]] = r[ins[2]] < r[ins[3]]; break;
+      case S_LE: r[ins[1]] = r[ins[2]] <= r[ins[3]]; break;
+      case S_GT: r[ins[1]] = r[ins[2]] > r[ins[3]]; break;
+      case S_GE: r[ins[1]] = r[ins[2]] >= r[ins[3]]; break;
+      case S_EQ: r[ins[1]] = r[ins[2]] == r[ins[3]]; break;
+      case S_NE: r[ins[1]] = r[ins[2]] != r[ins[3]]; break;
+      case S_COPY: r[ins[1]] = r[ins[2]]; break;
+      case S_SELECT: r[ins[1]] = r[ins[1]] != 0.0 ? r[ins[2]] : r[ins[3]]; break;
       default: break;
     }
   }
@@ -417,6 +476,7 @@ bool check_group(Plan& plan) {
     // Tensors whose scalar state holds the same values as the previous one's (all of them, in
     // most steps) reuse its registers.
     const double* prev_in = nullptr;
+    const uint8_t* prev_doubles = nullptr;
     int64_t prev_row = 0;
     std::vector<double> cur(ns);
     for (int64_t j = lo; j < hi + 4 * kAheadTensors; ++j) {
@@ -490,12 +550,15 @@ bool check_group(Plan& plan) {
       }
       plan.numel[i] = numel;
       if (ns > 0) {
-        if (prev_in != nullptr && std::equal(in, in + ns, prev_in)) {
+        const uint8_t* doubles = plan.sdouble.data() + i * ns;
+        if (prev_in != nullptr && std::equal(in, in + ns, prev_in) &&
+            std::equal(doubles, doubles + ns, prev_doubles)) {
           plan.srow[i] = prev_row;
         } else {
           run_scalar_program(plan, i, in, plan.sregs.data() + i * n_sregs, cur.data());
           plan.srow[i] = i;
           prev_in = in;
+          prev_doubles = doubles;
           prev_row = i;
         }
       }
@@ -749,14 +812,16 @@ bool renumber(PyObject* now, PyObject* before, std::vector<double>& out) {
 bool guards_hold(const std::vector<Plan::Guard>& guards, const std::vector<double>& numbers) {
   for (const auto& g : guards) {
     const double v = numbers[g.slot];
+    // Past the seven comparisons with a number, the same comparisons with another slot.
+    const double number = g.op >= 7 ? numbers[static_cast<size_t>(g.number)] : g.number;
     bool result = false;
-    switch (g.op) {
-      case 0: result = v == g.number; break;
-      case 1: result = v != g.number; break;
-      case 2: result = v < g.number; break;
-      case 3: result = v <= g.number; break;
-      case 4: result = v > g.number; break;
-      case 5: result = v >= g.number; break;
+    switch (g.op % 7) {
+      case 0: result = v == number; break;
+      case 1: result = v != number; break;
+      case 2: result = v < number; break;
+      case 3: result = v <= number; break;
+      case 4: result = v > number; break;
+      case 5: result = v >= number; break;
       case 6: result = v != 0.0; break;
       default: return false;
     }

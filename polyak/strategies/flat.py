@@ -213,7 +213,14 @@ def _program(
     update = type(optimizer).update
     if GRAD_SCALE in hyper:
         update = _unscaled(update)
-    key = (update, tuple(entry.vector_keys), tuple(entry.scalar_keys), structure)
+    # Numbers a rule stores as new state values become tensors of the default dtype first.
+    key = (
+        update,
+        tuple(entry.vector_keys),
+        tuple(entry.scalar_keys),
+        structure,
+        torch.get_default_dtype(),
+    )
     traced = _programs.setdefault(key, [])
     if traced is None:
         return None
@@ -344,11 +351,11 @@ def build_ahead() -> tuple[bool, list[str]]:
             param = torch.zeros(4, dtype=dtype, requires_grad=True)
             try:
                 optimizer = cast(Any, cls)([param])
+                for _ in range(2):
+                    param.grad = torch.ones_like(param)
+                    optimizer.step()
             except Exception:
-                continue
-            for _ in range(2):
-                param.grad = torch.ones_like(param)
-                optimizer.step()
+                continue  # an optimizer that takes no dense gradients (SparseAdam)
     _codegen.wait()
     lines.append(f"programs: {_codegen.cache_dir()}")
     return True, lines

@@ -59,7 +59,8 @@ def _batchable(
     # the foreach kernels would read as numbers: such groups stay per tensor. So does state of
     # a dtype other than its parameter's (an integer step counter, a float64 buffer of a
     # float32 parameter), where foreach kernels and tensor methods promote differently, and
-    # so do tensors written through a negative or conjugate view, which foreach kernels refuse.
+    # so do tensors written through a negative or conjugate view, which foreach kernels refuse,
+    # and tensor subclasses.
     return (
         not torch.is_grad_enabled()
         and not any(_has_tensor(v) for v in vars(hp).values())
@@ -77,7 +78,8 @@ def _batchable(
 
 
 def _direct(t: Tensor) -> bool:
-    return not (t.is_neg() or t.is_conj())
+    # Subclasses (DTensor) may lack foreach kernels the tensor methods have.
+    return type(t) in (Tensor, torch.nn.Parameter) and not (t.is_neg() or t.is_conj())
 
 
 def _mode(
