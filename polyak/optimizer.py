@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from polyak import _checks, _ops
 from polyak._state import OptimizerState, StateEntry
-from polyak.strategies import StateLists, Strategy, Update, choose, flat
+from polyak.strategies import StateLists, Strategy, Update, choose, flat, loop
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 StateDict: TypeAlias = dict[str, Any]
@@ -100,6 +100,8 @@ def _with_step_hooks(step: _F) -> _F:
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = cast(Optimizer, args[0])
+        if torch.compiler.is_compiling():
+            return _apart(run, self, args, kwargs)
         if not torch._C._autograd._profiler_enabled():
             return run(self, args, kwargs)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
@@ -127,6 +129,28 @@ def _with_step_hooks(step: _F) -> _F:
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return cast(_F, wrapper)
+
+
+def _apart(
+    run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any],
+    self: Optimizer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``run(self, args, kwargs)`` in a graph of its own when ``torch.compile`` traces a step,
+    as torch.optim's steps are: dynamo runs this function as Python (it cannot resume inside
+    ``try``) and compiles ``run`` from its first line, in the step's grad mode, so that
+    AOTAutograd compiles the update as an inference graph, which updates the parameters in
+    place."""
+    previous = torch.is_grad_enabled()
+    try:
+        torch.set_grad_enabled(bool(self.defaults.get("differentiable", False)))
+        torch._dynamo.graph_break()
+        out = run(self, args, kwargs)
+    finally:
+        torch._dynamo.graph_break()
+        torch.set_grad_enabled(previous)
+    return out
 
 
 def _register(
@@ -388,6 +412,8 @@ class Optimizer(torch.optim.Optimizer):
             closure: re-evaluates the model and returns the loss; it runs with autograd
                 enabled, before the update, and its loss is returned.
         """
+        if torch.compiler.is_compiling():
+            return self._traced_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -410,9 +436,31 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
+        gathered = self._gather(group)
+        if gathered is None:
+            return
+        params, grads, state, hp, strategy, entries = gathered
+        if grad_scale is not None and group.get("fused"):
+            # Unscaled in place, as torch's fused kernels leave ``.grad``.
+            _ops.div_(grads, grad_scale.to(grads[0].device))
+        _run(strategy.run, type(self).update, params, grads, state, hp)
+        for key, values in state.items():
+            for p, entry, value in zip(params, entries, values, strict=True):
+                if value is not None and entry.get(key) is not value:
+                    if not entry:
+                        entry = self.state[p]
+                    entry[key] = value
+
+    def _gather(
+        self, group: dict[str, Any]
+    ) -> (
+        tuple[list[Tensor], list[Tensor], StateLists, Hyper, Strategy, list[dict[str, Any]]] | None
+    ):
+        """What a step of ``group`` runs on, checked and rehearsed, with the state of
+        parameters stepped for the first time created and stored; None without gradients."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return
+            return None
         grads = [cast(Tensor, p.grad) for p in params]
         self.check_step(group, params, grads)
         hp = Hyper(group, as_numbers=bool(group.get("fused")))
@@ -438,16 +486,82 @@ class Optimizer(torch.optim.Optimizer):
             entries = [
                 self.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
             ]
+        return params, grads, state, hp, strategy, entries
+
+    # ----------------------------------------------------------------- torch.compile
+
+    def _traced_step(self, closure: Callable[[], Any] | None) -> Any:
+        """:meth:`step` as ``torch.compile`` traces it, in one graph as torch.optim's step.
+
+        The flat kernel is opaque to dynamo, so every group runs its update rule as tensor
+        operations, one tensor at a time as torch's compiled CPU steps do, with the step
+        counters kept as tensors (see :func:`polyak._ops.values`): the graph holds no
+        ``item()`` and no guard on the step count or on a scheduled ``lr``. The checks, the
+        rehearsal and the creation of state run in :meth:`_init_group`, which dynamo runs as
+        Python; the groups are read here, so that dynamo knows where each comes from.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        for group in self.param_groups:
+            self._traced_group_step(group, grad_scale)
+        self._step_count += 1
+        return loss
+
+    def _traced_group_step(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        values: list[Any] = []
+        shared = self._init_group(group, params, grads, values)
+        if not params:
+            return
+        n = len(params)
+        state: StateLists = {
+            key: values[k * n : (k + 1) * n] for k, key in enumerate(self.state_keys)
+        }
+        hp = Hyper(group, as_numbers=bool(group.get("fused")))
         if grad_scale is not None and group.get("fused"):
-            # Unscaled in place, as torch's fused kernels leave ``.grad``.
             _ops.div_(grads, grad_scale.to(grads[0].device))
-        _run(strategy, type(self).update, params, grads, state, hp)
+        _run(loop.in_turn if shared else _call, type(self).update, params, grads, state, hp)
         for key, values in state.items():
-            for p, entry, value in zip(params, entries, values, strict=True):
-                if value is not None and entry.get(key) is not value:
-                    if not entry:
-                        entry = self.state[p]
-                    entry[key] = value
+            for p, value in zip(params, values, strict=True):
+                if value is not None and self.state[p].get(key) is not value:
+                    self.state[p][key] = value
+
+    def _init_group(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`_gather_into` under the name that dynamo gives its place.
+
+        Dynamo calls a method of this name as Python when it traces a step of a
+        ``torch.optim.Optimizer`` (torch's own optimizers gather their groups this way), takes
+        its result as a constant and guards the compiled graph on the groups and the state it
+        finds; the checks and the rehearsal therefore run whenever the step is traced again.
+        Its arguments are those of :meth:`_gather_into`; each torch optimizer has a signature
+        of its own, which this one, taking any, stands in for.
+        """
+        _ops.trace_as_python()
+        return self._gather_into(*args, **kwargs)
+
+    def _gather_into(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], values: list[Any]
+    ) -> bool:
+        """Fill the empty lists ``params``, ``grads`` and ``values`` (the state, key after key in
+        the order of ``state_keys``) for a step of ``group``, checked and rehearsed, creating
+        the state of new parameters; return whether parameters or state tensors share memory,
+        so that the parameters are updated in turn."""
+        gathered = self._gather(group)
+        if gathered is None:
+            return False
+        found, found_grads, state, _, _, _ = gathered
+        params.extend(found)
+        grads.extend(found_grads)
+        for key in self.state_keys:
+            values.extend(state[key])
+        return loop.shared(found, state)
 
     def _rehearse(
         self,
@@ -496,10 +610,10 @@ class Optimizer(torch.optim.Optimizer):
         update = type(self).update
         try:
             with torch.no_grad():
-                _run(strategy, update, *_stand_ins((params, grads, state), _stand_in), hp)
+                _run(strategy.run, update, *_stand_ins((params, grads, state), _stand_in), hp)
         except Exception:
             with torch.no_grad():
-                _run(strategy, update, *_stand_ins((params, grads, state), _copy), hp)
+                _run(strategy.run, update, *_stand_ins((params, grads, state), _copy), hp)
             raise
         done[id(group)] = layout
 
@@ -770,18 +884,28 @@ def _state_template(param: Tensor) -> Tensor:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+#: ``run(update, params, grads, state, hp)``: a strategy's way to run an update rule.
+Runner: TypeAlias = Callable[[Update, list[Tensor], list[Tensor], StateLists, Any], None]
+
+
+def _call(
+    update: Update, params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Any
+) -> None:
+    update(params, grads, state, hp)
+
+
 def _run(
-    strategy: Strategy,
+    run: Runner,
     update: Update,
     params: list[Tensor],
     grads: list[Tensor],
     state: StateLists,
     hp: Hyper,
 ) -> None:
-    if hp.__dict__.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
-        _run_promoted(strategy, update, params, grads, state, hp)
+    if vars(hp).get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
+        _run_promoted(run, update, params, grads, state, hp)
     else:
-        strategy.run(update, params, grads, state, hp)
+        run(update, params, grads, state, hp)
 
 
 def _layout(value: Any) -> Any:
@@ -852,7 +976,7 @@ def _stand_ins(
 
 
 def _run_promoted(
-    strategy: Strategy,
+    run: Runner,
     update: Update,
     params: list[Tensor],
     grads: list[Tensor],
@@ -871,7 +995,7 @@ def _run_promoted(
     wide_state: StateLists = {
         key: [None if t is None else up(t) for t in values] for key, values in state.items()
     }
-    strategy.run(update, wide_params, [up(g) for g in grads], wide_state, hp)
+    run(update, wide_params, [up(g) for g in grads], wide_state, hp)
     with torch.no_grad():
         for p, wide in zip(params, wide_params, strict=True):
             if wide.dtype != p.dtype:
