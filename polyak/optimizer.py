@@ -89,12 +89,20 @@ def _recorded(name: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+#: The function torch's step calls after each step under a profiler. The profiler's Python
+#: tracer knows it by its code object and reads the ``param_groups`` and ``state`` of the
+#: optimizer it is called with; the memory profiler marks those state tensors as optimizer
+#: state (``Category.OPTIMIZER_STATE``) in its timeline. Its body is empty.
+_PROFILER_ENTRY = torch.optim.Optimizer._optimizer_step_code
+
+
 def _with_step_hooks(step: _F) -> _F:
     """Wrap a ``step`` so that global and per-instance step hooks fire around it, as in torch.
 
     Hooks receive ``(optimizer, args, kwargs)`` where ``args`` starts with the optimizer, and a
     pre-hook may return replacement ``(args, kwargs)``. Under a profiler the step is recorded
-    as ``Optimizer.step#<class>.step``, the name torch uses.
+    as ``Optimizer.step#<class>.step``, the name torch uses, and shows its optimizer to the
+    profiler as torch's step does (see :data:`_PROFILER_ENTRY`).
     """
 
     @functools.wraps(step)
@@ -105,7 +113,9 @@ def _with_step_hooks(step: _F) -> _F:
         if not torch._C._autograd._profiler_enabled():
             return run(self, args, kwargs)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-            return run(self, args, kwargs)
+            out = run(self, args, kwargs)
+            _PROFILER_ENTRY(self)
+            return out
 
     def run(self: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         global_pre = _torch_optimizer._global_optimizer_pre_hooks
@@ -168,7 +178,8 @@ class Optimizer(torch.optim.Optimizer):
 
     An instance passes ``isinstance(opt, torch.optim.Optimizer)``, so torch's LR schedulers,
     ``GradScaler`` and training frameworks accept it, but every behaviour is implemented here:
-    none of ``torch.optim.Optimizer``'s methods is called.
+    none of ``torch.optim.Optimizer``'s methods is called, but for the empty one through which
+    torch's profiler finds an optimizer's state, called after a step under the profiler.
 
     Attributes:
         defaults: the hyperparameters given to the constructor, used for groups that omit them.
