@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.utils.hooks import RemovableHandle
 
-from polyak import _checks, _ops
+from polyak import _checks, _ops, functional
 from polyak._state import OptimizerState, StateEntry
 from polyak.strategies import StateLists, Strategy, Update, choose, flat, loop
 
@@ -227,6 +227,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        functional.register(cls)
         own_step = cls.__dict__.get("step")
         if own_step is not None and not getattr(own_step, "hooked", False):
             cls.step = _with_step_hooks(own_step)  # type: ignore[method-assign]
@@ -447,10 +448,19 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
-        gathered = self._gather(group)
-        if gathered is None:
-            return
-        params, grads, state, hp, strategy, entries = gathered
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            self._step_params(group, params, [cast(Tensor, p.grad) for p in params], grad_scale)
+
+    def _step_params(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        grad_scale: Tensor | None = None,
+    ) -> None:
+        """Step ``params`` with ``grads`` under the hyperparameters of ``group``."""
+        state, hp, strategy, entries = self._gather(group, params, grads)
         if grad_scale is not None and group.get("fused"):
             # Unscaled in place, as torch's fused kernels leave ``.grad``.
             _ops.div_(grads, grad_scale.to(grads[0].device))
@@ -463,16 +473,10 @@ class Optimizer(torch.optim.Optimizer):
                     entry[key] = value
 
     def _gather(
-        self, group: dict[str, Any]
-    ) -> (
-        tuple[list[Tensor], list[Tensor], StateLists, Hyper, Strategy, list[dict[str, Any]]] | None
-    ):
-        """What a step of ``group`` runs on, checked and rehearsed, with the state of
-        parameters stepped for the first time created and stored; None without gradients."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return None
-        grads = [cast(Tensor, p.grad) for p in params]
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]]]:
+        """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
+        state of parameters stepped for the first time created and stored."""
         self.check_step(group, params, grads)
         hp = Hyper(group, as_numbers=bool(group.get("fused")))
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
@@ -497,7 +501,7 @@ class Optimizer(torch.optim.Optimizer):
             entries = [
                 self.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
             ]
-        return params, grads, state, hp, strategy, entries
+        return state, hp, strategy, entries
 
     # ----------------------------------------------------------------- torch.compile
 
@@ -564,10 +568,11 @@ class Optimizer(torch.optim.Optimizer):
         the order of ``state_keys``) for a step of ``group``, checked and rehearsed, creating
         the state of new parameters; return whether parameters or state tensors share memory,
         so that the parameters are updated in turn."""
-        gathered = self._gather(group)
-        if gathered is None:
+        found = [p for p in group["params"] if p.grad is not None]
+        if not found:
             return False
-        found, found_grads, state, _, _, _ = gathered
+        found_grads = [cast(Tensor, p.grad) for p in found]
+        state = self._gather(group, found, found_grads)[0]
         params.extend(found)
         grads.extend(found_grads)
         for key in self.state_keys:
