@@ -18,6 +18,8 @@ which autograd cannot see through.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Iterator
+from itertools import repeat
 from typing import Any, TypeGuard
 
 import torch
@@ -41,18 +43,26 @@ class per_tensor:
         _PER_TENSOR.reset(self._token)
 
 
-def _one_at_a_time() -> bool:
-    """Whether the primitives run one tensor at a time: inside :func:`per_tensor`, and in a
-    step that ``torch.compile`` traces, as torch's compiled steps on the CPU do. Dynamo cannot
-    read a ContextVar: :func:`trace_as_python` has it call this function as Python while it
-    traces and take the result as a constant."""
+def _mode_for_dynamo() -> bool:
+    """:data:`_one_at_a_time` while dynamo traces: inside :func:`per_tensor`, and in a step
+    that ``torch.compile`` traces, as torch's compiled steps on the CPU do."""
     return _PER_TENSOR.get() or torch.compiler.is_compiling()
 
 
+#: Whether the primitives run one tensor at a time (inside :func:`per_tensor`). Dynamo cannot
+#: read a ContextVar: once it traces a step, :func:`trace_as_python` puts a Python function
+#: here, which dynamo calls as Python and whose result it takes as a constant. Until then the
+#: ContextVar's own method, which costs less per call.
+_one_at_a_time = _PER_TENSOR.get
+
+
 def trace_as_python() -> None:
-    """Let dynamo trace the primitives (see :func:`_one_at_a_time`). Called when dynamo first
+    """Let dynamo trace the primitives (see :data:`_one_at_a_time`). Called when dynamo first
     traces a step: marking the function at import would import dynamo, which takes seconds."""
-    torch.compiler.assume_constant_result(_one_at_a_time)  # type: ignore[no-untyped-call]
+    global _one_at_a_time
+    _one_at_a_time = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call]
+        _mode_for_dynamo
+    )
 
 
 def _traced(scale: Scale) -> TypeGuard[Tensor]:
@@ -147,11 +157,11 @@ def zero_(xs: list[Tensor]) -> None:
         torch._foreach_zero_(xs)
 
 
-def _pairs(xs: list[Tensor], scales: Scale) -> list[tuple[Tensor, Any]]:
+def _pairs(xs: list[Tensor], scales: Scale) -> Iterator[tuple[Tensor, Any]]:
     """Pair each x with its scale: one scale for all, or one per tensor."""
     if isinstance(scales, list):
-        return list(zip(xs, scales, strict=True))
-    return [(x, scales) for x in xs]
+        return zip(xs, scales, strict=True)
+    return zip(xs, repeat(scales))
 
 
 def _numbers(scales: Scale) -> Scale:
@@ -165,8 +175,12 @@ def _numbers(scales: Scale) -> Scale:
 
 
 def as_real(xs: list[Tensor]) -> list[Tensor]:
-    """Complex tensors as real views with a trailing dimension of 2; real ones unchanged."""
-    return [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+    """Complex tensors as real views with a trailing dimension of 2; real ones unchanged (a
+    list without complex tensors is returned as it is)."""
+    for x in xs:
+        if x.is_complex():
+            return [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+    return xs
 
 
 def as_complex(xs: list[Tensor], like: list[Tensor]) -> list[Tensor]:

@@ -56,6 +56,10 @@ def _resolve(value: Any, as_number: bool) -> Any:
     return value
 
 
+#: Hyperparameter types taken as they are (tested first, by exact type: this runs per step).
+_PLAIN = frozenset({float, int, bool, str, type(None)})
+
+
 class Hyper:
     """A group's hyperparameters, frozen, as the update rule reads them: ``hp.lr``.
 
@@ -66,9 +70,10 @@ class Hyper:
     def __init__(self, group: Mapping[str, Any], as_numbers: bool = False) -> None:
         values = self.__dict__
         for key, value in group.items():
-            if key in ("params", "param_names"):
-                continue
-            values[key] = _resolve(value, as_numbers)
+            if type(value) in _PLAIN:
+                values[key] = value
+            elif key not in ("params", "param_names"):
+                values[key] = _resolve(value, as_numbers)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the group lacks.
@@ -107,7 +112,7 @@ def _with_step_hooks(step: _F) -> _F:
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        self = cast(Optimizer, args[0])
+        self: Optimizer = args[0]
         if torch.compiler.is_compiling():
             return _apart(run, self, args, kwargs)
         if not torch._C._autograd._profiler_enabled():
@@ -153,6 +158,7 @@ def _apart(
     AOTAutograd compiles the update as an inference graph, which updates the parameters in
     place."""
     previous = torch.is_grad_enabled()
+    taken = self._step_count
     try:
         torch.set_grad_enabled(bool(self.defaults.get("differentiable", False)))
         torch._dynamo.graph_break()
@@ -160,6 +166,11 @@ def _apart(
     finally:
         torch._dynamo.graph_break()
         torch.set_grad_enabled(previous)
+    if self._step_count == taken:
+        # A compiled step leaves the count to this function: dynamo loses assignments to an
+        # optimizer's attributes in a frame that gathers its groups, and would guard the
+        # graph on the count's value.
+        self._step_count += 1
     return out
 
 
@@ -442,15 +453,25 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             if grad_scale is None and flat.eligible(group) and flat.step(self, group):
                 continue
-            with torch.set_grad_enabled(differentiable):
+            enabled = torch.is_grad_enabled()
+            if enabled is differentiable:
                 self._step_group(group, grad_scale)
+                continue
+            # The grad mode's own switch: torch.set_grad_enabled costs three times as much, which
+            # a step of one small tensor (optimizer-in-backward) feels.
+            torch._C._set_grad_enabled(differentiable)
+            try:
+                self._step_group(group, grad_scale)
+            finally:
+                torch._C._set_grad_enabled(enabled)
         self._step_count += 1
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if params:
-            self._step_params(group, params, [cast(Tensor, p.grad) for p in params], grad_scale)
+            grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+            self._step_params(group, params, grads, grad_scale)
 
     def _step_params(
         self,
@@ -465,11 +486,11 @@ class Optimizer(torch.optim.Optimizer):
             # Unscaled in place, as torch's fused kernels leave ``.grad``.
             _ops.div_(grads, grad_scale.to(grads[0].device))
         _run(strategy.run, type(self).update, params, grads, state, hp)
+        # State the update made (SGD's first momentum buffer) or replaced is stored.
         for key, values in state.items():
-            for p, entry, value in zip(params, entries, values, strict=True):
-                if value is not None and entry.get(key) is not value:
-                    if not entry:
-                        entry = self.state[p]
+            for i, value in enumerate(values):
+                if value is not None and entries[i].get(key) is not value:
+                    entry = entries[i] or self.state[params[i]]
                     entry[key] = value
 
     def _gather(
@@ -478,7 +499,7 @@ class Optimizer(torch.optim.Optimizer):
         """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
         state of parameters stepped for the first time created and stored."""
         self.check_step(group, params, grads)
-        hp = Hyper(group, as_numbers=bool(group.get("fused")))
+        hp, hp_layout = self._hyper(group)
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
         # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
         # entries are stored once the step is known to run.
@@ -491,9 +512,12 @@ class Optimizer(torch.optim.Optimizer):
                 if entry:
                     created[p] = entry
             entries.append(entry)
-        state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
-        strategy = choose(group, params, grads)
-        self._rehearse(group, strategy, params, grads, state, hp, entries)
+        if len(entries) == 1:  # one parameter per optimizer, as in optimizer-in-backward
+            entry = entries[0]
+            state: StateLists = {key: [entry.get(key)] for key in self.state_keys}
+        else:
+            state = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
+        strategy = self._rehearse(group, params, grads, state, hp, entries, hp_layout)
         # Checked: from here on the step writes.
         if created:
             for p in created:
@@ -502,6 +526,26 @@ class Optimizer(torch.optim.Optimizer):
                 self.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
             ]
         return state, hp, strategy, entries
+
+    def _hyper(self, group: dict[str, Any]) -> tuple[Hyper, list[Any]]:
+        """``group``'s :class:`Hyper` and the layout of its values (see :func:`_layout`).
+
+        Both are kept from the group's last step while its keys and values are the same
+        objects (no scheduler changed a number) and all of them are numbers, flags or strings
+        (or tuples of them), whose value an object fixes; a tensor may change in place.
+        """
+        keys, values = tuple(group), tuple(group.values())
+        kept: dict[int, Any] = self.__dict__.setdefault("_hypers", {})
+        last = kept.get(id(group))
+        if last is not None and last[0] == keys and all(map(operator.is_, last[1], values)):
+            return last[2], last[3]
+        hp = Hyper(group, as_numbers=bool(group.get("fused")))
+        layout = _hyper_layout(vars(hp))
+        if all(map(_fixed, vars(hp).values())):
+            kept[id(group)] = (keys, values, hp, layout)
+        else:
+            kept.pop(id(group), None)
+        return hp, layout
 
     # ----------------------------------------------------------------- torch.compile
 
@@ -513,7 +557,8 @@ class Optimizer(torch.optim.Optimizer):
         counters kept as tensors (see :func:`polyak._ops.values`): the graph holds no
         ``item()`` and no guard on the step count or on a scheduled ``lr``. The checks, the
         rehearsal and the creation of state run in :meth:`_init_group`, which dynamo runs as
-        Python; the groups are read here, so that dynamo knows where each comes from.
+        Python; the groups are read here, so that dynamo knows where each comes from. The
+        step is counted by :func:`_apart`, which runs as Python around it.
         """
         loss = None
         if closure is not None:
@@ -525,7 +570,6 @@ class Optimizer(torch.optim.Optimizer):
             return loss
         for group in self.param_groups:
             self._traced_group_step(group, grad_scale)
-        self._step_count += 1
         return loss
 
     def _traced_group_step(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
@@ -582,14 +626,16 @@ class Optimizer(torch.optim.Optimizer):
     def _rehearse(
         self,
         group: dict[str, Any],
-        strategy: Strategy,
         params: list[Tensor],
         grads: list[Tensor],
         state: StateLists,
         hp: Hyper,
         entries: list[dict[str, Any]],
-    ) -> None:
-        """Raise, before the step writes anything, any error the step would raise.
+        hp_layout: list[Any],
+    ) -> Strategy:
+        """Raise, before the step writes anything, any error the step would raise; return the
+        strategy that runs the step (:func:`polyak.strategies.choose`'s, which the layout
+        decides).
 
         The update runs first on stand-ins of the same shapes and dtypes (meta tensors, and
         copies of per-parameter counters), once for each new layout of the group: a state
@@ -598,19 +644,16 @@ class Optimizer(torch.optim.Optimizer):
         with its wording. Differentiable steps and sparse gradients are not rehearsed; their
         state entries are checked at every step.
         """
-        rehearsed = not group.get("differentiable") and not any(g.is_sparse for g in grads)
+        rehearsed = not group.get("differentiable") and not any(map(_SPARSE, grads))
         if rehearsed:
             # Gradients are left out: autograd keeps them of their parameter's shape, dtype and
             # device.
-            layout = (
-                strategy,
-                _layout(vars(hp)),
-                _tensors_layout(params),
-                tuple(_tensors_layout(values) for values in state.values()),
-            )
+            layout = (hp_layout, _tensors_layout([*params, *chain.from_iterable(state.values())]))
             done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
-            if done.get(id(group)) == layout:
-                return
+            last = done.get(id(group))
+            if last is not None and last[0] == layout:
+                return cast(Strategy, last[1])
+        strategy = choose(group, params, grads)
         # A parameter's state is all or nothing, as torch.optim reads it: what init_state
         # makes must be there (torch raises KeyError from its dict).
         needed: dict[tuple[Any, ...], list[str]] = {}
@@ -622,7 +665,7 @@ class Optimizer(torch.optim.Optimizer):
                 if key not in entry:
                     raise KeyError(key)
         if not rehearsed:
-            return
+            return strategy
         update = type(self).update
         try:
             with torch.no_grad():
@@ -631,7 +674,8 @@ class Optimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 _run(strategy.run, update, *_stand_ins((params, grads, state), _copy), hp)
             raise
-        done[id(group)] = layout
+        done[id(group)] = (layout, strategy)
+        return strategy
 
     @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
@@ -948,17 +992,38 @@ def _layout(value: Any) -> Any:
     return kind
 
 
+def _hyper_layout(values: dict[str, Any]) -> list[Any]:
+    """:func:`_layout` of each hyperparameter, the usual types inline: this runs per step."""
+    out: list[Any] = []
+    for key, value in values.items():
+        kind = type(value)
+        if kind is float or kind is int:
+            out.append((key, kind, value == 0))
+        elif kind is bool or kind is str or value is None:
+            out.append((key, value))
+        else:
+            out.append((key, _layout(value)))
+    return out
+
+
 _META = operator.attrgetter("shape", "dtype", "device")
+_SPARSE = operator.attrgetter("is_sparse")
+_PRESENT = functools.partial(operator.is_not, None)
 
 
 def _tensors_layout(values: list[Any]) -> Any:
-    """:func:`_layout` of a list of tensors, at C speed where all are tensors (or None)."""
-    if values and values[0] is None and all(v is None for v in values):
-        return len(values)
+    """:func:`_layout` of a list of tensors and Nones, at C speed where all are tensors."""
     try:
-        return (tuple(map(type, values)), tuple(map(_META, values)))
-    except AttributeError:  # a None, or a value that is not a tensor
+        # The types say where the Nones are.
+        return (tuple(map(type, values)), tuple(map(_META, filter(_PRESENT, values))))
+    except AttributeError:  # a value that is not a tensor
         return _layout(values)
+
+
+def _fixed(value: Any) -> bool:
+    """Whether ``value`` is fixed by its object: a number, flag or string, or a tuple of them."""
+    kind = type(value)
+    return kind in _PLAIN or (kind is tuple and all(type(v) in _PLAIN for v in value))
 
 
 def _stand_in(t: Tensor) -> Tensor:

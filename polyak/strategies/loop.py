@@ -103,6 +103,12 @@ def run(
     hp: Any,
 ) -> None:
     """Call ``update`` chunk by chunk, writing back any state it creates."""
+    if len(params) == 1:
+        # One tensor (optimizer-in-backward steps one parameter per optimizer): the tensor
+        # methods, which cost less per call than the foreach kernels and compute the same.
+        with _ops.per_tensor():
+            update(params, grads, state, hp)
+        return
     if shared(params, state):
         with _ops.per_tensor():
             in_turn(update, params, grads, state, hp)
