@@ -91,6 +91,7 @@ class FunctionalOptimizer:
         """Update one parameter with ``grad``; nothing happens for a None gradient."""
         if grad is None:
             return
+        _check_gradient(param, grad)
         single = self._singles.get(param)
         if single is None:
             single = self._singles[param] = {"params": [param]}
@@ -109,8 +110,22 @@ class FunctionalOptimizer:
                 "the gradients passed in does not equal to the size of the parameters!"
                 f"Params length: {len(params)}. Gradients length: {len(gradients)}"
             )
+        # All are checked before any parameter changes.
+        for param, grad in zip(params, gradients, strict=True):
+            if grad is not None:
+                _check_gradient(param, grad)
         for param, grad in zip(params, gradients, strict=True):
             self.step_param(param, grad)
+
+
+def _check_gradient(param: Tensor, grad: Tensor) -> None:
+    """Refuse a gradient that ``.grad`` would refuse, before anything changes."""
+    if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
+        raise RuntimeError(
+            f"Invalid gradient for a parameter of shape {tuple(param.shape)}, {param.dtype} on "
+            f"{param.device}: shape {tuple(grad.shape)}, {grad.dtype} on {grad.device} "
+            "(expected the parameter's)"
+        )
 
 
 _made: dict[type, type[FunctionalOptimizer]] = {}

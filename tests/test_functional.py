@@ -135,9 +135,17 @@ def test_errors_as_torch_functional() -> None:
         functional_optim_map[polyak.Adam]([], lr=0.1)
     with pytest.raises(ValueError, match=r"^Invalid learning rate: -0\.1$"):
         functional_optim_map[polyak.Adam]([], lr=-0.1, _allow_empty_param_list=True)
-    made = functional_optim_map[polyak.Adam](make_params(), lr=0.1)
+    params = make_params()
+    made = functional_optim_map[polyak.Adam](params, lr=0.1)
     with pytest.raises(ValueError, match="does not equal to the size of the parameters"):
         made.step([None])
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"^Invalid gradient for a parameter of shape \(3, 4\)"):
+        made.step_param(params[0], torch.ones(4, 3))
+    with pytest.raises(RuntimeError, match="float64"):
+        made.step([torch.ones_like(params[0]), torch.ones(5, dtype=torch.float64), None])
+    assert_same(params, before)
+    assert not made.state
 
 
 # -------------------------------------------------------------- two gloo ranks, overlapped
