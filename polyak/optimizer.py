@@ -88,8 +88,9 @@ class Hyper:
 
 def _recorded(name: str) -> contextlib.AbstractContextManager[Any]:
     """torch's ``record_function(name)`` while a profiler runs; nothing otherwise, since
-    entering it costs about 5 us per call."""
-    if torch._C._autograd._profiler_enabled():
+    entering it costs about 5 us per call, nor where dynamo traces (it ignores the record, and
+    breaks the graph at the profiler's flag)."""
+    if not torch.compiler.is_compiling() and torch._C._autograd._profiler_enabled():
         return torch.autograd.profiler.record_function(name)
     return contextlib.nullcontext()
 
