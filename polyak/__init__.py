@@ -1,5 +1,6 @@
 """polyak: PyTorch optimizers written from scratch, a drop-in for ``torch.optim``."""
 
+from polyak import functional
 from polyak.algorithms.adadelta import Adadelta
 from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
@@ -13,6 +14,9 @@ from polyak.algorithms.rprop import Rprop
 from polyak.algorithms.sgd import SGD
 from polyak.algorithms.sparse_adam import SparseAdam
 from polyak.optimizer import Optimizer, required
+
+# Functional counterparts for torch.distributed, entered in torch's map when it is loaded.
+functional.watch()
 
 __all__ = [
     "ASGD",

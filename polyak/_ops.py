@@ -6,6 +6,7 @@ element, which computes exactly what torch.optim's per-tensor path computes. Oth
 primitive is one ``torch._foreach_*`` call over the whole list, which computes exactly what
 torch.optim's foreach path computes. The two can differ in the last bit: a foreach op on
 bfloat16 multiplies by a float scalar in float32, the tensor method first rounds the scalar.
+A step that ``torch.compile`` traces runs in per-tensor mode, as torch's compiled CPU steps do.
 This module is the only caller of ``torch._foreach_*``. A trailing underscore means the first
 argument is changed in place.
 
@@ -16,9 +17,9 @@ which autograd cannot see through.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 from collections.abc import Iterator
+from itertools import repeat
 from typing import Any, TypeGuard
 
 import torch
@@ -30,14 +31,38 @@ Scale = Any
 _PER_TENSOR = contextvars.ContextVar("polyak_per_tensor", default=False)
 
 
-@contextlib.contextmanager
-def per_tensor() -> Iterator[None]:
+class per_tensor:
     """Run the primitives called inside one tensor at a time."""
-    token = _PER_TENSOR.set(True)
-    try:
-        yield
-    finally:
-        _PER_TENSOR.reset(token)
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _PER_TENSOR.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _PER_TENSOR.reset(self._token)
+
+
+def _mode_for_dynamo() -> bool:
+    """:data:`_one_at_a_time` while dynamo traces: inside :func:`per_tensor`, and in a step
+    that ``torch.compile`` traces, as torch's compiled steps on the CPU do."""
+    return _PER_TENSOR.get() or torch.compiler.is_compiling()
+
+
+#: Whether the primitives run one tensor at a time (inside :func:`per_tensor`). Dynamo cannot
+#: read a ContextVar: once it traces a step, :func:`trace_as_python` puts a Python function
+#: here, which dynamo calls as Python and whose result it takes as a constant. Until then the
+#: ContextVar's own method, which costs less per call.
+_one_at_a_time = _PER_TENSOR.get
+
+
+def trace_as_python() -> None:
+    """Let dynamo trace the primitives (see :data:`_one_at_a_time`). Called when dynamo first
+    traces a step: marking the function at import would import dynamo, which takes seconds."""
+    global _one_at_a_time
+    _one_at_a_time = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call]
+        _mode_for_dynamo
+    )
 
 
 def _traced(scale: Scale) -> TypeGuard[Tensor]:
@@ -56,7 +81,7 @@ def copy(xs: list[Tensor]) -> list[Tensor]:
 
 def neg(xs: list[Tensor]) -> list[Tensor]:
     """``-x`` for each x."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [-x for x in xs]
     return list(torch._foreach_neg(xs))
 
@@ -66,7 +91,7 @@ def add_scaled(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> list[Tensor]
     if _traced(scale):
         # ``y`` is cloned because the caller changes it in place later, and autograd keeps it.
         return [x.addcmul(y.clone(), scale) for x, y in zip(xs, ys, strict=True)]
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.add(y, alpha=scale) for x, y in zip(xs, ys, strict=True)]
     # torch.optim's foreach paths add into the first operand in place, so the sum keeps its
     # dtype where ``y`` is wider (a float64 momentum buffer of a float32 parameter).
@@ -81,7 +106,7 @@ def add_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
     if _traced(scale):
         for x, y in zip(xs, ys, strict=True):
             x.addcmul_(y, scale)
-    elif _PER_TENSOR.get():
+    elif _one_at_a_time():
         for x, y in zip(xs, ys, strict=True):
             x.add_(y, alpha=scale)
     elif xs:
@@ -103,7 +128,7 @@ def sub_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scale) -> None:
     if _traced(scale):
         for x, y in zip(xs, ys, strict=True):
             x.addcmul_(y, scale, value=-1)
-    elif _PER_TENSOR.get():
+    elif _one_at_a_time():
         for x, y in zip(xs, ys, strict=True):
             x.add_(y, alpha=-scale)
     elif xs:
@@ -116,7 +141,7 @@ def mul_(xs: list[Tensor], scale: Scale) -> None:
     One tensor scale is passed to the foreach op as a tensor, as torch.optim passes it (a
     half-precision tensor is then multiplied as by a tensor, not by a number).
     """
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, s in _pairs(xs, scale):
             x.mul_(s)
     elif xs:
@@ -125,18 +150,18 @@ def mul_(xs: list[Tensor], scale: Scale) -> None:
 
 def zero_(xs: list[Tensor]) -> None:
     """Set every element of each x to zero."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x in xs:
             x.zero_()
     elif xs:
         torch._foreach_zero_(xs)
 
 
-def _pairs(xs: list[Tensor], scales: Scale) -> list[tuple[Tensor, Any]]:
+def _pairs(xs: list[Tensor], scales: Scale) -> Iterator[tuple[Tensor, Any]]:
     """Pair each x with its scale: one scale for all, or one per tensor."""
     if isinstance(scales, list):
-        return list(zip(xs, scales, strict=True))
-    return [(x, scales) for x in xs]
+        return zip(xs, scales, strict=True)
+    return zip(xs, repeat(scales))
 
 
 def _numbers(scales: Scale) -> Scale:
@@ -150,8 +175,12 @@ def _numbers(scales: Scale) -> Scale:
 
 
 def as_real(xs: list[Tensor]) -> list[Tensor]:
-    """Complex tensors as real views with a trailing dimension of 2; real ones unchanged."""
-    return [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+    """Complex tensors as real views with a trailing dimension of 2; real ones unchanged (a
+    list without complex tensors is returned as it is)."""
+    for x in xs:
+        if x.is_complex():
+            return [torch.view_as_real(x) if x.is_complex() else x for x in xs]
+    return xs
 
 
 def as_complex(xs: list[Tensor], like: list[Tensor]) -> list[Tensor]:
@@ -164,7 +193,7 @@ def as_complex(xs: list[Tensor], like: list[Tensor]) -> list[Tensor]:
 
 def increment_(xs: list[Tensor]) -> None:
     """``x += 1`` for each x (step counters)."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x in xs:
             x += 1
     elif xs and xs[0].is_cpu:
@@ -175,13 +204,17 @@ def increment_(xs: list[Tensor]) -> None:
 
 
 def values(xs: list[Tensor]) -> list[Any]:
-    """The Python numbers held by 0-dim tensors, one per x."""
+    """The Python numbers held by 0-dim tensors, one per x; in a step that ``torch.compile``
+    traces, the tensors themselves, so that the graph neither breaks at ``item()`` nor is
+    specialised to the step count (torch.optim's ``_get_value``)."""
+    if torch.compiler.is_compiling():
+        return list(xs)
     return [x.item() for x in xs]
 
 
 def lerp_(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> None:
     """``x += weight * (y - x)`` for each pair; ``weight`` is one or one per x."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for (x, w), y in zip(_pairs(xs, weight), ys, strict=True):
             x.lerp_(y, w)
     elif xs:
@@ -190,7 +223,7 @@ def lerp_(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> None:
 
 def addcmul_(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale) -> None:
     """``x += value * y * z`` for each triple."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, y, z in zip(xs, ys, zs, strict=True):
             x.addcmul_(y, z, value=value)
     elif xs:
@@ -199,7 +232,7 @@ def addcmul_(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale)
 
 def addcdiv_(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale = 1) -> None:
     """``x += value * y / z`` for each triple; ``value`` is one number or one per tensor."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for (x, v), y, z in zip(_pairs(xs, value), ys, zs, strict=True):
             x.addcdiv_(y, z, value=v)
     elif xs:
@@ -208,21 +241,21 @@ def addcdiv_(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale 
 
 def sqrt(xs: list[Tensor]) -> list[Tensor]:
     """``sqrt(x)`` for each x, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.sqrt() for x in xs]
     return list(torch._foreach_sqrt(xs))
 
 
 def div(xs: list[Tensor], scales: Scale) -> list[Tensor]:
     """``x / scale`` for each x, as new tensors; ``scales`` is one or one per x."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x / s for x, s in _pairs(xs, scales)]
     return list(torch._foreach_div(xs, _numbers(scales)))
 
 
 def div_(xs: list[Tensor], scales: Scale) -> None:
     """``x /= scale`` for each x; ``scales`` is one number or tensor, or one per x."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, s in _pairs(xs, scales):
             x.div_(s)
     elif xs:
@@ -231,7 +264,7 @@ def div_(xs: list[Tensor], scales: Scale) -> None:
 
 def add_(xs: list[Tensor], scales: Scale) -> None:
     """``x += scale`` for each x; ``scales`` is one number or tensor, or one per x."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, s in _pairs(xs, scales):
             x.add_(s)
     elif xs:
@@ -240,7 +273,7 @@ def add_(xs: list[Tensor], scales: Scale) -> None:
 
 def maximum_(xs: list[Tensor], ys: list[Tensor]) -> None:
     """``x = max(x, y)`` elementwise for each pair, NaN-propagating."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, y in zip(xs, ys, strict=True):
             if torch.is_grad_enabled():
                 # Autograd takes no ``out=``; torch.optim's differentiable step copies too.
@@ -253,14 +286,14 @@ def maximum_(xs: list[Tensor], ys: list[Tensor]) -> None:
 
 def addcmul(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Scale) -> list[Tensor]:
     """``x + value * y * z`` for each triple, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.addcmul(y, z, value=value) for x, y, z in zip(xs, ys, zs, strict=True)]
     return list(torch._foreach_addcmul(xs, ys, zs, _numbers(value)))
 
 
 def sqrt_(xs: list[Tensor]) -> None:
     """``x = sqrt(x)`` for each x."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x in xs:
             x.sqrt_()
     elif xs:
@@ -269,21 +302,21 @@ def sqrt_(xs: list[Tensor]) -> None:
 
 def add(xs: list[Tensor], scales: Scale) -> list[Tensor]:
     """``x + scale`` for each x, as new tensors; ``scales`` is one or one per x."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.add(s) for x, s in _pairs(xs, scales)]
     return list(torch._foreach_add(xs, _numbers(scales)))
 
 
 def mul(xs: list[Tensor], scales: Scale) -> list[Tensor]:
     """``x * scale`` for each x, as new tensors; ``scales`` is one or one per x."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x * s for x, s in _pairs(xs, scales)]
     return list(torch._foreach_mul(xs, _numbers(scales)))
 
 
 def absolute(xs: list[Tensor]) -> list[Tensor]:
     """``|x|`` for each x, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.abs() for x in xs]
     return list(torch._foreach_abs(xs))
 
@@ -297,7 +330,7 @@ def amax_(xs: list[Tensor], ys: list[Tensor]) -> None:
 
 def mul_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
     """``x *= y`` elementwise for each pair."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, y in zip(xs, ys, strict=True):
             x.mul_(y)
     elif xs:
@@ -306,7 +339,7 @@ def mul_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
 
 def div_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
     """``x /= y`` elementwise for each pair."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, y in zip(xs, ys, strict=True):
             x.div_(y)
     elif xs:
@@ -315,7 +348,7 @@ def div_tensors_(xs: list[Tensor], ys: list[Tensor]) -> None:
 
 def mul_tensors(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
     """``x * y`` elementwise for each pair, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x * y for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_mul(xs, ys))
 
@@ -323,7 +356,7 @@ def mul_tensors(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
 def rdiv(scales: Scale, xs: list[Tensor]) -> list[Tensor]:
     """``scale / x`` for each x, as new tensors, computed as torch computes it: the reciprocal
     of x times the scale."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [s / x for x, s in _pairs(xs, scales)]
     out = list(torch._foreach_reciprocal(xs))
     torch._foreach_mul_(out, _numbers(scales))
@@ -332,7 +365,7 @@ def rdiv(scales: Scale, xs: list[Tensor]) -> list[Tensor]:
 
 def reciprocal_(xs: list[Tensor]) -> None:
     """``x = 1 / x`` for each x."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x in xs:
             x.reciprocal_()
     elif xs:
@@ -341,14 +374,14 @@ def reciprocal_(xs: list[Tensor]) -> None:
 
 def sub(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
     """``x - y`` for each pair, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.sub(y) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_sub(xs, ys))
 
 
 def copy_(xs: list[Tensor], ys: list[Tensor]) -> None:
     """``x = y`` elementwise for each pair, in place."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x, y in zip(xs, ys, strict=True):
             x.copy_(y)
     elif xs:
@@ -368,14 +401,14 @@ def assign_(xs: list[Tensor], values: list[Any]) -> None:
 
 def sign(xs: list[Tensor]) -> list[Tensor]:
     """``sign(x)`` (-1, 0 or 1) for each x, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.sign() for x in xs]
     return list(torch._foreach_sign(xs))
 
 
 def sign_(xs: list[Tensor]) -> None:
     """``x = sign(x)`` for each x."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x in xs:
             x.sign_()
     elif xs:

@@ -42,7 +42,7 @@ from polyak.strategies import _native as native
 
 #: Defaults of :func:`run_benchmark`, shared with the command line.
 DEFAULT_OPTIMIZERS = ("sgd", "adam", "adamw")
-DEFAULT_CASES = ("small", "mlp", "convnet", "gpt2")
+DEFAULT_CASES = ("small", "mlp", "convnet", "gpt2", "in-backward")
 DEFAULT_ROUNDS = 30
 DEFAULT_WARMUP = 3
 #: None: a sweep over 1 thread and every core (``1,2`` on a 2-core machine).
@@ -140,6 +140,9 @@ class Case:
         name: how the case is called on the command line and in the report.
         shapes: the shape of every parameter tensor.
         description: a few words on where the shapes come from.
+        per_tensor: each tensor has an optimizer of its own, stepped on its own with grad
+            mode off, as optimizer-in-backward steps each parameter in a hook as its gradient
+            is ready; a timed step steps them all.
     """
 
     name: str
@@ -149,6 +152,7 @@ class Case:
     #: shards on a one-rank mesh, as FSDP2 holds them; ``"amp"`` each step through a
     #: GradScaler (scale 1, so the reused gradients stay as they are).
     variant: str = ""
+    per_tensor: bool = False
 
     @property
     def numel(self) -> int:
@@ -219,6 +223,12 @@ CASES: dict[str, Case] = {
             "dtensor",
         ),
         Case("mlp-amp", ((1024, 1024), (1024,)) * 8, "the mlp set, stepped by a GradScaler", "amp"),
+        Case(
+            "in-backward",
+            ((64, 64), (64,)) * 20,
+            "20 Linear(64, 64), an optimizer per tensor (optimizer-in-backward)",
+            per_tensor=True,
+        ),
     )
 }
 
@@ -749,6 +759,23 @@ class _InPlaceAdd:
         self.a.add_(self.b, alpha=0.5)
 
 
+class _PerTensor:
+    """One optimizer per parameter, stepped one after another (see :attr:`Case.per_tensor`)."""
+
+    def __init__(self, make: OptimizerFactory, params: list[Tensor]) -> None:
+        self.optimizers = [make([p]) for p in params]
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
+
+    def step(self) -> None:
+        # Autograd runs the hooks that step them with grad mode off.
+        with torch.no_grad():
+            for opt in self.optimizers:
+                opt.step()
+
+
 class _TooSlowError(Exception):
     """A contender's steps take longer than the step limit."""
 
@@ -890,7 +917,7 @@ def _run_batch(
         try:
             params = [p.requires_grad_() for p in _tensors(case, seed)]
             grads = _tensors(case, seed + 1)
-            optimizer = make(params)
+            optimizer = _PerTensor(make, params) if case.per_tensor else make(params)
             if case.variant == "amp" and not isinstance(optimizer, _InPlaceAdd):
                 optimizer = _Scaled(optimizer)
             contender = _Live(fresh, params, grads, optimizer)

@@ -22,9 +22,9 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.utils.hooks import RemovableHandle
 
-from polyak import _checks, _ops
+from polyak import _checks, _ops, functional
 from polyak._state import OptimizerState, StateEntry
-from polyak.strategies import StateLists, Strategy, Update, choose, flat
+from polyak.strategies import StateLists, Strategy, Update, choose, flat, loop
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 StateDict: TypeAlias = dict[str, Any]
@@ -56,6 +56,10 @@ def _resolve(value: Any, as_number: bool) -> Any:
     return value
 
 
+#: Hyperparameter types taken as they are (tested first, by exact type: this runs per step).
+_PLAIN = frozenset({float, int, bool, str, type(None)})
+
+
 class Hyper:
     """A group's hyperparameters, frozen, as the update rule reads them: ``hp.lr``.
 
@@ -66,9 +70,10 @@ class Hyper:
     def __init__(self, group: Mapping[str, Any], as_numbers: bool = False) -> None:
         values = self.__dict__
         for key, value in group.items():
-            if key in ("params", "param_names"):
-                continue
-            values[key] = _resolve(value, as_numbers)
+            if type(value) in _PLAIN:
+                values[key] = value
+            elif key not in ("params", "param_names"):
+                values[key] = _resolve(value, as_numbers)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the group lacks.
@@ -83,10 +88,18 @@ class Hyper:
 
 def _recorded(name: str) -> contextlib.AbstractContextManager[Any]:
     """torch's ``record_function(name)`` while a profiler runs; nothing otherwise, since
-    entering it costs about 5 us per call."""
-    if torch._C._autograd._profiler_enabled():
+    entering it costs about 5 us per call, nor where dynamo traces (it ignores the record, and
+    breaks the graph at the profiler's flag)."""
+    if not torch.compiler.is_compiling() and torch._C._autograd._profiler_enabled():
         return torch.autograd.profiler.record_function(name)
     return contextlib.nullcontext()
+
+
+#: The function torch's step calls after each step under a profiler. The profiler's Python
+#: tracer knows it by its code object and reads the ``param_groups`` and ``state`` of the
+#: optimizer it is called with; the memory profiler marks those state tensors as optimizer
+#: state (``Category.OPTIMIZER_STATE``) in its timeline. Its body is empty.
+_PROFILER_ENTRY = torch.optim.Optimizer._optimizer_step_code
 
 
 def _with_step_hooks(step: _F) -> _F:
@@ -94,16 +107,21 @@ def _with_step_hooks(step: _F) -> _F:
 
     Hooks receive ``(optimizer, args, kwargs)`` where ``args`` starts with the optimizer, and a
     pre-hook may return replacement ``(args, kwargs)``. Under a profiler the step is recorded
-    as ``Optimizer.step#<class>.step``, the name torch uses.
+    as ``Optimizer.step#<class>.step``, the name torch uses, and shows its optimizer to the
+    profiler as torch's step does (see :data:`_PROFILER_ENTRY`).
     """
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        self = cast(Optimizer, args[0])
+        self: Optimizer = args[0]
+        if torch.compiler.is_compiling():
+            return _apart(run, self, args, kwargs)
         if not torch._C._autograd._profiler_enabled():
             return run(self, args, kwargs)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-            return run(self, args, kwargs)
+            out = run(self, args, kwargs)
+            _PROFILER_ENTRY(self)
+            return out
 
     def run(self: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         global_pre = _torch_optimizer._global_optimizer_pre_hooks
@@ -129,6 +147,34 @@ def _with_step_hooks(step: _F) -> _F:
     return cast(_F, wrapper)
 
 
+def _apart(
+    run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any],
+    self: Optimizer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``run(self, args, kwargs)`` in a graph of its own when ``torch.compile`` traces a step,
+    as torch.optim's steps are: dynamo runs this function as Python (it cannot resume inside
+    ``try``) and compiles ``run`` from its first line, in the step's grad mode, so that
+    AOTAutograd compiles the update as an inference graph, which updates the parameters in
+    place."""
+    previous = torch.is_grad_enabled()
+    taken = self._step_count
+    try:
+        torch.set_grad_enabled(bool(self.defaults.get("differentiable", False)))
+        torch._dynamo.graph_break()
+        out = run(self, args, kwargs)
+    finally:
+        torch._dynamo.graph_break()
+        torch.set_grad_enabled(previous)
+    if self._step_count == taken:
+        # A compiled step leaves the count to this function: dynamo loses assignments to an
+        # optimizer's attributes in a frame that gathers its groups, and would guard the
+        # graph on the count's value.
+        self._step_count += 1
+    return out
+
+
 def _register(
     hooks: OrderedDict[int, Callable[..., Any]], hook: Callable[..., Any], prepend: bool = False
 ) -> RemovableHandle:
@@ -144,7 +190,8 @@ class Optimizer(torch.optim.Optimizer):
 
     An instance passes ``isinstance(opt, torch.optim.Optimizer)``, so torch's LR schedulers,
     ``GradScaler`` and training frameworks accept it, but every behaviour is implemented here:
-    none of ``torch.optim.Optimizer``'s methods is called.
+    none of ``torch.optim.Optimizer``'s methods is called, but for the empty one through which
+    torch's profiler finds an optimizer's state, called after a step under the profiler.
 
     Attributes:
         defaults: the hyperparameters given to the constructor, used for groups that omit them.
@@ -192,6 +239,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        functional.register(cls)
         own_step = cls.__dict__.get("step")
         if own_step is not None and not getattr(own_step, "hooked", False):
             cls.step = _with_step_hooks(own_step)  # type: ignore[method-assign]
@@ -388,6 +436,8 @@ class Optimizer(torch.optim.Optimizer):
             closure: re-evaluates the model and returns the loss; it runs with autograd
                 enabled, before the update, and its loss is returned.
         """
+        if torch.compiler.is_compiling():
+            return self._traced_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -404,18 +454,53 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             if flat.eligible(group) and flat.step(self, group, grad_scale):
                 continue
-            with torch.set_grad_enabled(differentiable):
+            enabled = torch.is_grad_enabled()
+            if enabled is differentiable:
                 self._step_group(group, grad_scale)
+                continue
+            # The grad mode's own switch: torch.set_grad_enabled costs three times as much, which
+            # a step of one small tensor (optimizer-in-backward) feels.
+            torch._C._set_grad_enabled(differentiable)
+            try:
+                self._step_group(group, grad_scale)
+            finally:
+                torch._C._set_grad_enabled(enabled)
         self._step_count += 1
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [cast(Tensor, p.grad) for p in params]
+        if params:
+            grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+            self._step_params(group, params, grads, grad_scale)
+
+    def _step_params(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        grad_scale: Tensor | None = None,
+    ) -> None:
+        """Step ``params`` with ``grads`` under the hyperparameters of ``group``."""
+        state, hp, strategy, entries = self._gather(group, params, grads)
+        if grad_scale is not None and group.get("fused"):
+            # Unscaled in place, as torch's fused kernels leave ``.grad``.
+            _ops.div_(grads, grad_scale.to(grads[0].device))
+        _run(strategy.run, type(self).update, params, grads, state, hp)
+        # State the update made (SGD's first momentum buffer) or replaced is stored.
+        for key, values in state.items():
+            for i, value in enumerate(values):
+                if value is not None and entries[i].get(key) is not value:
+                    entry = entries[i] or self.state[params[i]]
+                    entry[key] = value
+
+    def _gather(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]]]:
+        """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
+        state of parameters stepped for the first time created and stored."""
         self.check_step(group, params, grads)
-        hp = Hyper(group, as_numbers=bool(group.get("fused")))
+        hp, hp_layout = self._hyper(group)
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
         # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
         # entries are stored once the step is known to run.
@@ -428,9 +513,12 @@ class Optimizer(torch.optim.Optimizer):
                 if entry:
                     created[p] = entry
             entries.append(entry)
-        state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
-        strategy = choose(group, params, grads)
-        self._rehearse(group, strategy, params, grads, state, hp, entries)
+        if len(entries) == 1:  # one parameter per optimizer, as in optimizer-in-backward
+            entry = entries[0]
+            state: StateLists = {key: [entry.get(key)] for key in self.state_keys}
+        else:
+            state = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
+        strategy = self._rehearse(group, params, grads, state, hp, entries, hp_layout)
         # Checked: from here on the step writes.
         if created:
             for p in created:
@@ -438,28 +526,117 @@ class Optimizer(torch.optim.Optimizer):
             entries = [
                 self.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
             ]
+        return state, hp, strategy, entries
+
+    def _hyper(self, group: dict[str, Any]) -> tuple[Hyper, list[Any]]:
+        """``group``'s :class:`Hyper` and the layout of its values (see :func:`_layout`).
+
+        Both are kept from the group's last step while its keys and values are the same
+        objects (no scheduler changed a number) and all of them are numbers, flags or strings
+        (or tuples of them), whose value an object fixes; a tensor may change in place.
+        """
+        keys, values = tuple(group), tuple(group.values())
+        kept: dict[int, Any] = self.__dict__.setdefault("_hypers", {})
+        last = kept.get(id(group))
+        if last is not None and last[0] == keys and all(map(operator.is_, last[1], values)):
+            return last[2], last[3]
+        hp = Hyper(group, as_numbers=bool(group.get("fused")))
+        layout = _hyper_layout(vars(hp))
+        if all(map(_fixed, vars(hp).values())):
+            kept[id(group)] = (keys, values, hp, layout)
+        else:
+            kept.pop(id(group), None)
+        return hp, layout
+
+    # ----------------------------------------------------------------- torch.compile
+
+    def _traced_step(self, closure: Callable[[], Any] | None) -> Any:
+        """:meth:`step` as ``torch.compile`` traces it, in one graph as torch.optim's step.
+
+        The flat kernel is opaque to dynamo, so every group runs its update rule as tensor
+        operations, one tensor at a time as torch's compiled CPU steps do, with the step
+        counters kept as tensors (see :func:`polyak._ops.values`): the graph holds no
+        ``item()`` and no guard on the step count or on a scheduled ``lr``. The checks, the
+        rehearsal and the creation of state run in :meth:`_init_group`, which dynamo runs as
+        Python; the groups are read here, so that dynamo knows where each comes from. The
+        step is counted by :func:`_apart`, which runs as Python around it.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        for group in self.param_groups:
+            self._traced_group_step(group, grad_scale)
+        return loss
+
+    def _traced_group_step(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        values: list[Any] = []
+        shared = self._init_group(group, params, grads, values)
+        if not params:
+            return
+        n = len(params)
+        state: StateLists = {
+            key: values[k * n : (k + 1) * n] for k, key in enumerate(self.state_keys)
+        }
+        hp = Hyper(group, as_numbers=bool(group.get("fused")))
         if grad_scale is not None and group.get("fused"):
-            # Unscaled in place, as torch's fused kernels leave ``.grad``.
             _ops.div_(grads, grad_scale.to(grads[0].device))
-        _run(strategy, type(self).update, params, grads, state, hp)
+        _run(loop.in_turn if shared else _call, type(self).update, params, grads, state, hp)
         for key, values in state.items():
-            for p, entry, value in zip(params, entries, values, strict=True):
-                if value is not None and entry.get(key) is not value:
-                    if not entry:
-                        entry = self.state[p]
-                    entry[key] = value
+            for p, value in zip(params, values, strict=True):
+                if value is not None and self.state[p].get(key) is not value:
+                    self.state[p][key] = value
+
+    def _init_group(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`_gather_into` under the name that dynamo gives its place.
+
+        Dynamo calls a method of this name as Python when it traces a step of a
+        ``torch.optim.Optimizer`` (torch's own optimizers gather their groups this way), takes
+        its result as a constant and guards the compiled graph on the groups and the state it
+        finds; the checks and the rehearsal therefore run whenever the step is traced again.
+        Its arguments are those of :meth:`_gather_into`; each torch optimizer has a signature
+        of its own, which this one, taking any, stands in for.
+        """
+        _ops.trace_as_python()
+        return self._gather_into(*args, **kwargs)
+
+    def _gather_into(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], values: list[Any]
+    ) -> bool:
+        """Fill the empty lists ``params``, ``grads`` and ``values`` (the state, key after key in
+        the order of ``state_keys``) for a step of ``group``, checked and rehearsed, creating
+        the state of new parameters; return whether parameters or state tensors share memory,
+        so that the parameters are updated in turn."""
+        found = [p for p in group["params"] if p.grad is not None]
+        if not found:
+            return False
+        found_grads = [cast(Tensor, p.grad) for p in found]
+        state = self._gather(group, found, found_grads)[0]
+        params.extend(found)
+        grads.extend(found_grads)
+        for key in self.state_keys:
+            values.extend(state[key])
+        return loop.shared(found, state)
 
     def _rehearse(
         self,
         group: dict[str, Any],
-        strategy: Strategy,
         params: list[Tensor],
         grads: list[Tensor],
         state: StateLists,
         hp: Hyper,
         entries: list[dict[str, Any]],
-    ) -> None:
-        """Raise, before the step writes anything, any error the step would raise.
+        hp_layout: list[Any],
+    ) -> Strategy:
+        """Raise, before the step writes anything, any error the step would raise; return the
+        strategy that runs the step (:func:`polyak.strategies.choose`'s, which the layout
+        decides).
 
         The update runs first on stand-ins of the same shapes and dtypes (meta tensors, and
         copies of per-parameter counters), once for each new layout of the group: a state
@@ -468,19 +645,16 @@ class Optimizer(torch.optim.Optimizer):
         with its wording. Differentiable steps and sparse gradients are not rehearsed; their
         state entries are checked at every step.
         """
-        rehearsed = not group.get("differentiable") and not any(g.is_sparse for g in grads)
+        rehearsed = not group.get("differentiable") and not any(map(_SPARSE, grads))
         if rehearsed:
             # Gradients are left out: autograd keeps them of their parameter's shape, dtype and
             # device.
-            layout = (
-                strategy,
-                _layout(vars(hp)),
-                _tensors_layout(params),
-                tuple(_tensors_layout(values) for values in state.values()),
-            )
+            layout = (hp_layout, _tensors_layout([*params, *chain.from_iterable(state.values())]))
             done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
-            if done.get(id(group)) == layout:
-                return
+            last = done.get(id(group))
+            if last is not None and last[0] == layout:
+                return cast(Strategy, last[1])
+        strategy = choose(group, params, grads)
         # A parameter's state is all or nothing, as torch.optim reads it: what init_state
         # makes must be there (torch raises KeyError from its dict).
         needed: dict[tuple[Any, ...], list[str]] = {}
@@ -492,16 +666,17 @@ class Optimizer(torch.optim.Optimizer):
                 if key not in entry:
                     raise KeyError(key)
         if not rehearsed:
-            return
+            return strategy
         update = type(self).update
         try:
             with torch.no_grad():
-                _run(strategy, update, *_stand_ins((params, grads, state), _stand_in), hp)
+                _run(strategy.run, update, *_stand_ins((params, grads, state), _stand_in), hp)
         except Exception:
             with torch.no_grad():
-                _run(strategy, update, *_stand_ins((params, grads, state), _copy), hp)
+                _run(strategy.run, update, *_stand_ins((params, grads, state), _copy), hp)
             raise
-        done[id(group)] = layout
+        done[id(group)] = (layout, strategy)
+        return strategy
 
     @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
@@ -770,18 +945,28 @@ def _state_template(param: Tensor) -> Tensor:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+#: ``run(update, params, grads, state, hp)``: a strategy's way to run an update rule.
+Runner: TypeAlias = Callable[[Update, list[Tensor], list[Tensor], StateLists, Any], None]
+
+
+def _call(
+    update: Update, params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Any
+) -> None:
+    update(params, grads, state, hp)
+
+
 def _run(
-    strategy: Strategy,
+    run: Runner,
     update: Update,
     params: list[Tensor],
     grads: list[Tensor],
     state: StateLists,
     hp: Hyper,
 ) -> None:
-    if hp.__dict__.get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
-        _run_promoted(strategy, update, params, grads, state, hp)
+    if vars(hp).get("fused") and any(p.dtype in _LOW_PRECISION for p in params):
+        _run_promoted(run, update, params, grads, state, hp)
     else:
-        strategy.run(update, params, grads, state, hp)
+        run(update, params, grads, state, hp)
 
 
 def _layout(value: Any) -> Any:
@@ -808,17 +993,38 @@ def _layout(value: Any) -> Any:
     return kind
 
 
+def _hyper_layout(values: dict[str, Any]) -> list[Any]:
+    """:func:`_layout` of each hyperparameter, the usual types inline: this runs per step."""
+    out: list[Any] = []
+    for key, value in values.items():
+        kind = type(value)
+        if kind is float or kind is int:
+            out.append((key, kind, value == 0))
+        elif kind is bool or kind is str or value is None:
+            out.append((key, value))
+        else:
+            out.append((key, _layout(value)))
+    return out
+
+
 _META = operator.attrgetter("shape", "dtype", "device")
+_SPARSE = operator.attrgetter("is_sparse")
+_PRESENT = functools.partial(operator.is_not, None)
 
 
 def _tensors_layout(values: list[Any]) -> Any:
-    """:func:`_layout` of a list of tensors, at C speed where all are tensors (or None)."""
-    if values and values[0] is None and all(v is None for v in values):
-        return len(values)
+    """:func:`_layout` of a list of tensors and Nones, at C speed where all are tensors."""
     try:
-        return (tuple(map(type, values)), tuple(map(_META, values)))
-    except AttributeError:  # a None, or a value that is not a tensor
+        # The types say where the Nones are.
+        return (tuple(map(type, values)), tuple(map(_META, filter(_PRESENT, values))))
+    except AttributeError:  # a value that is not a tensor
         return _layout(values)
+
+
+def _fixed(value: Any) -> bool:
+    """Whether ``value`` is fixed by its object: a number, flag or string, or a tuple of them."""
+    kind = type(value)
+    return kind in _PLAIN or (kind is tuple and all(type(v) in _PLAIN for v in value))
 
 
 def _stand_in(t: Tensor) -> Tensor:
@@ -852,7 +1058,7 @@ def _stand_ins(
 
 
 def _run_promoted(
-    strategy: Strategy,
+    run: Runner,
     update: Update,
     params: list[Tensor],
     grads: list[Tensor],
@@ -871,7 +1077,7 @@ def _run_promoted(
     wide_state: StateLists = {
         key: [None if t is None else up(t) for t in values] for key, values in state.items()
     }
-    strategy.run(update, wide_params, [up(g) for g in grads], wide_state, hp)
+    run(update, wide_params, [up(g) for g in grads], wide_state, hp)
     with torch.no_grad():
         for p, wide in zip(params, wide_params, strict=True):
             if wide.dtype != p.dtype:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +114,32 @@ def step_both(
         opt_b.step()
         if between is not None:
             between(i)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(worker: Callable[..., None], world_size: int, out_dir: str, seconds: float) -> None:
+    """Run ``worker(rank, world_size, port, out_dir)`` in one process per rank, failing the
+    test if they have not all finished within ``seconds``."""
+    import torch.multiprocessing as torch_mp
+
+    ctx = torch_mp.spawn(
+        worker, args=(world_size, free_port(), out_dir), nprocs=world_size, join=False
+    )
+    deadline = time.monotonic() + seconds
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {seconds} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
 
 
 @pytest.fixture(autouse=True)

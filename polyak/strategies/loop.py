@@ -44,6 +44,7 @@ def chunks(params: list[Tensor], limit: int = CHUNK_NUMEL) -> Iterator[list[int]
 
 
 _PER_TENSOR_DTYPES = (torch.float16, torch.bfloat16)
+_Lists = dict[str, list[Tensor | None]]
 
 
 def _has_tensor(value: Any) -> bool:
@@ -88,7 +89,7 @@ def _mode(
     return contextlib.nullcontext() if _batchable(params, grads, state, hp) else _ops.per_tensor()
 
 
-def _shared(params: list[Tensor], state: dict[str, list[Tensor | None]]) -> bool:
+def shared(params: list[Tensor], state: dict[str, list[Tensor | None]]) -> bool:
     """Whether parameters share memory, or several parameters share a state tensor."""
     tensors = [*params, *(t for values in state.values() for t in values if t is not None)]
     if len({id(t) for t in tensors}) != len(tensors):
@@ -110,12 +111,15 @@ def run(
     hp: Any,
 ) -> None:
     """Call ``update`` chunk by chunk, writing back any state it creates."""
-    if _shared(params, state):
-        # A parameter listed twice, or state shared by several parameters (a step counter
-        # assigned to each by hand), is updated in turn, as torch.optim's loop does: one
-        # parameter per call, so each update sees the one before.
-        for i in range(len(params)):
-            run_on(update, [i], params, grads, state, hp, lambda *_: _ops.per_tensor())
+    if len(params) == 1:
+        # One tensor (optimizer-in-backward steps one parameter per optimizer): the tensor
+        # methods, which cost less per call than the foreach kernels and compute the same.
+        with _ops.per_tensor():
+            update(params, grads, state, hp)
+        return
+    if shared(params, state):
+        with _ops.per_tensor():
+            in_turn(update, params, grads, state, hp)
         return
     if sum(p.numel() for p in params) <= CHUNK_NUMEL:
         with _mode(params, grads, state, hp):
@@ -123,3 +127,13 @@ def run(
         return
     for idx in chunks(params):
         run_on(update, idx, params, grads, state, hp, lambda ps, gs, st: _mode(ps, gs, st, hp))
+
+
+def in_turn(update: Any, params: list[Tensor], grads: list[Tensor], state: _Lists, hp: Any) -> None:
+    """Call ``update`` on one parameter at a time, so that each update sees the one before.
+
+    A parameter listed twice, or state shared by several parameters (a step counter assigned
+    to each by hand), is updated so, as torch.optim's loop does.
+    """
+    for i in range(len(params)):
+        run_on(update, [i], params, grads, state, hp)

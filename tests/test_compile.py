@@ -1,0 +1,186 @@
+"""``torch.compile`` of a step: graphs, graph breaks and recompiles, counted with torch's own
+counters for polyak and torch.optim side by side, and the numbers of the compiled steps."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import make_params, twin
+from registry import REGISTRY, Entry, ids
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+
+import polyak
+
+#: How the learning rate moves: not at all, a float a scheduler changes at every step, or a
+#: tensor it changes in place (what torch recommends under torch.compile).
+SCHEDULES = ("none", "float", "tensor")
+STEPS = 4
+
+
+def _compiled_run(
+    cls: type[torch.optim.Optimizer],
+    config: dict[str, Any],
+    schedule: str,
+    backend: str | Callable[..., Any] = "eager",
+) -> tuple[dict[str, int], list[torch.Tensor]]:
+    """Step ``cls`` STEPS times through a compiled function; its counts and parameters."""
+    torch._dynamo.reset()
+    counters.clear()
+    params = make_params([(3, 4), (4,)], seed=3)
+    kwargs = dict(config)
+    if schedule == "tensor":
+        kwargs["lr"] = torch.tensor(float(kwargs.get("lr", 0.01)))
+    opt = cls(params, **kwargs)
+    scheduler = None
+    if schedule != "none":
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter if backend == "eager" else backend)
+    def step() -> None:
+        opt.step()
+
+    gen = torch.Generator().manual_seed(4)
+    graphs = []
+    with warnings.catch_warnings():
+        # Dynamo's note that it ignores the profiler's record_function inside torch's step.
+        warnings.simplefilter("ignore")
+        for _ in range(STEPS):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            step()
+            if scheduler is not None:
+                scheduler.step()
+            graphs.append(counter.frame_count)
+    counts = {
+        "graphs": counter.frame_count,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompiles": sum(counters["recompiles"].values()),
+        # Graphs compiled after the second step: each is a recompile under the schedule.
+        "late_graphs": graphs[-1] - graphs[1],
+    }
+    return counts, [p.detach().clone() for p in params]
+
+
+def _assert_like_torch(entry: Entry, config: dict[str, Any], schedule: str) -> None:
+    theirs, their_params = _compiled_run(entry.reference, config, schedule)
+    ours, our_params = _compiled_run(entry.cls, config, schedule)
+    assert ours == theirs, (ours, theirs)
+    assert ours["late_graphs"] == 0, ours
+    for a, b in zip(our_params, their_params, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+_ENTRIES = {e.cls.__name__: e for e in REGISTRY}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_compiled_step_counts_match_torch(name: str, schedule: str) -> None:
+    """As many graphs, graph breaks and recompiles as torch.optim's compiled step (one graph,
+    and none compiled after the second step under a scheduler), and the same numbers."""
+    entry = _ENTRIES[name]
+    _assert_like_torch(entry, entry.stateful, schedule)
+
+
+_OTHERS = [e for e in REGISTRY if e.cls.__name__ not in ("SGD", "Adam", "AdamW")]
+
+
+#: Rules that branch on the step count's value where torch's compiled step selects with
+#: ``torch.where``: their graphs break at the branch.
+_BRANCHING = ("RAdam", "ASGD")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param(
+            e,
+            marks=[pytest.mark.xfail(strict=True)] if e.cls.__name__ in _BRANCHING else [],
+        )
+        for e in _OTHERS
+        if not e.sparse_grads
+    ],
+    ids=ids,
+)
+def test_compiled_step_counts_match_torch_registry(entry: Entry) -> None:
+    _assert_like_torch(entry, entry.stateful, "float")
+
+
+@pytest.mark.slow
+def test_compiled_step_numbers_with_inductor() -> None:
+    """Inductor's code for polyak's step computes what it computes for torch's."""
+    config = {"lr": 0.01, "weight_decay": 0.1}
+    _, theirs = _compiled_run(torch.optim.AdamW, config, "tensor", backend="inductor")
+    _, ours = _compiled_run(polyak.AdamW, config, "tensor", backend="inductor")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_step_runs_hooks_and_counts_steps() -> None:
+    """Step hooks fire around a compiled step, and the eager step after it continues it."""
+    params = make_params([(3, 4)])
+    reference = twin(params)
+    opt = polyak.Adam(params, lr=0.01)
+    ref = torch.optim.Adam(reference, lr=0.01)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="eager")
+    gen = torch.Generator().manual_seed(5)
+    for i in range(3):
+        g = torch.randn(3, 4, generator=gen)
+        params[0].grad, reference[0].grad = g.clone(), g.clone()
+        step() if i < 2 else opt.step()
+        ref.step()
+    assert calls == ["pre", "post"] * 3
+    assert opt._step_count == 3
+    torch.testing.assert_close(params[0], reference[0])
+    torch.testing.assert_close(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+def _compiled_training(cls: type[torch.optim.Optimizer]) -> tuple[dict[str, int], list[Any]]:
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = cls(model.parameters(), lr=torch.tensor(0.01), weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def train(x: torch.Tensor) -> None:
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    gen = torch.Generator().manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(STEPS):
+            train(torch.randn(3, 6, generator=gen))
+            scheduler.step()
+    counts = {
+        "graphs": counter.frame_count,
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+    return counts, [p.detach().clone() for p in model.parameters()]
+
+
+def test_compiled_training_step() -> None:
+    """Forward, backward, step and zero_grad in one compiled function: no more graphs or graph
+    breaks than with torch.optim, and the same numbers."""
+    theirs, their_params = _compiled_training(torch.optim.AdamW)
+    ours, our_params = _compiled_training(polyak.AdamW)
+    assert ours["graphs"] == theirs["graphs"]
+    assert ours["graph_breaks"] <= theirs["graph_breaks"]
+    for a, b in zip(our_params, their_params, strict=True):
+        torch.testing.assert_close(a, b)
