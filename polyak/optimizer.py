@@ -169,6 +169,9 @@ class Optimizer(torch.optim.Optimizer):
     #: Hyperparameters the class fixes, whatever a checkpoint or a pickle says (as torch.optim's
     #: AdamW does for ``decoupled_weight_decay``).
     fixed: ClassVar[dict[str, Any]] = {}
+    #: The update is elementwise, so the flat kernel may run it; rules with per-tensor norms or
+    #: matrix products set False and run on the other strategies.
+    elementwise: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
@@ -224,7 +227,8 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
         self._init_hooks()
-        self.defaults.setdefault("differentiable", False)
+        for key, value in _SET_BY_LOADING.items():
+            self.defaults.setdefault(key, value)
         for group in self.param_groups:
             for key, value in self.backfill.items():
                 group.setdefault(key, value)
@@ -401,8 +405,9 @@ class Optimizer(torch.optim.Optimizer):
         # Groups are stepped in order (state may be shared across groups); those the flat
         # kernel steps need neither autograd's mode nor the machinery below.
         differentiable = bool(self.defaults.get("differentiable", False))
+        runs_flat = grad_scale is None and self.elementwise
         for group in self.param_groups:
-            if grad_scale is None and flat.eligible(group) and flat.step(self, group):
+            if runs_flat and flat.eligible(group) and flat.step(self, group):
                 continue
             with torch.set_grad_enabled(differentiable):
                 self._step_group(group, grad_scale)
@@ -415,7 +420,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         grads = [cast(Tensor, p.grad) for p in params]
         self.check_step(group, params, grads)
-        hp = Hyper(group, as_numbers=bool(group.get("fused")))
+        hp = self.hyperparameters(group, params)
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
         # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
         # entries are stored once the step is known to run.
@@ -514,6 +519,12 @@ class Optimizer(torch.optim.Optimizer):
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
         """Bring one parameter's state from an older format to the current one, in place."""
 
+    def hyperparameters(self, group: Mapping[str, Any], params: list[Tensor]) -> Hyper:
+        """The hyperparameters one step of ``group`` hands the update, for ``params`` (those
+        with gradients); a subclass resolves here values that depend on them (Adafactor's
+        ``eps=None``)."""
+        return Hyper(group, as_numbers=bool(group.get("fused")))
+
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Raise, before anything changes, for parameters this step cannot update."""
         if group.get("fused"):
@@ -602,6 +613,9 @@ class Optimizer(torch.optim.Optimizer):
         self.state = state
         self.param_groups = groups
         self._step_count = step_count
+        # As torch.optim's loading does (through __setstate__): groups added later get them.
+        for key, value in _SET_BY_LOADING.items():
+            self.defaults.setdefault(key, value)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -650,9 +664,12 @@ class Optimizer(torch.optim.Optimizer):
                 id_map[pid] = p
                 owner[pid] = g
 
+        # Copied in one go, as torch.optim copies them: a value the groups share (a tensor lr
+        # that add_param_group took from the defaults) stays shared.
+        saved_copies = copy.deepcopy([dict(saved) for saved in saved_groups])
         groups = [
             self._read_group(i, saved, group)
-            for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True))
+            for i, (saved, group) in enumerate(zip(saved_copies, self.param_groups, strict=True))
         ]
 
         orphans = [pid for pid in saved_state if pid not in id_map]
@@ -718,7 +735,7 @@ class Optimizer(torch.optim.Optimizer):
     def _read_group(
         self, i: int, saved: Mapping[str, Any], group: Mapping[str, Any]
     ) -> dict[str, Any]:
-        new_group = copy.deepcopy(dict(saved))
+        new_group = dict(saved)
         new_group.update(self.fixed)
         # Only the optimizer's own hyperparameters are required: keys that others add to a
         # group (a scheduler's ``initial_lr``) are replaced by the saved group, as in torch.
@@ -727,7 +744,7 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if key in self.backfill:
                 new_group[key] = self.backfill[key]
-            else:
+            elif key not in _SET_BY_LOADING:
                 raise KeyError(f"loaded state dict's param_groups[{i}] has no {key!r} entry")
         for key, value in new_group.items():
             if key in group and key not in ("params", "param_names"):
@@ -750,6 +767,10 @@ class Optimizer(torch.optim.Optimizer):
                 )
         return _cast_state(param, key, value, group)
 
+
+#: Defaults that loading a state_dict (or unpickling) gives an optimizer that has none, as
+#: torch.optim's ``__setstate__`` does; a loaded group may lack them.
+_SET_BY_LOADING = {"differentiable": False}
 
 #: Up to this many elements, a parameter's state templates are made on a real CPU tensor.
 _REAL_STAND_IN_NUMEL = 1 << 20
@@ -821,31 +842,42 @@ def _tensors_layout(values: list[Any]) -> Any:
         return _layout(values)
 
 
-def _stand_in(t: Tensor) -> Tensor:
+def _stand_in(t: Tensor, meta: bool) -> Tensor:
     """A tensor like ``t`` to rehearse a step on; per-parameter counters, which the update
     reads as numbers, are copied. Small ones are real tensors, as in :func:`_state_template`
-    (meta tensors import torch's symbolic shapes and sympy on first use); large ones are meta
-    tensors, which allocate nothing."""
+    (meta tensors import torch's symbolic shapes and sympy on first use); large ones, and
+    ``meta`` ones, are meta tensors, which allocate nothing."""
     if t.dim() == 0 or t.numel() == 1:
         return t.detach().clone()
-    if t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in (Tensor, torch.nn.Parameter):
+    if not meta and _small(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     return torch.empty_like(t.detach(), device="meta")
 
 
-def _copy(t: Tensor) -> Tensor:
+def _small(t: Tensor) -> bool:
+    return t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in (Tensor, torch.nn.Parameter)
+
+
+def _copy(t: Tensor, meta: bool) -> Tensor:
     return t.detach().clone()
 
 
 def _stand_ins(
-    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor], Tensor]
+    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor, bool], Tensor]
 ) -> tuple[list[Tensor], list[Tensor], StateLists]:
+    """Stand-ins of a step's tensors. A parameter stood in for by a meta tensor has its
+    gradient and state stood in for alike, so that state smaller than the parameter
+    (Adafactor's row and column factors) meets meta tensors only."""
     params, grads, state = lists
+    meta = [not _small(p) for p in params]
     return (
-        [make(p) for p in params],
-        [make(g) for g in grads],
+        [make(p, m) for p, m in zip(params, meta, strict=True)],
+        [make(g, m) for g, m in zip(grads, meta, strict=True)],
         {
-            key: [make(t) if isinstance(t, Tensor) else t for t in values]
+            key: [
+                make(t, m) if isinstance(t, Tensor) else t
+                for t, m in zip(values, meta, strict=True)
+            ]
             for key, values in state.items()
         },
     )
