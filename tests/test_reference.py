@@ -270,3 +270,19 @@ def test_state_after_construction_matches_torch(entry: Entry, dtype: torch.dtype
     ref = entry.reference(twin(params), **clone_kwargs(entry.stateful))
     assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
     assert bool(opt.state) == entry.eager_state
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_strided_parameters_match_torch(entry: Entry) -> None:
+    """Parameters whose memory is not in row-major order (a transposed leaf)."""
+    params = [
+        torch.nn.Parameter(p.detach().t()) if p.dim() == 2 else p
+        for p in params_for(entry, [(4, 3), (5,), (2, 6)])
+    ]
+    assert not params[0].is_contiguous()
+    ref_params = [torch.nn.Parameter(p.detach().clone().t().contiguous().t()) for p in params]
+    opt = entry.cls(params, **clone_kwargs(entry.stateful))
+    ref = entry.reference(ref_params, **clone_kwargs(entry.stateful))
+    step_both(opt, ref, params, ref_params, 3)
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])

@@ -168,6 +168,13 @@ class LBFGS(Optimizer, torch.optim.LBFGS):
     def _flat_grad(self) -> Tensor:
         """Every gradient as one vector: zeros for a parameter without one, dense for a sparse
         one, real pairs for a complex one."""
+        grads = [p.grad for p in self._params]
+        if all(
+            g is not None and g.layout == torch.strided and g.is_contiguous() and not g.is_complex()
+            for g in grads
+        ):
+            # One call concatenates them all, as torch.cat of their flat views does.
+            return cast(Tensor, torch._utils._flatten_dense_tensors(grads))
         views = []
         for p in self._params:
             if p.grad is None:
@@ -184,16 +191,18 @@ class LBFGS(Optimizer, torch.optim.LBFGS):
     def _move(self, step: Any, direction: Tensor) -> None:
         """``θ += step * direction``, with each parameter's part of the flat direction."""
         params = [torch.view_as_real(p) if torch.is_complex(p) else p for p in self._params]
-        views, offset = [], 0
-        for p in params:
-            views.append(direction[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        if offset != direction.numel():
-            raise AssertionError(f"Expected offset {offset} to equal {direction.numel()}")
+        sizes = [p.numel() for p in params]
+        if sum(sizes) != direction.numel():
+            raise AssertionError(f"Expected offset {sum(sizes)} to equal {direction.numel()}")
+        parts = direction.split(sizes)
+        if all(p.is_contiguous() for p in params):
+            targets = [p.view(-1) for p in params]
+        else:
+            targets, parts = params, tuple(d.view_as(p) for d, p in zip(parts, params, strict=True))
         # The step is read as a number once (torch reads a tensor step for every parameter).
         scale = step.item() if isinstance(step, Tensor) else step
         with _mode(params):
-            _ops.add_scaled_(params, views, scale)
+            _ops.add_scaled_(targets, list(parts), scale)
 
     def _evaluate(
         self, closure: Callable[[], Any], start: list[Tensor], step: Any, direction: Tensor
@@ -399,11 +408,12 @@ def _check_vector(key: str, value: Any, size: int) -> None:
 
 
 def _max_abs(x: Tensor) -> Tensor:
-    """max|x|, as ``x.abs().max()`` gives it, without the temporary |x| (the maximum of the
-    absolute values is exact whatever the order)."""
+    """max|x|, as ``x.abs().max()`` gives it (NaN where x holds one), from x's minimum and
+    maximum in one pass, without the temporary |x|: negation is exact (and -0 reads as 0)."""
     if x.numel() == 0:
         return x.abs().max()  # torch's error for an empty vector
-    return cast(Tensor, torch.linalg.vector_norm(x, ord=float("inf")))
+    low, high = torch.aminmax(x)
+    return torch.maximum(high, low.neg()).abs_()
 
 
 def _mode(params: list[Tensor]) -> contextlib.AbstractContextManager[Any]:
