@@ -206,9 +206,9 @@ def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hy
         col_vars: list[Any] = [state["col_var"][i] for i in matrices]
         weights = [news[i] for i in matrices]
         # The squared gradient's means over columns and rows, as torch computes them: the
-        # square of the norm, over the count.
+        # square of the norm, over the count (torch.norm over a dimension is this function).
         for factors, dim in ((row_vars, -1), (col_vars, -2)):
-            means = [torch.norm(x, dim=dim, keepdim=True) for x in gm]
+            means = [torch.linalg.vector_norm(x, dim=dim, keepdim=True) for x in gm]
             _ops.mul_tensors_(means, means)
             _ops.div_(means, [x.size(dim) for x in gm])
             _ops.lerp_(factors, means, weights)

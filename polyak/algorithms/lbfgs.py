@@ -174,7 +174,7 @@ class LBFGS(Optimizer, torch.optim.LBFGS):
             for g in grads
         ):
             # One call concatenates them all, as torch.cat of their flat views does.
-            return cast(Tensor, torch._utils._flatten_dense_tensors(grads))
+            return torch._C._nn.flatten_dense_tensors(cast(list[Tensor], grads))
         views = []
         for p in self._params:
             if p.grad is None:
@@ -194,7 +194,7 @@ class LBFGS(Optimizer, torch.optim.LBFGS):
         sizes = [p.numel() for p in params]
         if sum(sizes) != direction.numel():
             raise AssertionError(f"Expected offset {sum(sizes)} to equal {direction.numel()}")
-        parts = direction.split(sizes)
+        parts = direction.split_with_sizes(sizes)
         if all(p.is_contiguous() for p in params):
             targets = [p.view(-1) for p in params]
         else:
