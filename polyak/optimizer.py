@@ -172,6 +172,9 @@ class Optimizer(torch.optim.Optimizer):
     #: The update is elementwise, so the flat kernel may run it; rules with per-tensor norms or
     #: matrix products set False and run on the other strategies.
     elementwise: ClassVar[bool] = True
+    #: Without a ``foreach`` flag, accelerators take the foreach strategy, as torch.optim's
+    #: default does; False where the torch twin keeps its per-tensor path (Adafactor, Muon).
+    foreach_by_default: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
@@ -434,7 +437,7 @@ class Optimizer(torch.optim.Optimizer):
                     created[p] = entry
             entries.append(entry)
         state: StateLists = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
-        strategy = choose(group, params, grads)
+        strategy = choose(group, params, grads, self.foreach_by_default)
         self._rehearse(group, strategy, params, grads, state, hp, entries)
         # Checked: from here on the step writes.
         if created:

@@ -419,3 +419,32 @@ def test_flat_follows_state_replaced_by_assignment(entry: Entry, flat_steps: lis
         assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
     assert not entry.flat or flat_steps[-1]
     assert isinstance(opt.state, defaultdict)
+
+
+def test_optimizers_whose_torch_twin_defaults_to_its_loop_keep_it_on_accelerators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's Adafactor takes its foreach path only when asked, and Muon has no other: without
+    a flag they stay per tensor where the others take foreach (accelerators; CPU tensors stand
+    in for an accelerator's here)."""
+    from polyak import strategies
+
+    monkeypatch.setattr(strategies, "_FOREACH_DEVICES", ("cpu",))
+    taken: list[tuple[str, str]] = []
+    real = strategies.Strategy.run
+
+    def spy(self: Any, update: Any, *args: Any) -> None:
+        taken.append((update.__qualname__.split(".")[0], self.value))
+        real(self, update, *args)
+
+    monkeypatch.setattr(strategies.Strategy, "run", spy)
+    for entry in REGISTRY:
+        if entry.step_closure or entry.sparse_grads:
+            continue
+        params = params_for(entry)
+        opt = entry.cls(params, **clone_kwargs(entry.stateful))
+        for p in params:
+            p.grad = torch.ones_like(p)
+        step_once(opt)
+    expected = {"Adafactor": "loop", "Muon": "loop", "SGD": "foreach", "Adam": "foreach"}
+    assert {name: taken_as for name, taken_as in taken if name in expected} == expected

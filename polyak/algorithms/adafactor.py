@@ -82,6 +82,7 @@ class Adafactor(Optimizer, torch.optim.Adafactor):
     param_shaped_state = ("variance",)
     backfill = {"foreach": None}  # noqa: RUF012 - read-only table
     elementwise = False
+    foreach_by_default = False
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class Muon(Optimizer, torch.optim.Muon):
     state_keys = ("momentum_buffer",)
     param_shaped_state = ("momentum_buffer",)
     elementwise = False
+    foreach_by_default = False
 
     def __init__(
         self,
