@@ -2,11 +2,14 @@
 
 from polyak import functional
 from polyak.algorithms.adadelta import Adadelta
+from polyak.algorithms.adafactor import Adafactor
 from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
 from polyak.algorithms.asgd import ASGD
+from polyak.algorithms.lbfgs import LBFGS
+from polyak.algorithms.muon import Muon
 from polyak.algorithms.nadam import NAdam
 from polyak.algorithms.radam import RAdam
 from polyak.algorithms.rmsprop import RMSprop
@@ -20,12 +23,15 @@ functional.watch()
 
 __all__ = [
     "ASGD",
+    "LBFGS",
     "SGD",
     "Adadelta",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adamax",
+    "Muon",
     "NAdam",
     "Optimizer",
     "RAdam",

@@ -212,6 +212,20 @@ def values(xs: list[Tensor]) -> list[Any]:
     return [x.item() for x in xs]
 
 
+def measured(xs: list[Tensor]) -> list[float]:
+    """The Python numbers held by 0-dim real tensors of one device, one per x: computed
+    values (norms) that a rule goes on with in Python.
+
+    A meta tensor (a stand-in on which a step is rehearsed) holds no number and reads as 0.
+    """
+    if any(x.is_meta for x in xs):
+        return [0.0 if x.is_meta else x.item() for x in xs]
+    if len(xs) > 1 and not torch.is_grad_enabled():
+        # One copy and one conversion for the whole list: stacking widens at most, exactly.
+        return torch.stack(xs).tolist()  # type: ignore[no-any-return]
+    return [x.item() for x in xs]
+
+
 def lerp_(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> None:
     """``x += weight * (y - x)`` for each pair; ``weight`` is one or one per x."""
     if _one_at_a_time():
@@ -361,6 +375,49 @@ def rdiv(scales: Scale, xs: list[Tensor]) -> list[Tensor]:
     out = list(torch._foreach_reciprocal(xs))
     torch._foreach_mul_(out, _numbers(scales))
     return out
+
+
+def norms(xs: list[Tensor]) -> list[Tensor]:
+    """The 2-norm of each x over all its elements, as 0-dim tensors of its dtype.
+
+    The foreach norm runs the per-tensor kernel on the CPU only (accelerators reduce in
+    another order), so elsewhere each norm is its own call, as on both of torch.optim's paths.
+    """
+    if _PER_TENSOR.get() or not xs or not all(x.is_cpu for x in xs):
+        return [x.norm(2) for x in xs]
+    return list(torch._foreach_norm(xs))
+
+
+def lerp(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> list[Tensor]:
+    """``x + weight * (y - x)`` for each pair, as new tensors."""
+    if _PER_TENSOR.get() or not xs:
+        return [x.lerp(y, weight) for x, y in zip(xs, ys, strict=True)]
+    return list(torch._foreach_lerp(xs, ys, _numbers(weight)))
+
+
+def clamp_min(xs: list[Tensor], low: Scale) -> list[Tensor]:
+    """``max(x, low)`` for each x, as new tensors (NaN stays NaN)."""
+    if _PER_TENSOR.get() or not xs:
+        return [torch.clamp_min(x, low) for x in xs]
+    return list(torch._foreach_clamp_min(xs, _numbers(low)))
+
+
+def clamp_min_(xs: list[Tensor], low: Scale) -> None:
+    """``x = max(x, low)`` for each x (NaN stays NaN)."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.clamp_(min=low)
+    elif xs:
+        torch._foreach_clamp_min_(xs, _numbers(low))
+
+
+def rsqrt_(xs: list[Tensor]) -> None:
+    """``x = 1 / sqrt(x)`` for each x."""
+    if _PER_TENSOR.get():
+        for x in xs:
+            x.rsqrt_()
+    elif xs:
+        torch._foreach_rsqrt_(xs)
 
 
 def reciprocal_(xs: list[Tensor]) -> None:

@@ -78,6 +78,11 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "radam": {"lr": 1e-3},
     "asgd": {"lr": 1e-2},
     "rprop": {"lr": 1e-2},
+    "adafactor": {"lr": 1e-2},
+    "muon": {"lr": 2e-2},
+    # A history of 10 pairs: the default 100 would hold 200 copies of the parameters.
+    "lbfgs": {"lr": 1.0, "max_iter": 5, "history_size": 10},
+    "sparseadam": {"lr": 1e-3},
 }
 
 #: The class name of each optimizer in torch.optim and polyak.
@@ -93,12 +98,33 @@ CLASS_NAMES = {
     "radam": "RAdam",
     "asgd": "ASGD",
     "rprop": "Rprop",
+    "adafactor": "Adafactor",
+    "muon": "Muon",
+    "lbfgs": "LBFGS",
+    "sparseadam": "SparseAdam",
 }
+
+#: Optimizers of 2-D parameters only (Muon): each case is reduced to its 2-D tensors.
+MATRICES_ONLY = frozenset({"muon"})
+
+#: Optimizers whose step takes a closure (LBFGS): each evaluation sets the gradient of the
+#: quadratic <g, θ - θ_0> + |θ - θ_0|^2 / 2 around the first parameters θ_0, with the case's
+#: gradients g, and returns its value.
+CLOSURE_STEPS = frozenset({"lbfgs"})
+
+#: Optimizers of sparse gradients (SparseAdam): each case is reduced to its 2-D tensors, as an
+#: embedding's, whose gradients hold one row in :data:`SPARSE_ROW_EVERY`.
+SPARSE_GRADIENTS = frozenset({"sparseadam"})
+SPARSE_ROW_EVERY = 8
 
 #: Parameter-sized state tensors each optimizer keeps (momentum buffer; first and second moments;
 #: RMSprop's and Adagrad's one average, ASGD's average, Rprop's previous gradient and step sizes).
 STATE_TENSORS = {"sgd": 1, "adam": 2, "adamw": 2, "rmsprop": 1, "adagrad": 1, "adamax": 2}
 STATE_TENSORS |= {"adadelta": 2, "nadam": 2, "radam": 2, "asgd": 1, "rprop": 2}
+#: Adafactor's second moment of vectors (the factors of matrices are far smaller), Muon's
+#: momentum, SparseAdam's two moments and LBFGS's history of pairs, direction and gradient.
+STATE_TENSORS |= {"adafactor": 1, "muon": 1, "sparseadam": 2}
+STATE_TENSORS["lbfgs"] = 2 * HYPERPARAMETERS["lbfgs"]["history_size"] + 2
 
 #: Parameter-sized tensors one step must read plus those it must write: the parameter, its
 #: gradient and the state are read, the parameter and the state written (SGD with momentum:
@@ -524,6 +550,10 @@ def _peer_contender(optimizer: str, module: ModuleType) -> Contender:
     return Contender(name, None, "no recipe for this library")
 
 
+#: The optimizers the peer libraries are timed for, with hyperparameters matching torch's.
+PEER_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 def contenders_for(optimizer: str, peers: dict[str, PeerStatus] | None = None) -> list[Contender]:
     """Every contender for an optimizer: torch.optim, polyak and the peer libraries.
 
@@ -550,18 +580,26 @@ def contenders_for(optimizer: str, peers: dict[str, PeerStatus] | None = None) -
     def in_place_add(params: list[Tensor]) -> Any:
         return _InPlaceAdd(moved * sum(p.numel() * p.element_size() for p in params))
 
-    contenders = [
-        Contender(MEMORY, in_place_add),
-        Contender("torch foreach=False", _factory(torch_cls, **hyper, foreach=False)),
-        Contender("torch foreach=True", _factory(torch_cls, **hyper, foreach=True)),
-    ]
-    fused = "fused" in inspect.signature(torch_cls).parameters
+    takes = inspect.signature(torch_cls).parameters
+    contenders = [Contender(MEMORY, in_place_add)]
+    if "foreach" in takes:
+        contenders += [
+            Contender("torch foreach=False", _factory(torch_cls, **hyper, foreach=False)),
+            Contender("torch foreach=True", _factory(torch_cls, **hyper, foreach=True)),
+        ]
+    else:
+        # One path only (Muon, LBFGS, SparseAdam).
+        contenders.append(Contender("torch (default)", _factory(torch_cls, **hyper)))
+    fused = "fused" in takes
     if fused:
         contenders.append(Contender(REFERENCE, _factory(torch_cls, **hyper, fused=True)))
-    polyak_flags: tuple[tuple[str, dict[str, bool]], ...] = (
-        ("polyak (default)", {}),
+    strategies: tuple[tuple[str, dict[str, bool]], ...] = (
         ("polyak foreach=False", {"foreach": False}),
         ("polyak foreach=True", {"foreach": True}),
+    )
+    polyak_flags: tuple[tuple[str, dict[str, bool]], ...] = (
+        ("polyak (default)", {}),
+        *(strategies if "foreach" in takes else ()),
         *((("polyak fused=True", {"fused": True}),) if fused else ()),
     )
     for label, flags in polyak_flags:
@@ -571,7 +609,7 @@ def contenders_for(optimizer: str, peers: dict[str, PeerStatus] | None = None) -
             contenders.append(Contender(label, _factory(polyak_cls, **hyper, **flags)))
     for peer in (peers or {}).values():
         # A peer that cannot be imported is said once, in the run's header, not in every table.
-        if peer.error is None:
+        if peer.error is None and optimizer in PEER_OPTIMIZERS:
             contenders.append(_peer_contender(optimizer, importlib.import_module(peer.name)))
     return contenders
 
@@ -755,7 +793,7 @@ class _InPlaceAdd:
         self.state: dict[Any, Any] = {}
         self.param_groups: list[dict[str, Any]] = []
 
-    def step(self) -> None:
+    def step(self, closure: Callable[[], float] | None = None) -> None:
         self.a.add_(self.b, alpha=0.5)
 
 
@@ -780,26 +818,78 @@ class _TooSlowError(Exception):
     """A contender's steps take longer than the step limit."""
 
 
-class _Live:
-    """A contender during a batch: its parameters, gradients and optimizer."""
+def _sparse_rows(grad: Tensor) -> Tensor:
+    """A sparse gradient holding one row of ``grad`` in :data:`SPARSE_ROW_EVERY`, coalesced."""
+    rows = torch.arange(0, grad.shape[0], SPARSE_ROW_EVERY)
+    sparse = torch.sparse_coo_tensor(
+        rows.unsqueeze(0), grad[rows], grad.shape, check_invariants=True
+    )
+    return sparse.coalesce()
 
-    def __init__(self, row: Row, params: list[Tensor], grads: list[Tensor], optimizer: Any):
+
+def _quadratic_closure(params: list[Tensor], grads: list[Tensor]) -> Callable[[], float]:
+    """The closure of :data:`CLOSURE_STEPS`: the loss <g, θ - θ_0> + |θ - θ_0|^2 / 2 around
+    the parameters θ_0 it is made at, and its gradient g + θ - θ_0 set as each ``.grad``."""
+    anchors = [p.detach().clone() for p in params]
+
+    def closure() -> float:
+        loss = 0.0
+        for p, g, p0 in zip(params, grads, anchors, strict=True):
+            delta = p.detach() - p0
+            p.grad = g + delta
+            flat = delta.view(-1)
+            loss += float(g.view(-1).dot(flat)) + 0.5 * float(flat.dot(flat))
+        return loss
+
+    return closure
+
+
+class _Live:
+    """A contender during a batch: its parameters, gradients and optimizer, and the closure its
+    steps take, if any."""
+
+    def __init__(
+        self,
+        row: Row,
+        params: list[Tensor],
+        grads: list[Tensor],
+        optimizer: Any,
+        closure: Callable[[], float] | None = None,
+    ):
         self.row = row
         self.params = params
         self.grads = grads
         self.optimizer = optimizer
+        self.closure = closure
 
     def load_grads(self) -> None:
         """Give every parameter its pre-made gradient again."""
         for param, grad in zip(self.params, self.grads, strict=True):
             param.grad = grad
 
+    def step(self) -> None:
+        """One step of the optimizer, with the closure where it takes one."""
+        if self.closure is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.step(self.closure)
+
     def timed_step(self) -> float:
         """Run one step with fresh gradients and return its wall time in seconds."""
         self.load_grads()
         start = time.perf_counter()
-        self.optimizer.step()
+        self.step()
         return time.perf_counter() - start
+
+
+def case_for(optimizer: str, case: Case) -> Case:
+    """The tensors of ``case`` an optimizer takes: the 2-D ones for :data:`MATRICES_ONLY` and
+    :data:`SPARSE_GRADIENTS`, all of them otherwise."""
+    if optimizer not in MATRICES_ONLY | SPARSE_GRADIENTS:
+        return case
+    shapes = tuple(shape for shape in case.shapes if len(shape) == 2)
+    what = f"its {len(shapes)} 2-D tensors"
+    return Case(case.name, shapes, f"{case.description}; {what}" if case.description else what)
 
 
 def bench_case(
@@ -823,7 +913,9 @@ def bench_case(
     every contender is compared with the reference of its own batch.
 
     Args:
-        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``; sets the bytes a step must move.
+        optimizer: a key of :data:`CLASS_NAMES`; sets the bytes a step must move, and how its
+            steps are driven (:func:`case_for`, :data:`CLOSURE_STEPS`,
+            :data:`SPARSE_GRADIENTS`).
         case: the parameter shapes.
         contenders: who takes part; those with ``unavailable`` set get an empty row.
         rounds: timed rounds per batch; each times one step of every contender.
@@ -838,10 +930,15 @@ def bench_case(
     Returns:
         The result, with one row per contender in the given order.
     """
+    case = case_for(optimizer, case)
     element = torch.tensor([], dtype=torch.float32).element_size()
     param_bytes = case.numel * element
     per_contender = param_bytes * (2 + STATE_TENSORS[optimizer] + TEMPORARY_TENSORS)
     rows = {c.label: Row(c.label, error=c.unavailable) for c in contenders}
+    if not case.shapes:
+        none = f"{CLASS_NAMES[optimizer]} takes 2-D tensors; this case has none"
+        for row in rows.values():
+            row.error = row.error or none
     for c in contenders:
         if c.unavailable is None and c.max_tensors is not None and len(case.shapes) > c.max_tensors:
             rows[c.label].error = (
@@ -859,6 +956,7 @@ def bench_case(
         kept_times = _run_batch(
             [(rows[label], makers[label]) for label in batch],
             case,
+            optimizer=optimizer,
             rounds=rounds,
             warmup=max(1, warmup),
             step_limit=step_limit,
@@ -899,6 +997,7 @@ def _run_batch(
     members: Sequence[tuple[Row, OptimizerFactory]],
     case: Case,
     *,
+    optimizer: str,
     rounds: int,
     warmup: int,
     step_limit: float,
@@ -917,10 +1016,13 @@ def _run_batch(
         try:
             params = [p.requires_grad_() for p in _tensors(case, seed)]
             grads = _tensors(case, seed + 1)
-            optimizer = _PerTensor(make, params) if case.per_tensor else make(params)
-            if case.variant == "amp" and not isinstance(optimizer, _InPlaceAdd):
-                optimizer = _Scaled(optimizer)
-            contender = _Live(fresh, params, grads, optimizer)
+            if optimizer in SPARSE_GRADIENTS:
+                grads = [_sparse_rows(g) for g in grads]
+            closure = _quadratic_closure(params, grads) if optimizer in CLOSURE_STEPS else None
+            made = _PerTensor(make, params) if case.per_tensor else make(params)
+            if case.variant == "amp" and not isinstance(made, _InPlaceAdd):
+                made = _Scaled(made)
+            contender = _Live(fresh, params, grads, made, closure)
             for step in range(warmup):
                 elapsed = contender.timed_step()
                 if step == 0:
@@ -933,7 +1035,7 @@ def _run_batch(
             # Steady state: the programs the warm-up asked for are compiled in the background.
             _codegen.wait(timeout=600)
             contender.load_grads()
-            fresh.peak_extra_bytes = step_peak_bytes(contender.optimizer.step)
+            fresh.peak_extra_bytes = step_peak_bytes(contender.step)
             fresh.state_bytes = state_bytes(contender.optimizer)
         except _TooSlowError as error:
             row.error = str(error)

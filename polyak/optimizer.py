@@ -216,6 +216,12 @@ class Optimizer(torch.optim.Optimizer):
     #: Hyperparameters the class fixes, whatever a checkpoint or a pickle says (as torch.optim's
     #: AdamW does for ``decoupled_weight_decay``).
     fixed: ClassVar[dict[str, Any]] = {}
+    #: The update is elementwise, so the flat kernel may run it; rules with per-tensor norms or
+    #: matrix products set False and run on the other strategies.
+    elementwise: ClassVar[bool] = True
+    #: Without a ``foreach`` flag, accelerators take the foreach strategy, as torch.optim's
+    #: default does; False where the torch twin keeps its per-tensor path (Adafactor, Muon).
+    foreach_by_default: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
@@ -272,7 +278,8 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
         self._init_hooks()
-        self.defaults.setdefault("differentiable", False)
+        for key, value in _SET_BY_LOADING.items():
+            self.defaults.setdefault(key, value)
         for group in self.param_groups:
             for key, value in self.backfill.items():
                 group.setdefault(key, value)
@@ -451,8 +458,9 @@ class Optimizer(torch.optim.Optimizer):
         # Groups are stepped in order (state may be shared across groups); those the flat
         # kernel steps need neither autograd's mode nor the machinery below.
         differentiable = bool(self.defaults.get("differentiable", False))
+        runs_flat = self.elementwise
         for group in self.param_groups:
-            if flat.eligible(group) and flat.step(self, group, grad_scale):
+            if runs_flat and flat.eligible(group) and flat.step(self, group, grad_scale):
                 continue
             enabled = torch.is_grad_enabled()
             if enabled is differentiable:
@@ -500,7 +508,7 @@ class Optimizer(torch.optim.Optimizer):
         """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
         state of parameters stepped for the first time created and stored."""
         self.check_step(group, params, grads)
-        hp, hp_layout = self._hyper(group)
+        hp, hp_layout = self._hyper(group, params)
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
         # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
         # entries are stored once the step is known to run.
@@ -528,21 +536,25 @@ class Optimizer(torch.optim.Optimizer):
             ]
         return state, hp, strategy, entries
 
-    def _hyper(self, group: dict[str, Any]) -> tuple[Hyper, list[Any]]:
-        """``group``'s :class:`Hyper` and the layout of its values (see :func:`_layout`).
+    def _hyper(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper, list[Any]]:
+        """``group``'s :class:`Hyper` for ``params`` and the layout of its values (see
+        :func:`_layout`).
 
         Both are kept from the group's last step while its keys and values are the same
         objects (no scheduler changed a number) and all of them are numbers, flags or strings
-        (or tuples of them), whose value an object fixes; a tensor may change in place.
+        (or tuples of them), whose value an object fixes; a tensor may change in place. A class
+        whose hyperparameters depend on the parameters (:meth:`hyperparameters` overridden)
+        makes them afresh at every step.
         """
         keys, values = tuple(group), tuple(group.values())
         kept: dict[int, Any] = self.__dict__.setdefault("_hypers", {})
         last = kept.get(id(group))
         if last is not None and last[0] == keys and all(map(operator.is_, last[1], values)):
             return last[2], last[3]
-        hp = Hyper(group, as_numbers=bool(group.get("fused")))
+        hp = self.hyperparameters(group, params)
         layout = _hyper_layout(vars(hp))
-        if all(map(_fixed, vars(hp).values())):
+        own = type(self).hyperparameters is Optimizer.hyperparameters
+        if own and all(map(_fixed, vars(hp).values())):
             kept[id(group)] = (keys, values, hp, layout)
         else:
             kept.pop(id(group), None)
@@ -584,7 +596,7 @@ class Optimizer(torch.optim.Optimizer):
         state: StateLists = {
             key: values[k * n : (k + 1) * n] for k, key in enumerate(self.state_keys)
         }
-        hp = Hyper(group, as_numbers=bool(group.get("fused")))
+        hp = self.hyperparameters(group, params)
         if grad_scale is not None and group.get("fused"):
             _ops.div_(grads, grad_scale.to(grads[0].device))
         _run(loop.in_turn if shared else _call, type(self).update, params, grads, state, hp)
@@ -654,7 +666,7 @@ class Optimizer(torch.optim.Optimizer):
             last = done.get(id(group))
             if last is not None and last[0] == layout:
                 return cast(Strategy, last[1])
-        strategy = choose(group, params, grads)
+        strategy = choose(group, params, grads, self.foreach_by_default)
         # A parameter's state is all or nothing, as torch.optim reads it: what init_state
         # makes must be there (torch raises KeyError from its dict).
         needed: dict[tuple[Any, ...], list[str]] = {}
@@ -688,6 +700,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
         """Bring one parameter's state from an older format to the current one, in place."""
+
+    def hyperparameters(self, group: Mapping[str, Any], params: list[Tensor]) -> Hyper:
+        """The hyperparameters one step of ``group`` hands the update, for ``params`` (those
+        with gradients); a subclass resolves here values that depend on them (Adafactor's
+        ``eps=None``)."""
+        return Hyper(group, as_numbers=bool(group.get("fused")))
 
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Raise, before anything changes, for parameters this step cannot update."""
@@ -777,6 +795,9 @@ class Optimizer(torch.optim.Optimizer):
         self.state = state
         self.param_groups = groups
         self._step_count = step_count
+        # As torch.optim's loading does (through __setstate__): groups added later get them.
+        for key, value in _SET_BY_LOADING.items():
+            self.defaults.setdefault(key, value)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -825,9 +846,12 @@ class Optimizer(torch.optim.Optimizer):
                 id_map[pid] = p
                 owner[pid] = g
 
+        # Copied in one go, as torch.optim copies them: a value the groups share (a tensor lr
+        # that add_param_group took from the defaults) stays shared.
+        saved_copies = copy.deepcopy([dict(saved) for saved in saved_groups])
         groups = [
             self._read_group(i, saved, group)
-            for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True))
+            for i, (saved, group) in enumerate(zip(saved_copies, self.param_groups, strict=True))
         ]
 
         orphans = [pid for pid in saved_state if pid not in id_map]
@@ -893,7 +917,7 @@ class Optimizer(torch.optim.Optimizer):
     def _read_group(
         self, i: int, saved: Mapping[str, Any], group: Mapping[str, Any]
     ) -> dict[str, Any]:
-        new_group = copy.deepcopy(dict(saved))
+        new_group = dict(saved)
         new_group.update(self.fixed)
         # Only the optimizer's own hyperparameters are required: keys that others add to a
         # group (a scheduler's ``initial_lr``) are replaced by the saved group, as in torch.
@@ -902,7 +926,7 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if key in self.backfill:
                 new_group[key] = self.backfill[key]
-            else:
+            elif key not in _SET_BY_LOADING:
                 raise KeyError(f"loaded state dict's param_groups[{i}] has no {key!r} entry")
         for key, value in new_group.items():
             if key in group and key not in ("params", "param_names"):
@@ -925,6 +949,10 @@ class Optimizer(torch.optim.Optimizer):
                 )
         return _cast_state(param, key, value, group)
 
+
+#: Defaults that loading a state_dict (or unpickling) gives an optimizer that has none, as
+#: torch.optim's ``__setstate__`` does; a loaded group may lack them.
+_SET_BY_LOADING = {"differentiable": False}
 
 #: Up to this many elements, a parameter's state templates are made on a real CPU tensor.
 _REAL_STAND_IN_NUMEL = 1 << 20
@@ -1027,31 +1055,42 @@ def _fixed(value: Any) -> bool:
     return kind in _PLAIN or (kind is tuple and all(type(v) in _PLAIN for v in value))
 
 
-def _stand_in(t: Tensor) -> Tensor:
+def _stand_in(t: Tensor, meta: bool) -> Tensor:
     """A tensor like ``t`` to rehearse a step on; per-parameter counters, which the update
     reads as numbers, are copied. Small ones are real tensors, as in :func:`_state_template`
-    (meta tensors import torch's symbolic shapes and sympy on first use); large ones are meta
-    tensors, which allocate nothing."""
+    (meta tensors import torch's symbolic shapes and sympy on first use); large ones, and
+    ``meta`` ones, are meta tensors, which allocate nothing."""
     if t.dim() == 0 or t.numel() == 1:
         return t.detach().clone()
-    if t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in (Tensor, torch.nn.Parameter):
+    if not meta and _small(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     return torch.empty_like(t.detach(), device="meta")
 
 
-def _copy(t: Tensor) -> Tensor:
+def _small(t: Tensor) -> bool:
+    return t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in (Tensor, torch.nn.Parameter)
+
+
+def _copy(t: Tensor, meta: bool) -> Tensor:
     return t.detach().clone()
 
 
 def _stand_ins(
-    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor], Tensor]
+    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor, bool], Tensor]
 ) -> tuple[list[Tensor], list[Tensor], StateLists]:
+    """Stand-ins of a step's tensors. A parameter stood in for by a meta tensor has its
+    gradient and state stood in for alike, so that state smaller than the parameter
+    (Adafactor's row and column factors) meets meta tensors only."""
     params, grads, state = lists
+    meta = [not _small(p) for p in params]
     return (
-        [make(p) for p in params],
-        [make(g) for g in grads],
+        [make(p, m) for p, m in zip(params, meta, strict=True)],
+        [make(g, m) for g, m in zip(grads, meta, strict=True)],
         {
-            key: [make(t) if isinstance(t, Tensor) else t for t in values]
+            key: [
+                make(t, m) if isinstance(t, Tensor) else t
+                for t, m in zip(values, meta, strict=True)
+            ]
             for key, values in state.items()
         },
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -26,16 +27,35 @@ def has_tensor(config: dict[str, Any]) -> bool:
     )
 
 
+def as_matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 2-D shape for ``shape``, for optimizers that take matrices only: a vector becomes a
+    column, higher dimensions fold into the columns."""
+    if len(shape) == 2:
+        return shape
+    if len(shape) < 2:
+        return (shape[0] if shape else 1, 1)
+    return (shape[0], math.prod(shape[1:]))
+
+
 def make_params(
     shapes: list[tuple[int, ...]] = ((3, 4), (5,), (2, 2, 2)),  # type: ignore[assignment]
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    matrices: bool = False,
 ) -> list[torch.Tensor]:
+    """Seeded parameters of ``shapes``, made 2-D where ``matrices`` (:func:`as_matrix`)."""
     gen = torch.Generator().manual_seed(seed)
     return [
-        torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        torch.randn(as_matrix(s) if matrices else s, generator=gen, dtype=torch.float64)
+        .to(dtype)
+        .requires_grad_()
         for s in shapes
     ]
+
+
+def params_for(entry: Any, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """:func:`make_params` with shapes the registry entry's optimizer takes."""
+    return make_params(*args, matrices=entry.matrices_only, **kwargs)
 
 
 def twin(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -51,6 +71,39 @@ def takes_sparse_grads(opt: Any) -> bool:
     from registry import SPARSE_GRADIENTS
 
     return type(opt) in SPARSE_GRADIENTS
+
+
+def needs_closure(opt: Any) -> bool:
+    """Whether the optimizer under test steps with a closure only (LBFGS)."""
+    from registry import CLOSURE_STEPS
+
+    return type(opt) in CLOSURE_STEPS
+
+
+def quadratic_closure(opt: Any) -> Callable[[], torch.Tensor]:
+    """A closure for ``opt.step``: the loss <g, θ - θ_0> + |θ - θ_0|^2 / 2 around the current
+    parameters θ_0, where g is the gradient each parameter holds now; it sets the gradient
+    g + θ - θ_0 and returns the loss, computed in the parameters' dtype."""
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    slopes = [p.grad.detach().clone() for p in params]
+    anchors = [p.detach().clone() for p in params]
+
+    def closure() -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for p, g, p0 in zip(params, slopes, anchors, strict=True):
+            delta = p.detach() - p0
+            p.grad = g + delta
+            total += (g * delta).sum().real.double() + 0.5 * (delta.abs() ** 2).sum().double()
+        return total
+
+    return closure
+
+
+def step(opt: Any) -> Any:
+    """One ``opt.step()``, with :func:`quadratic_closure` where the optimizer needs one."""
+    if needs_closure(opt):
+        return opt.step(quadratic_closure(opt))
+    return opt.step()
 
 
 def as_grad(g: torch.Tensor, sparse: bool) -> torch.Tensor:
@@ -77,13 +130,21 @@ def set_grads(
         q.grad = as_grad(g.to(q.dtype), sparse)
 
 
+def _equal_with_nans(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, with NaNs in the same places (a step that diverges, as torch's does)."""
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    nans = a.isnan()
+    return torch.equal(nans, b.isnan()) and torch.equal(a[~nans], b[~nans])
+
+
 def assert_same(a: Any, b: Any, atol: float = 0.0) -> None:
     """Exact equality (or within ``atol``) of tensors, nested in dicts and lists."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), (a, b)
         assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
         if atol == 0.0:
-            assert torch.equal(a, b), (a - b).abs().max()
+            assert torch.equal(a, b) or _equal_with_nans(a, b), (a - b).abs().max()
         else:
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
     elif isinstance(a, dict):
@@ -94,6 +155,8 @@ def assert_same(a: Any, b: Any, atol: float = 0.0) -> None:
         assert len(a) == len(b)
         for x, y in zip(a, b, strict=True):
             assert_same(x, y, atol)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), (a, b)
     else:
         assert a == b, (a, b)
 
@@ -110,8 +173,8 @@ def step_both(
     gen = torch.Generator().manual_seed(seed)
     for i in range(steps):
         set_grads(params_a, params_b, gen, takes_sparse_grads(opt_a))
-        opt_a.step()
-        opt_b.step()
+        step(opt_a)
+        step(opt_b)
         if between is not None:
             between(i)
 

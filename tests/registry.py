@@ -68,6 +68,22 @@ class Entry:
     #: A zero gradient with ``weight_decay=0`` leaves the parameters unchanged (it does not
     #: where the rule decays by other means, as ASGD does).
     zero_grad_is_identity: bool = True
+    #: ``step`` needs a closure that re-evaluates the loss (LBFGS): the generic tests give it
+    #: one whose gradient at the step's start is the gradient they set.
+    step_closure: bool = False
+    #: Steps in float16 compare with torch's (LBFGS's line search takes steps beyond float16's
+    #: range on the tests' objective, and fails, in torch as here).
+    float16: bool = True
+    #: Parameters without elements are stepped (Adafactor's RMS divides by their count of
+    #: zero and fails, in torch as here).
+    empty_params: bool = True
+    #: One parameter group only (LBFGS).
+    one_group: bool = False
+    #: 2-D parameters only (Muon): the generic tests make their shapes two-dimensional.
+    matrices_only: bool = False
+    #: Constructor arguments torch takes whose first step raises, as torch's does, before
+    #: anything changes.
+    step_errors: list[ErrorCase] = field(default_factory=list)
 
 
 #: Errors every optimizer that takes ``fused`` raises as torch does.
@@ -487,6 +503,136 @@ REGISTRY: list[Entry] = [
 ]
 
 
+def _adafactor_errors() -> list[ErrorCase]:
+    return [
+        ErrorCase({"lr": -0.1}, ValueError, r"^Learning rate should be >= 0 but is: -0\.1$"),
+        ErrorCase({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"),
+        ErrorCase({"beta2_decay": 0.8}, ValueError, r"^beta2_decay should be <= 0 but is: 0\.8$"),
+        ErrorCase({"eps": (-1e-30, 1e-3)}, ValueError, r"^epsilon1 should be >= 0 but is: -1e-30$"),
+        ErrorCase({"eps": (None, -1.0)}, ValueError, r"^epsilon2 should be >= 0 but is: -1\.0$"),
+        ErrorCase({"d": 0.0}, ValueError, r"^Clipping threshold d should be >= 1 but is: 0\.0$"),
+        ErrorCase(
+            {"weight_decay": -1.0}, ValueError, r"^weight_decay should be >= 0 but is: -1\.0$"
+        ),
+        _LR_TYPE_ERROR,
+    ]
+
+
+def _muon_errors() -> list[ErrorCase]:
+    return [
+        ErrorCase({"lr": -0.1}, ValueError, r"^Learning rate should be >= 0 but is: -0\.1$"),
+        ErrorCase({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"),
+        ErrorCase({"momentum": -0.5}, ValueError, r"^momentum should be >= 0 but is: -0\.5$"),
+        ErrorCase(
+            {"weight_decay": -1.0}, ValueError, r"^weight decay should be >= 0 but is: -1\.0$"
+        ),
+        ErrorCase(
+            {"adjust_lr_fn": "arbitrary"},
+            ValueError,
+            r"^Adjust learning rate function arbitrary is not supported$",
+        ),
+        _LR_TYPE_ERROR,
+    ]
+
+
+REGISTRY += [
+    Entry(
+        cls=polyak.Adafactor,
+        reference=torch.optim.Adafactor,
+        configs=[
+            {},
+            {"weight_decay": 0.1, "lr": 0.01},
+            {"weight_decay": 0.1, "maximize": True},
+            {"beta2_decay": -1.0},
+            {"d": 1.5},
+            {"eps": (1e-15, 1e-3), "weight_decay": 0.1},
+            {"lr": 0.5, "beta2_decay": -0.5, "d": 1.2, "eps": (1e-3, 1e-2), "maximize": True},
+            {"lr": torch.tensor(0.01), "weight_decay": 0.1},
+            {"lr": torch.tensor([0.02]), "maximize": True},
+        ],
+        errors=_adafactor_errors(),
+        stateful={"lr": 0.01, "weight_decay": 0.1},
+        paths_agree=False,
+        empty_params=False,
+        supports_complex=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.Muon,
+        reference=torch.optim.Muon,
+        configs=[
+            {},
+            {"lr": 0.01},
+            {"weight_decay": 0.2},
+            {"momentum": 0.8},
+            {"ns_steps": 6},
+            {"ns_coefficients": (3.4, -4.7, 2.0)},
+            {"nesterov": False, "weight_decay": 0.0},
+            {"lr": 0.02, "adjust_lr_fn": "original"},
+            {"lr": 0.02, "adjust_lr_fn": "match_rms_adamw", "eps": 1e-3},
+            {"lr": torch.tensor(0.001)},
+            {"lr": torch.tensor([0.01]), "nesterov": False},
+        ],
+        errors=_muon_errors(),
+        step_errors=[
+            ErrorCase(
+                {"ns_steps": 100},
+                ValueError,
+                r"^Number of steps must be less than 100 for computational efficiency$",
+            ),
+            ErrorCase(
+                {"ns_coefficients": (3.4, -4.7)},
+                ValueError,
+                r"^Coefficients must be a tuple of exactly 3 values$",
+            ),
+        ],
+        stateful={"lr": 0.01, "momentum": 0.9},
+        matrices_only=True,
+        supports_complex=False,
+        fused=False,
+        flat=False,
+    ),
+    Entry(
+        cls=polyak.LBFGS,
+        reference=torch.optim.LBFGS,
+        configs=[
+            {},
+            {"lr": 0.01},
+            {"tolerance_grad": 1e-6},
+            {"line_search_fn": "strong_wolfe"},
+            {"lr": 0.5, "max_iter": 7, "history_size": 3},
+            {"line_search_fn": "strong_wolfe", "max_iter": 4, "max_eval": 3},
+            {"lr": 0.1, "tolerance_change": 1e-3, "line_search_fn": "strong_wolfe"},
+            {"lr": torch.tensor(0.001)},
+            {"lr": torch.tensor([0.05]), "history_size": 2, "max_iter": 5},
+        ],
+        errors=[
+            ErrorCase({"lr": -0.1}, ValueError, r"^Invalid learning rate: -0\.1$"),
+            ErrorCase(
+                {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"
+            ),
+            _LR_TYPE_ERROR,
+        ],
+        step_errors=[
+            ErrorCase(
+                {"line_search_fn": "backtracking"},
+                RuntimeError,
+                r"^only 'strong_wolfe' is supported$",
+            )
+        ],
+        stateful={"lr": 0.5, "max_iter": 5, "history_size": 4},
+        step_closure=True,
+        one_group=True,
+        float16=False,
+        # The line search divides by the step length, and fails at lr=0 as torch's does.
+        lr_zero_is_identity=False,
+        fused=False,
+        flat=False,
+    ),
+]
+
+
 def takes(entry: Entry, argument: str) -> bool:
     """Whether the optimizer's constructor has ``argument`` (SparseAdam has no ``foreach``)."""
     return argument in inspect.signature(entry.cls).parameters
@@ -499,6 +645,17 @@ def ids(entry: Entry) -> str:
 #: Optimizer classes (polyak's and torch's) that step on sparse gradients only.
 SPARSE_GRADIENTS = {
     cls for entry in REGISTRY if entry.sparse_grads for cls in (entry.cls, entry.reference)
+}
+
+
+#: Optimizer classes (polyak's and torch's) whose ``step`` needs a closure (LBFGS).
+CLOSURE_STEPS = {
+    cls for entry in REGISTRY if entry.step_closure for cls in (entry.cls, entry.reference)
+}
+
+#: Optimizer classes (polyak's and torch's) that take 2-D parameters only (Muon).
+MATRICES_ONLY = {
+    cls for entry in REGISTRY if entry.matrices_only for cls in (entry.cls, entry.reference)
 }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, make_params, step_both, twin
+from conftest import assert_same, make_params, params_for, step, step_both, twin
 from registry import DENSE, Entry, ids
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
@@ -268,7 +268,7 @@ def test_type_checks_by_torchs_class_pass_without_its_methods(
                 continue
             if callable(value) or isinstance(value, (staticmethod, classmethod, property)):
                 monkeypatch.setattr(cls, name, make_raiser(cls.__name__, name))
-    params = make_params()
+    params = params_for(entry)
     opt = entry.cls(params, **entry.stateful)
     assert isinstance(opt, entry.reference)
     assert isinstance(opt, torch.optim.Optimizer)
@@ -278,7 +278,7 @@ def test_type_checks_by_torchs_class_pass_without_its_methods(
         for _ in range(2):
             for p in params:
                 p.grad = torch.ones_like(p)
-            opt.step()
+            step(opt)
     opt.load_state_dict(opt.state_dict())
     opt.zero_grad()
     pickle.loads(pickle.dumps(opt))

@@ -266,3 +266,47 @@ def test_grad_scaler_and_dtensor_cases_step_every_contender(variant: str) -> Non
     for label in (bench.MEMORY, bench.REFERENCE, *POLYAK_LABELS):
         assert rows[label].ok, (label, rows[label].error)
     assert rows["polyak (default)"].state_bytes == rows[bench.REFERENCE].state_bytes > 0
+
+
+def test_optimizers_that_take_a_closure_matrices_or_sparse_gradients() -> None:
+    """LBFGS steps with a closure, Muon and SparseAdam over the case's 2-D tensors (SparseAdam
+    with sparse gradients); each against torch's one path."""
+    ran = bench.run_benchmark(
+        ["adafactor", "muon", "lbfgs", "sparseadam"],
+        [TINY],
+        rounds=1,
+        warmup=1,
+        threads=1,
+        peers=False,
+        bandwidth_mib=(4,),
+    )
+    by_name = {case.optimizer: case for case in ran.cases}
+    assert [row.label for row in by_name["adafactor"].rows] == [
+        bench.MEMORY,
+        "torch foreach=False",
+        "torch foreach=True",
+        *POLYAK_LABELS[:3],
+    ]
+    for name in ("muon", "lbfgs", "sparseadam"):
+        case = by_name[name]
+        assert [row.label for row in case.rows] == [
+            bench.MEMORY,
+            "torch (default)",
+            "polyak (default)",
+        ]
+        expected = (8, 8) if name != "lbfgs" else None
+        assert expected is None or case.case.shapes == (expected,)
+    for case in ran.cases:
+        for row in case.rows:
+            assert row.ok, (case.optimizer, row.label, row.error)
+        assert case.row("polyak (default)").reference_median is not None
+    lbfgs = by_name["lbfgs"].row("polyak (default)")
+    assert lbfgs.state_bytes is not None and lbfgs.state_bytes > 0
+
+
+def test_a_case_without_matrices_is_said_so_for_muon() -> None:
+    vectors = bench.Case("vectors", ((16,), (4,)))
+    ran = bench.run_benchmark(
+        ["muon"], [vectors], rounds=1, warmup=1, threads=1, peers=False, bandwidth_mib=(4,)
+    )
+    assert all("2-D tensors" in (row.error or "") for row in ran.cases[0].rows)

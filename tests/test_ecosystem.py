@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 import torch.nn.functional as F
+from conftest import params_for
 from registry import REGISTRY, Entry, ids
 from torch import nn
 from torch.optim import lr_scheduler as lrs
@@ -49,11 +50,14 @@ class _Lookup(nn.Module):
         return F.embedding(rows, self.weight, sparse=True)
 
 
-def make_model(seed: int = 0, sparse: bool = False) -> nn.Sequential:
+def make_model(seed: int = 0, sparse: bool = False, matrices: bool = False) -> nn.Sequential:
+    """A small MLP; ``matrices``: without biases, for optimizers of 2-D parameters only."""
     torch.manual_seed(seed)
     if sparse:
         return nn.Sequential(_Lookup())
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    return nn.Sequential(
+        nn.Linear(5, 8, bias=not matrices), nn.Tanh(), nn.Linear(8, 2, bias=not matrices)
+    )
 
 
 def make_batches(n: int, seed: int = 1, batch: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -276,8 +280,9 @@ def run_amp(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     hyper: dict[str, Any] | None = None,
     sparse: bool = False,
+    matrices: bool = False,
 ) -> dict[str, Any]:
-    model = make_model(sparse=sparse)
+    model = make_model(sparse=sparse, matrices=matrices)
     kwargs: dict[str, Any] = dict(
         hyper or {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
     )
@@ -629,7 +634,7 @@ def _cycles_momentum(entry: Entry) -> bool:
     # OneCycleLR also cycles ``betas``, or ``momentum`` where the optimizer has one in use.
     return (
         "betas" in entry.stateful
-        or "betas" in entry.cls([torch.zeros(1)]).defaults
+        or "betas" in entry.cls(params_for(entry, [(1,)])).defaults
         or (entry.stateful.get("momentum", 0) > 0)
     )
 
@@ -642,7 +647,7 @@ def test_scheduler_clipping_and_checkpoint(entry: Entry, tmp_path: Path) -> None
     cycle = _cycles_momentum(entry)
 
     def build(opt_cls: Any) -> tuple[nn.Sequential, Any, Any]:
-        model = make_model(sparse=entry.sparse_grads)
+        model = make_model(sparse=entry.sparse_grads, matrices=entry.matrices_only)
         opt = opt_cls(model.parameters(), **copy.deepcopy(entry.stateful))
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=0.05, total_steps=len(batches), cycle_momentum=cycle
@@ -653,11 +658,20 @@ def test_scheduler_clipping_and_checkpoint(entry: Entry, tmp_path: Path) -> None
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             for x, y in part:
-                opt.zero_grad()
-                F.mse_loss(model(x), y).backward()
-                if not entry.sparse_grads:  # the norm of sparse gradients is not supported
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-                opt.step()
+
+                def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = F.mse_loss(model(x), y)
+                    loss.backward()
+                    if not entry.sparse_grads:  # the norm of sparse gradients is not supported
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                    return loss.detach()
+
+                if entry.step_closure:
+                    opt.step(closure)
+                else:
+                    closure()
+                    opt.step()
                 sched.step()
 
     mine, theirs = build(entry.cls), build(entry.reference)
@@ -690,6 +704,8 @@ def _amp_cases() -> list[Any]:
     return [
         pytest.param(entry, fused, id=f"{ids(entry)}-{'fused' if fused else 'default'}")
         for entry in REGISTRY
+        # GradScaler takes no closure, and unscales the gradients before the step.
+        if not entry.step_closure
         for fused in ([False, True] if entry.fused else [False])
     ]
 
@@ -698,8 +714,9 @@ def _amp_cases() -> list[Any]:
 def test_grad_scaler(entry: Entry, fused: bool) -> None:
     batches = make_batches(8)
     kwargs = copy.deepcopy(entry.stateful)
-    got = run_amp(entry.cls, fused, batches, kwargs, entry.sparse_grads)["params"]
-    ref = run_amp(entry.reference, fused, batches, kwargs, entry.sparse_grads)["params"]
+    got = run_amp(entry.cls, fused, batches, kwargs, entry.sparse_grads, entry.matrices_only)
+    ref = run_amp(entry.reference, fused, batches, kwargs, entry.sparse_grads, entry.matrices_only)
+    got, ref = got["params"], ref["params"]
     for p_got, p_ref in zip(got, ref, strict=True):
         if fused:
             for a, b in zip(p_got, p_ref, strict=True):

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from conftest import assert_same, clone_kwargs, make_params, twin
+from conftest import assert_same, clone_kwargs, make_params, params_for, quadratic_closure, twin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from registry import DENSE, Entry
+from registry import DENSE, Entry, takes
 
 import polyak
 
@@ -101,7 +101,7 @@ def edit_step(world: World, data: st.DataObject) -> None:
     def step(opt: Any, params: list[torch.Tensor]) -> None:
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             p.grad = None if i in missing else g.to(p.dtype)
-        opt.step()
+        opt.step(quadratic_closure(opt)) if world.entry.step_closure else opt.step()
 
     _same_outcome(world, step)
 
@@ -326,9 +326,9 @@ def worlds(draw: st.DrawFn) -> World:
     entry = draw(st.sampled_from(DENSE), label="optimizer")
     config = {
         **clone_kwargs(draw(st.sampled_from(entry.configs))),
-        **draw(st.sampled_from(STRATEGIES)),
+        **draw(st.sampled_from(STRATEGIES if takes(entry, "foreach") else [{}])),
     }
-    params = make_params()
+    params = params_for(entry)
     try:
         ref_params = twin(params)
         ref = entry.reference(ref_params, **clone_kwargs(config))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_params
+from conftest import make_params, params_for, step, twin
 from registry import REGISTRY, Entry, ErrorCase, ids, takes
 from torch.optim.optimizer import required as torch_required
 
@@ -31,11 +31,12 @@ def assert_same_error(mine: Callable[[], Any], theirs: Callable[[], Any]) -> Bas
     return a
 
 
-def _error_cases() -> list[Any]:
+def _error_cases(field: str = "errors") -> list[Any]:
+    """Every (entry, error case) of the registry field ``field``."""
     return [
         pytest.param(entry, case, id=f"{ids(entry)}-{i}")
         for entry in REGISTRY
-        for i, case in enumerate(entry.errors)
+        for i, case in enumerate(getattr(entry, field))
     ]
 
 
@@ -117,7 +118,7 @@ def test_required_hyperparameter() -> None:
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_duplicate_parameter_in_a_group_warns(entry: Entry) -> None:
-    p = torch.zeros(2, requires_grad=True)
+    p = params_for(entry, [(2,)])[0]
     with pytest.warns(UserWarning, match="duplicate parameters"):
         entry.cls([p, p], lr=0.1)
 
@@ -174,7 +175,7 @@ def test_differentiable_accepts_non_leaf(entry: Entry) -> None:
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_bad_step_pre_hook_result(entry: Entry) -> None:
     for cls in (entry.cls, entry.reference):
-        opt = cls(make_params(), lr=0.1)
+        opt = cls(params_for(entry), lr=0.1)
         opt.register_step_pre_hook(lambda *_: "nonsense")
         with pytest.raises(RuntimeError, match="must return None or a tuple"):
             opt.step()
@@ -214,3 +215,64 @@ def test_capturable_on_the_cpu_fails_at_the_step_and_changes_nothing(
     before = [p.detach().clone() for p in params]
     assert_same_error(opt.step, ref.step)
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def _refused_at_step(
+    entry: Entry, kwargs: dict[str, Any], dtype: torch.dtype = torch.float32
+) -> BaseException:
+    """The first step with these arguments raises as torch's does, and changes nothing."""
+
+    def build(cls: type[torch.optim.Optimizer]) -> tuple[Any, list[torch.Tensor]]:
+        params = params_for(entry, dtype=dtype)
+        opt = cls(params, **kwargs)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return opt, params
+
+    (opt, params), (ref, _) = build(entry.cls), build(entry.reference)
+    before = [p.detach().clone() for p in params]
+    err = assert_same_error(lambda: step(opt), lambda: step(ref))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert not opt.state
+    return err
+
+
+@pytest.mark.parametrize(("entry", "case"), _error_cases("step_errors"))
+def test_step_errors_match_torch_and_change_nothing(entry: Entry, case: ErrorCase) -> None:
+    """Arguments torch takes and refuses at the step: the same error, before any change."""
+    err = _refused_at_step(entry, case.kwargs)
+    assert isinstance(err, case.error)
+    assert re.search(case.match, str(err))
+
+
+@pytest.mark.parametrize(
+    "entry", [e for e in REGISTRY if not e.supports_complex and not e.sparse_grads], ids=ids
+)
+def test_complex_parameters_are_refused_at_the_step_as_in_torch(entry: Entry) -> None:
+    err = _refused_at_step(entry, entry.stateful, torch.complex64)
+    assert "does not support complex parameters" in str(err)
+
+
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.matrices_only], ids=ids)
+def test_parameters_that_are_not_matrices_are_refused_as_torch_refuses_them(
+    entry: Entry,
+) -> None:
+    for shapes in ([(5,)], [(3, 4), (2, 2, 2)], [()]):
+        err = assert_same_error(
+            lambda shapes=shapes: entry.cls(make_params(shapes), **entry.stateful),  # type: ignore[misc]
+            lambda shapes=shapes: entry.reference(make_params(shapes), **entry.stateful),  # type: ignore[misc]
+        )
+        assert "only supports 2D parameters" in str(err)
+
+
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.one_group], ids=ids)
+def test_one_group_only_as_in_torch(entry: Entry) -> None:
+    params = params_for(entry)
+    assert_same_error(
+        lambda: entry.cls([{"params": params[:1]}, {"params": params[1:]}], lr=0.1),
+        lambda: entry.reference([{"params": params[:1]}, {"params": params[1:]}], lr=0.1),
+    )
+    ours, theirs = entry.cls(params[:1], lr=0.1), entry.reference(twin(params[:1]), lr=0.1)
+    ours.add_param_group({"params": params[1:]})
+    theirs.add_param_group({"params": twin(params[1:])})
+    assert_same_error(lambda: step(ours), lambda: step(theirs))

@@ -12,8 +12,9 @@ from conftest import (
     as_grad,
     assert_same,
     clone_kwargs,
-    make_params,
+    params_for,
     set_grads,
+    step,
     takes_sparse_grads,
     twin,
 )
@@ -34,7 +35,7 @@ def entry_and_config(draw: st.DrawFn) -> tuple[Any, dict[str, Any]]:
     if not takes(entry, "foreach"):
         flags = {}
     try:
-        entry.reference(make_params(), **clone_kwargs({**config, **flags}))
+        entry.reference(params_for(entry), **clone_kwargs({**config, **flags}))
     except (ValueError, RuntimeError):
         flags = {}  # a combination torch rejects; the errors are tested elsewhere
     return entry, {**config, **flags}
@@ -45,7 +46,7 @@ def _steps(opt: Any, params: list[torch.Tensor], n: int, seed: int) -> None:
     shadow = twin(params)
     for _ in range(n):
         set_grads(params, shadow, gen, takes_sparse_grads(opt))
-        opt.step()
+        step(opt)
 
 
 @SETTINGS
@@ -54,7 +55,7 @@ def test_lr_zero_leaves_params_unchanged(case: Any, steps: int) -> None:
     entry, config = case
     assume(entry.lr_zero_is_identity)
     config["lr"] = 0.0
-    params = make_params()
+    params = params_for(entry)
     before = twin(params)
     _steps(entry.cls(params, **config), params, steps, seed=1)
     assert_same(params, before)
@@ -68,13 +69,13 @@ def test_zero_gradient_without_decay_leaves_params_unchanged(case: Any, steps: i
     if "weight_decay" in inspect.signature(entry.cls).parameters:
         config["weight_decay"] = 0.0
     assume(config.get("eps") != 0.0)  # 0 / (0 + eps) is NaN without an epsilon
-    params = make_params()
+    params = params_for(entry)
     before = twin(params)
     opt = entry.cls(params, **config)
     for _ in range(steps):
         for p in params:
             p.grad = as_grad(torch.zeros_like(p), entry.sparse_grads)
-        opt.step()
+        step(opt)
     assert_same(params, before)
 
 
@@ -82,7 +83,7 @@ def test_zero_gradient_without_decay_leaves_params_unchanged(case: Any, steps: i
 @given(entry_and_config(), st.integers(0, 4), st.integers(1, 4))
 def test_save_load_step_equals_uninterrupted(case: Any, before: int, after: int) -> None:
     entry, config = case
-    params = make_params()
+    params = params_for(entry)
     resumed_params = twin(params)
     opt = entry.cls(params, **clone_kwargs(config))
     _steps(opt, params, before, seed=1)
@@ -102,8 +103,9 @@ def test_save_load_step_equals_uninterrupted(case: Any, before: int, after: int)
 @given(entry_and_config(), st.lists(st.integers(0, 3), min_size=4, max_size=4))
 def test_regrouping_does_not_change_results(case: Any, assignment: list[int]) -> None:
     entry, config = case
+    assume(not entry.one_group)
     shapes = [(3, 4), (5,), (2, 2, 2), (7,)]
-    params = make_params(shapes)
+    params = params_for(entry, shapes)
     grouped_params = twin(params)
     groups: dict[int, list[torch.Tensor]] = {}
     for p, g in zip(grouped_params, assignment, strict=True):
@@ -116,7 +118,7 @@ def test_regrouping_does_not_change_results(case: Any, assignment: list[int]) ->
     # Same gradients per parameter as the one-group run, whatever the order of the groups.
     for _ in range(3):
         set_grads(grouped_params, shadow, gen, entry.sparse_grads)
-        many.step()
+        step(many)
     for p, q in zip(params, grouped_params, strict=True):
         assert_same(p, q)
 
@@ -158,10 +160,14 @@ def _snapshot(opt: Any) -> Any:
 def test_corrupt_state_dict_loads_or_changes_nothing(case: Any, data: st.DataObject) -> None:
     entry, config = case
     config = {**config, **clone_kwargs(entry.stateful)}
-    params = make_params()
-    opt = entry.cls(
-        [{"params": params[:2]}, {"params": params[2:], "lr": 0.3}], **clone_kwargs(config)
-    )
+    params = params_for(entry)
+
+    def groups(ps: list[torch.Tensor]) -> list[dict[str, Any]]:
+        if entry.one_group:
+            return [{"params": ps}]
+        return [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.3}]
+
+    opt = entry.cls(groups(params), **clone_kwargs(config))
     _steps(opt, params, 2, seed=1)
     sd = copy.deepcopy(opt.state_dict())
     before = _snapshot(opt)
@@ -184,10 +190,7 @@ def test_corrupt_state_dict_loads_or_changes_nothing(case: Any, data: st.DataObj
         _steps(opt, params, 1, seed=3)
     except Exception as error:
         ref_params = twin(params)
-        ref = entry.reference(
-            [{"params": ref_params[:2]}, {"params": ref_params[2:], "lr": 0.3}],
-            **clone_kwargs(config),
-        )
+        ref = entry.reference(groups(ref_params), **clone_kwargs(config))
         with pytest.raises(type(error)):
             ref.load_state_dict(saved)
             _steps(ref, ref_params, 1, seed=3)

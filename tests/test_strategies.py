@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, clone_kwargs, has_tensor, make_params, step_both, twin
+from conftest import (
+    assert_same,
+    clone_kwargs,
+    has_tensor,
+    make_params,
+    params_for,
+    step_both,
+    twin,
+)
+from conftest import step as step_once
 from registry import REGISTRY, Entry, ids, takes
 
 import polyak
@@ -53,7 +62,7 @@ def test_flat_default_is_bit_identical_to_torch(
     entry: Entry, config: dict[str, Any], dtype: torch.dtype, flat_steps: list[bool]
 ) -> None:
     """The default path runs flat after each parameter's first step, with torch's numbers."""
-    params = make_params([(3, 4), (5,), (300,), (2, 2, 2)], dtype=dtype)
+    params = params_for(entry, [(3, 4), (5,), (300,), (2, 2, 2)], dtype=dtype)
     ref_params = twin(params)
     opt = entry.cls(params, **clone_kwargs(config))
     ref = entry.reference(ref_params, **clone_kwargs(config))
@@ -70,7 +79,7 @@ def test_flat_default_is_bit_identical_to_torch(
 def test_flat_fused_half_precision_matches_torch_fused(
     entry: Entry, config: dict[str, Any], dtype: torch.dtype, flat_steps: list[bool]
 ) -> None:
-    params = make_params(dtype=dtype)
+    params = params_for(entry, dtype=dtype)
     ref_params = twin(params)
     opt = entry.cls(params, fused=True, **clone_kwargs(config))
     ref = entry.reference(ref_params, fused=True, **clone_kwargs(config))
@@ -120,7 +129,7 @@ def test_every_strategy_matches_loop(entry: Entry, dtype: torch.dtype) -> None:
         if entry.paths_agree:
             strategies.append({"foreach": True})
         for flags in strategies + ([{"fused": True}] if entry.fused else []):
-            params = make_params(dtype=dtype)
+            params = params_for(entry, dtype=dtype)
             try:
                 opt = entry.cls(params, **clone_kwargs({**config, **flags}))
             except ValueError:
@@ -260,7 +269,7 @@ def test_flat_sees_hyperparameter_changes(flat_steps: list[bool]) -> None:
 
 @pytest.mark.parametrize("entry", [e for e in REGISTRY if e.duplicates_in_turn], ids=ids)
 def test_a_parameter_listed_twice_is_updated_twice_in_turn(entry: Entry) -> None:
-    params = make_params([(300,), (4,)])
+    params = params_for(entry, [(300,), (4,)])
     ref_params = twin(params)
     with pytest.warns(UserWarning, match="duplicate parameters"):
         opt = entry.cls([params[0], params[1], params[0]], **clone_kwargs(entry.stateful))
@@ -291,14 +300,28 @@ def test_a_parameter_replaced_in_the_group_list_is_the_one_updated() -> None:
 def test_flat_counts_steps_of_parameters_without_elements(
     entry: Entry, flat_steps: list[bool]
 ) -> None:
-    params = make_params([(0,), (5,), (0, 3)])
+    params = params_for(entry, [(0,), (5,), (0, 3)])
     ref_params = twin(params)
     opt = entry.cls(params, **clone_kwargs(entry.stateful))
     ref = entry.reference(ref_params, **clone_kwargs(entry.stateful))
+    if not entry.empty_params:
+        # The rule divides by the number of elements, and fails as torch's does, before
+        # anything changes.
+        before = twin(params)
+        for p, q in zip(params, ref_params, strict=True):
+            p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        with pytest.raises(ZeroDivisionError) as mine:
+            step_once(opt)
+        with pytest.raises(ZeroDivisionError) as theirs:
+            step_once(ref)
+        assert str(mine.value) == str(theirs.value)
+        assert_same(params, before)
+        assert not opt.state
+        return
     step_both(opt, ref, params, ref_params, 4)
     assert_same(params, ref_params)
     assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
-    assert flat_steps[-1] or not entry.flat
+    assert not entry.flat or flat_steps[-1]
 
 
 @needs_kernel
@@ -332,7 +355,7 @@ def test_flat_follows_state_whose_storage_is_swapped_by_hand(
 ) -> None:
     """``.data =`` on a state tensor gives it new memory, or a layout the kernel does not run:
     the new memory is the one updated, and the odd tensor alone takes the reference path."""
-    params = make_params([(4, 3), (5,), (6,)])
+    params = params_for(entry, [(4, 3), (5,), (6,)])
     ref_params = twin(params)
     opt = entry.cls(params, **clone_kwargs(entry.stateful))
     ref = entry.reference(ref_params, **clone_kwargs(entry.stateful))
@@ -343,7 +366,8 @@ def test_flat_follows_state_whose_storage_is_swapped_by_hand(
                 value.data = value.clone()
         for value in o.state[ps[1]].values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                value.data = torch.empty(2 * value.numel())[::2].copy_(value)  # strided
+                strided = torch.empty(2 * value.numel())[::2].view(value.shape)
+                value.data = strided.copy_(value)
     before = len(flat_steps)
     step_both(opt, ref, params, ref_params, 3, seed=5)
     assert_same(params, ref_params)
@@ -447,7 +471,7 @@ def test_flat_branches_on_computed_numbers_tensor_by_tensor(
 def test_flat_follows_state_replaced_by_assignment(entry: Entry, flat_steps: list[bool]) -> None:
     """A state tensor, a parameter's whole state dict, or the whole state replaced by hand (as
     code that resets momentum or moves state does) is the one the next steps use."""
-    params = make_params([(4, 3), (5,), (6,)])
+    params = params_for(entry, [(4, 3), (5,), (6,)])
     ref_params = twin(params)
     opt = entry.cls(params, **clone_kwargs(entry.stateful))
     ref = entry.reference(ref_params, **clone_kwargs(entry.stateful))
@@ -476,7 +500,7 @@ def test_flat_follows_state_replaced_by_assignment(entry: Entry, flat_steps: lis
         step_both(opt, ref, params, ref_params, 3, seed=len(flat_steps))
         assert_same(params, ref_params)
         assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
-    assert flat_steps[-1] or not entry.flat
+    assert not entry.flat or flat_steps[-1]
     assert isinstance(opt.state, defaultdict)
 
 
@@ -500,3 +524,32 @@ def test_scalar_state_of_mixed_dtypes_rounds_each_in_its_own(flat_steps: list[bo
     assert results[0][1][1].dtype == torch.float64
     assert_same(results[0], results[1])
     assert any(flat_steps)
+
+
+def test_optimizers_whose_torch_twin_defaults_to_its_loop_keep_it_on_accelerators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's Adafactor takes its foreach path only when asked, and Muon has no other: without
+    a flag they stay per tensor where the others take foreach (accelerators; CPU tensors stand
+    in for an accelerator's here)."""
+    from polyak import strategies
+
+    monkeypatch.setattr(strategies, "_FOREACH_DEVICES", ("cpu",))
+    taken: list[tuple[str, str]] = []
+    real = strategies.Strategy.run
+
+    def spy(self: Any, update: Any, *args: Any) -> None:
+        taken.append((update.__qualname__.split(".")[0], self.value))
+        real(self, update, *args)
+
+    monkeypatch.setattr(strategies.Strategy, "run", spy)
+    for entry in REGISTRY:
+        if entry.step_closure or entry.sparse_grads:
+            continue
+        params = params_for(entry)
+        opt = entry.cls(params, **clone_kwargs(entry.stateful))
+        for p in params:
+            p.grad = torch.ones_like(p)
+        step_once(opt)
+    expected = {"Adafactor": "loop", "Muon": "loop", "SGD": "foreach", "Adam": "foreach"}
+    assert {name: taken_as for name, taken_as in taken if name in expected} == expected

@@ -55,12 +55,19 @@ def _foreach_capable(params: list[Tensor]) -> bool:
     )
 
 
-def choose(group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) -> Strategy:
+def choose(
+    group: Mapping[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    foreach_by_default: bool = True,
+) -> Strategy:
     """Pick the strategy for a step of one group that the flat kernel does not take.
 
     Differentiable steps and sparse gradients always run ``loop``: it is the one strategy that
     autograd and sparse tensors support everywhere. Otherwise an explicit ``foreach``/``fused``
-    flag is honoured, and with neither set the choice is torch.optim's default.
+    flag is honoured, and with neither set the choice is torch.optim's default: ``foreach`` on
+    accelerators, unless the optimizer's torch twin keeps its per-tensor path by default
+    (``foreach_by_default`` False: Adafactor, Muon).
     """
     if group.get("differentiable", False) or any(g.is_sparse for g in grads):
         return Strategy.LOOP
@@ -68,7 +75,8 @@ def choose(group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) 
     if fused_flag:
         return Strategy.FOREACH
     if foreach_flag is None and fused_flag is None:
-        return Strategy.FOREACH if _foreach_capable(params) else Strategy.LOOP
+        capable = foreach_by_default and _foreach_capable(params)
+        return Strategy.FOREACH if capable else Strategy.LOOP
     return Strategy.FOREACH if foreach_flag else Strategy.LOOP
 
 
