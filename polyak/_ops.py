@@ -381,10 +381,11 @@ def norms(xs: list[Tensor]) -> list[Tensor]:
     """The 2-norm of each x over all its elements, as 0-dim tensors of its dtype.
 
     The foreach norm runs the per-tensor kernel on the CPU only (accelerators reduce in
-    another order), so elsewhere each norm is its own call, as on both of torch.optim's paths.
+    another order), so elsewhere each norm is its own call, as on both of torch.optim's paths
+    (``x.norm(2)`` is ``vector_norm``, through a Python wrapper).
     """
     if _PER_TENSOR.get() or not xs or not all(x.is_cpu for x in xs):
-        return [x.norm(2) for x in xs]
+        return [torch.linalg.vector_norm(x) for x in xs]
     return list(torch._foreach_norm(xs))
 
 

@@ -86,7 +86,9 @@ def _direct(t: Tensor) -> bool:
 def _mode(
     params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor | None]], hp: Any
 ) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext() if _batchable(params, grads, state, hp) else _ops.per_tensor()
+    # One tensor (a large parameter's chunk) costs less through its tensor methods.
+    batched = len(params) > 1 and _batchable(params, grads, state, hp)
+    return contextlib.nullcontext() if batched else _ops.per_tensor()
 
 
 def shared(params: list[Tensor], state: dict[str, list[Tensor | None]]) -> bool:
