@@ -345,6 +345,7 @@ def build_ahead() -> tuple[bool, list[str]]:
         if (
             not (isinstance(cls, type) and issubclass(cls, polyak.Optimizer))
             or cls is polyak.Optimizer
+            or not cls.elementwise  # no program to compile (Adafactor, LBFGS, Muon)
         ):
             continue
         for dtype in _FLOATS:
