@@ -1019,6 +1019,8 @@ def _run_batch(
             if optimizer in SPARSE_GRADIENTS:
                 grads = [_sparse_rows(g) for g in grads]
             closure = _quadratic_closure(params, grads) if optimizer in CLOSURE_STEPS else None
+            if case.per_tensor and closure is not None:
+                raise ValueError("a closure step re-evaluates the whole model, not one tensor")
             made = _PerTensor(make, params) if case.per_tensor else make(params)
             if case.variant == "amp" and not isinstance(made, _InPlaceAdd):
                 made = _Scaled(made)
