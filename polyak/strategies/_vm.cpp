@@ -436,7 +436,7 @@ void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r
   }
 }
 
-bool disjoint(Plan& plan);
+bool disjoint(Plan& plan, bool grad_written);
 
 // Whether the program writes the gradient (a step that unscales it in place).
 inline bool writes_grad(const Plan& plan) {
@@ -470,7 +470,11 @@ bool check_group(Plan& plan) {
   const bool grad_written = writes_grad(plan);
   const caffe2::TypeMeta dtype = c10::scalarTypeToTypeMeta(plan.dtype);
   const int64_t itemsize = static_cast<int64_t>(dtype.itemsize());
+  // Tensor i's gradient: the one the caller gave, or the parameter's own.
   const bool given = !plan.grads.empty();
+  auto grad_at = [&](int64_t i) -> const at::Tensor* {
+    return given ? &plan.grads[i] : grad_of(impl_of(plan.params[i]));
+  };
   std::atomic<bool> unfit{false};
   at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
     // Tensors whose scalar state holds the same values as the previous one's (all of them, in
@@ -497,7 +501,7 @@ bool check_group(Plan& plan) {
         for (const auto& keyed : plan.sstate) prefetch_storage(impl_of(keyed[i]));
       }
       if (int64_t i = j - 2 * kAheadTensors; i >= lo && i < hi) {
-        const at::Tensor* g = given ? &plan.grads[i] : grad_of(impl_of(plan.params[i]));
+        const at::Tensor* g = grad_at(i);
         if (g != nullptr && g->defined()) prefetch_impl(impl_of(*g));
         for (const auto& keyed : plan.sstate) {
           const c10::StorageImpl* storage = impl_of(keyed[i])->unsafe_storage().unsafeGetStorageImpl();
@@ -505,13 +509,13 @@ bool check_group(Plan& plan) {
         }
       }
       if (int64_t i = j - 3 * kAheadTensors; i >= lo && i < hi) {
-        const at::Tensor* g = given ? &plan.grads[i] : grad_of(impl_of(plan.params[i]));
+        const at::Tensor* g = grad_at(i);
         if (g != nullptr && g->defined()) prefetch_storage(impl_of(*g));
       }
       const int64_t i = j - 4 * kAheadTensors;
       if (i < lo) continue;
       const c10::TensorImpl* p = impl_of(plan.params[i]);
-      const at::Tensor* grad = given ? &plan.grads[i] : grad_of(p);
+      const at::Tensor* grad = grad_at(i);
       plan.numel[i] = -1;
       if (grad == nullptr || !grad->defined()) {
         std::fill_n(plan.ptr.data() + i * n_bound, n_bound, nullptr);
@@ -564,7 +568,7 @@ bool check_group(Plan& plan) {
       }
     }
   });
-  return !unfit.load() && disjoint(plan);
+  return !unfit.load() && disjoint(plan, grad_written);
 }
 
 // Whether the memory every step writes (parameters, vector and scalar state) is disjoint.
@@ -572,13 +576,12 @@ bool check_group(Plan& plan) {
 // parameters are updated one after the other by torch; the flat pass would update them at
 // once, so such a group takes the reference path. Pointers seldom change between steps, so
 // the sort runs only when one did.
-bool disjoint(Plan& plan) {
+bool disjoint(Plan& plan, bool grad_written) {
   if (plan.ptr == plan.disjoint_ptr && plan.sptr == plan.disjoint_sptr) return true;
   const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t n_bound = 2 + static_cast<int64_t>(plan.vstate.size());
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
   const int64_t item = static_cast<int64_t>(c10::elementSize(plan.dtype));
-  const bool grad_written = writes_grad(plan);
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
   spans.reserve(n * (n_bound - 1 + ns));
   for (int64_t i = 0; i < n; ++i) {
