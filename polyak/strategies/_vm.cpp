@@ -975,6 +975,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.scode = std::move(scode);
              plan.n_sregs = n_sregs;
              plan.stored = std::move(stored);
+             // What the overlap check covers depends on what the program writes (a program
+             // that unscales gradients writes them too): check afresh.
+             plan.disjoint_ptr.clear();
+             plan.disjoint_sptr.clear();
              plan.kernel = std::move(kernel);
              plan.exact_sqrt = exact_sqrt;
            })
