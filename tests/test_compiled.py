@@ -197,8 +197,10 @@ def test_the_inline_sqrt_is_mkl_on_every_input() -> None:
 
 
 def test_generated_code_keeps_each_element_in_registers() -> None:
-    """One loop over the elements, with each stream loaded and stored once; a sqrt computed by
-    a call splits it, handing values over through block arrays."""
+    """float32 programs are written on whole vectors: one loop, each stream loaded and stored
+    once per vector, sqrt inline (correctly rounded or MKL's algorithm); without vectors, or
+    where sqrt is a call, one statement per element, the call splitting the loop and handing
+    values over through block arrays."""
     from polyak.strategies import _trace
 
     entry = next(e for e in REGISTRY if e.cls.__name__ == "Adam")
@@ -206,15 +208,34 @@ def test_generated_code_keeps_each_element_in_registers() -> None:
     hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
     program = _trace.trace(entry.cls.update, hyper, ["exp_avg", "exp_avg_sq"], ["step"])
     vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
-    exact = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_EXACT)
-    body = exact[exact.index("const int64_t n = 64;") : exact.index("} else {")]
-    assert body.count("for (int64_t j") == 1
-    for reg in range(4):
-        assert body.count(f"m{reg}[j0 + j];") == 1  # one load each
-    assert body.count("__builtin_sqrtf") == 1
-    called = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_MKL_CALL)
+
+    def kernel(dtype: torch.dtype, mode: int) -> str:
+        source = _codegen.generate(vcode, 4, program.stored, dtype, mode)
+        return source[source.index('extern "C" void polyak_run') :]
+
+    inline = {_codegen.SQRT_EXACT: "pk_sqrtv(", _codegen.SQRT_MKL_INLINE: "pk_sqrt_mklv("}
+    for mode, sqrt in inline.items():
+        source = kernel(torch.float32, mode)
+        vector = source[source.index("#if PK_W") : source.index("#else")]
+        body = vector[vector.index("j < 64; j += PK_W) {") : vector.index("} else {")]
+        assert body.count("for (int64_t j") == 0
+        for reg in range(4):
+            assert body.count(f"pk_ld(m{reg} + j0 + j)") == 1  # one load each
+        assert body.count("pk_st(") == len(program.stored)
+        assert body.count(sqrt) == 1
+        scalar = source[source.index("#else") :]
+        body = scalar[scalar.index("const int64_t n = 64;") : scalar.index("} else {")]
+        assert body.count("for (int64_t j") == (1 if mode == _codegen.SQRT_EXACT else 2)
+    called = kernel(torch.float32, _codegen.SQRT_MKL_CALL)
+    assert "#if PK_W" not in called  # MKL over blocks: no whole-vector form
     body = called[called.index("const int64_t n = 64;") : called.index("} else {")]
     assert body.count("for (int64_t j") == 2 and "ctx->vms((int)n, sq_in0, sq_out0" in body
+    exact = kernel(torch.float64, _codegen.SQRT_EXACT)
+    assert "#if PK_W" not in exact
+    body = exact[exact.index("const int64_t n = 32;") : exact.index("} else {")]
+    assert body.count("for (int64_t j") == 1 and body.count("__builtin_sqrt(") == 1
+    for reg in range(4):
+        assert body.count(f"m{reg}[j0 + j];") == 1
 
 
 def test_a_branch_on_a_per_tensor_number_copies_the_loop_per_outcome() -> None:
@@ -229,9 +250,12 @@ def test_a_branch_on_a_per_tensor_number_copies_the_loop_per_outcome() -> None:
     vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
     assert [row[1] for row in vcode if row[0] == _trace.V_SELS] == [0]
     source = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_EXACT)
-    assert source.count("for (int64_t j0") == 2
-    # Declared, then tested once: inside the copies the condition is a constant.
-    assert source.count("pk_if") == 2 and "1 ? " in source and "0 ? " in source
+    source = source[source.index('extern "C" void polyak_run') :]
+    vector, scalar = source[: source.index("#else")], source[source.index("#else") :]
+    for form in (vector, scalar):  # on whole vectors, and per element
+        assert form.count("for (int64_t j0") == 2
+        # Declared, then tested once: inside the copies the condition is a constant.
+        assert form.count("pk_if") == 2 and "1 ? " in form and "0 ? " in form
 
 
 @needs_compiler

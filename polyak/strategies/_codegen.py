@@ -77,7 +77,7 @@ SQRT_NAMES = {
     SQRT_MKL_CALL: "MKL, called per block",
 }
 #: Bumped whenever the generated code changes meaning, so that old builds are not reused.
-_VERSION = 5
+_VERSION = 6
 # The kernel's flags (every rounding the one written), for a plain shared library.
 _FLAGS = [*_native.FLAGS, "-fno-trapping-math", "-fPIC", "-shared"]
 #: Whether an element lies in the scalar tail of torch's chunk (see _vm.cpp's Work).
@@ -190,55 +190,116 @@ PK_INLINE uint16_t pk_f16_store(float f) {
   return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
 }
 
-/* MKL's high-accuracy float32 sqrt as its generic x86 code computes it: a reciprocal square
-   root estimate refined by one coupled Newton step, each operation rounded on its own; the
-   inputs it treats apart (zeros, subnormals, the largest normals, infinities, NaN, negatives)
-   as that code does. Used only where an exhaustive comparison proved it identical to MKL on
-   this machine. */
-PK_INLINE float pk_sqrt_special(float x) {
-  const uint32_t b = pk_f_bits(x);
-  if ((b & 0x7fffffffu) == 0 || b == 0x7f800000u) return x;
-  if ((b & 0x7fffffffu) > 0x7f800000u) return pk_bits_f(b | 0x00400000u);
-  if (b & 0x80000000u) return pk_bits_f(0x7fc00000u);
-  return sqrtf(x);
+/* Whole vectors of PK_W floats, where the CPU has fused multiply-adds: AVX-512 (16 lanes) or
+   AVX2 (8 lanes). Generated code written on these keeps an element's whole update, sqrt
+   included, in vector registers; elsewhere it is written per element and left to the
+   compiler's vectoriser. */
+#if defined(__AVX512F__)
+#define PK_W 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PK_W 8
+#else
+#define PK_W 0
+#endif
+#if PK_W
+typedef float pk_vf __attribute__((vector_size(PK_W * 4)));
+typedef int32_t pk_vm __attribute__((vector_size(PK_W * 4)));
+typedef uint32_t pk_vu __attribute__((vector_size(PK_W * 4)));
+PK_INLINE pk_vf pk_ld(const float* p) { pk_vf v; memcpy(&v, p, sizeof v); return v; }
+PK_INLINE void pk_st(float* p, pk_vf v) { memcpy(p, &v, sizeof v); }
+/* The first n < PK_W elements; the other lanes are zeros, computed and never stored. */
+PK_INLINE pk_vf pk_ldn(const float* p, int64_t n) {
+  pk_vf v = {};
+  memcpy(&v, p, (size_t)n * 4);
+  return v;
 }
-#if defined(__AVX__) && defined(__AVX2__)
-PK_INLINE void pk_sqrt_mkl8(const float* in, float* out) {
-  const __m256 half = _mm256_set1_ps(0.5f);
-  const __m256 x = _mm256_loadu_ps(in);
-  const __m256i special = _mm256_cmpgt_epi32(
-      _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x7f800000)),
-      _mm256_set1_epi32((int)0xfefff000u));
-  const __m256 y = _mm256_rsqrt_ps(x);
-  const __m256 s = _mm256_mul_ps(x, y);
-  const __m256 h = _mm256_mul_ps(y, half);
-  const __m256 e = _mm256_sub_ps(half, _mm256_mul_ps(s, h));
-  const __m256 s1 = _mm256_add_ps(_mm256_mul_ps(s, e), s);
-  const __m256 h1 = _mm256_add_ps(_mm256_mul_ps(e, h), h);
-  const __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(s1, s1));
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_mul_ps(r, h1), s1));
-  int mask = _mm256_movemask_ps(_mm256_castsi256_ps(special));
-  while (__builtin_expect(mask != 0, 0)) {
-    const int l = __builtin_ctz(mask);
-    mask &= mask - 1;
-    out[l] = pk_sqrt_special(in[l]);
-  }
+PK_INLINE void pk_stn(float* p, pk_vf v, int64_t n) { memcpy(p, &v, (size_t)n * 4); }
+PK_INLINE pk_vf pk_splat(float s) { return (pk_vf){} + s; }
+PK_INLINE pk_vf pk_bitsv(uint32_t b) { return (pk_vf)((pk_vu){} + b); }
+/* The lanes at or past torch's scalar tail (see _vm.cpp's Work), d elements from the first. */
+PK_INLINE pk_vm pk_tailv(int tb, int64_t d) {
+  pk_vm iota;
+  for (int i = 0; i < PK_W; ++i) iota[i] = i;
+  const int32_t k = d < 0 ? 0 : d > PK_W ? PK_W : (int32_t)d;
+  return tb ? (pk_vm)(iota >= k) : (pk_vm){};
+}
+PK_INLINE pk_vf pk_negv(pk_vf a) { return (pk_vf)((pk_vu)a ^ 0x80000000u); }
+PK_INLINE pk_vf pk_absv(pk_vf a) { return (pk_vf)((pk_vu)a & 0x7fffffffu); }
+#if PK_W == 16
+PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) { return (pk_vf)_mm512_fmadd_ps(a, b, c); }
+PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)_mm512_sqrt_ps(a); }
+/* The lanes MKL's sqrt treats apart (see pk_sqrt_apart), as a mask register. */
+typedef __mmask16 pk_lanes;
+PK_INLINE pk_lanes pk_apart_lanes(pk_vf x) {
+  return _mm512_cmpgt_epi32_mask(_mm512_add_epi32((__m512i)x, _mm512_set1_epi32(0x7f800000)),
+                                 _mm512_set1_epi32((int)0xfefff000u));
+}
+PK_INLINE pk_vm pk_lanes_mask(pk_lanes m) {
+  return (pk_vm)_mm512_maskz_mov_epi32(m, _mm512_set1_epi32(-1));
+}
+/* The 12-bit estimate MKL starts from is rsqrtps's (AVX-512's rsqrt14 rounds otherwise). */
+PK_INLINE pk_vf pk_rsqrt_estimate(pk_vf x) {
+  const __m512 v = (__m512)x;
+  const __m256 lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(v));
+  const __m256d upper = _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1);
+  const __m256 hi = _mm256_rsqrt_ps(_mm256_castpd_ps(upper));
+  return (pk_vf)_mm512_castpd_ps(
+      _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+#else
+PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) { return (pk_vf)_mm256_fmadd_ps(a, b, c); }
+PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)_mm256_sqrt_ps(a); }
+typedef int pk_lanes;
+PK_INLINE pk_lanes pk_apart_lanes(pk_vf x) {
+  const pk_vm m = (pk_vm)((pk_vu)x + 0x7f800000u) > (int32_t)0xfefff000u;
+  return _mm256_movemask_ps((__m256)m);
+}
+PK_INLINE pk_vm pk_lanes_mask(pk_lanes m) {
+  const pk_vm bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  return (pk_vm)((bit & m) != 0);
+}
+PK_INLINE pk_vf pk_rsqrt_estimate(pk_vf x) { return (pk_vf)_mm256_rsqrt_ps((__m256)x); }
+#endif
+/* The inputs MKL's code treats apart, as it treats them: zeros and +inf are returned, NaNs
+   quieted, negatives give the canonical NaN, and subnormals and the largest normals their
+   correctly rounded root. Out of the element loop's way: taken for a vector holding one. */
+__attribute__((noinline, cold)) static pk_vf pk_sqrt_apart(pk_vf x, pk_vf out, pk_lanes lanes) {
+  const pk_vm apart = pk_lanes_mask(lanes);
+  const pk_vu b = (pk_vu)x, a = b & 0x7fffffffu;
+  pk_vf f = pk_sqrtv(x);
+  f = (b >> 31) != 0 ? pk_bitsv(0x7fc00000u) : f;
+  f = a > 0x7f800000u ? (pk_vf)(b | 0x00400000u) : f;
+  f = (a == 0) | (b == 0x7f800000u) ? x : f;
+  return apart ? f : out;
+}
+/* MKL's high-accuracy float32 sqrt as its generic x86 code computes it: a reciprocal square
+   root estimate refined by one coupled Newton step, each operation rounded on its own. Used
+   only where an exhaustive comparison proved it identical to MKL on this machine. */
+PK_INLINE pk_vf pk_sqrt_mklv(pk_vf x) {
+  const pk_lanes apart = pk_apart_lanes(x);
+  const pk_vf y = pk_rsqrt_estimate(x);
+  const pk_vf s = x * y, h = y * 0.5f;
+  const pk_vf e = 0.5f - s * h;
+  const pk_vf s1 = s * e + s, h1 = e * h + h;
+  const pk_vf r = x - s1 * s1;
+  const pk_vf out = r * h1 + s1;
+  return __builtin_expect(apart != 0, 0) ? pk_sqrt_apart(x, out, apart) : out;
 }
 static inline void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) pk_sqrt_mkl8(in + i, out + i);
+  for (; i + PK_W <= n; i += PK_W) pk_st(out + i, pk_sqrt_mklv(pk_ld(in + i)));
   if (i < n) {
-    float a[8] = {1, 1, 1, 1, 1, 1, 1, 1}, b[8];
-    for (int64_t k = i; k < n; ++k) a[k - i] = in[k];
-    pk_sqrt_mkl8(a, b);
-    for (int64_t k = i; k < n; ++k) out[k] = b[k - i];
+    pk_vf v = pk_splat(1.0f);
+    memcpy(&v, in + i, (size_t)(n - i) * 4);
+    pk_stn(out + i, pk_sqrt_mklv(v), n - i);
   }
 }
 #define PK_HAVE_SQRT_MKL 1
 #else
+/* Without vectors the copy is not made (the probe says so, and programs call MKL). */
 #define PK_HAVE_SQRT_MKL 0
 static void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = pk_sqrt_special(in[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = sqrtf(in[i]);
 }
 #endif
 """
@@ -297,6 +358,17 @@ extern "C" int64_t polyak_probe_sqrt(const polyak_ctx* ctx, int which) {
   return bad.load();
 }
 """
+
+
+def _statement(ins: tuple[int, ...], operands: list[str], **names: str) -> str:
+    """The C++ expression of one vector instruction, on its operands' expressions, with the
+    form's names for the type and the functions (``t``, ``fma``, ``neg``, ``sqrt``, ``abs``)."""
+    op, _, _, b, _, s = ins
+    if op not in _STATEMENTS:
+        raise ValueError(f"unknown opcode {op}")
+    va, vb, vc = operands
+    bs = vb if b >= 0 else f"s{s}"
+    return _STATEMENTS[op].format(a=va, b=vb, c=vc, s=f"s{s}", bs=bs, k=s, **names)
 
 
 def generate(
@@ -391,16 +463,9 @@ def generate(
         if k > 0:
             use(splits[k - 1][1])
         for op, dst, a, b, c, s in seg:
-            va, vb, vc = (use(r) if r >= 0 else "" for r in (a, b, c))
-            if op not in _STATEMENTS:
-                raise ValueError(f"unknown opcode {op}")
-            expr = _STATEMENTS[op].format(
-                a=va,
-                b=vb,
-                c=vc,
-                s=f"s{s}",
-                bs=vb if b >= 0 else f"s{s}",
-                k=s,
+            expr = _statement(
+                (op, dst, a, b, c, s),
+                [use(r) if r >= 0 else "" for r in (a, b, c)],
                 t=compute,
                 fma=fma,
                 neg="pk_neg_f" if compute == "float" else "pk_neg_d",
@@ -430,6 +495,10 @@ def generate(
                 call = "vms" if compute == "float" else "vmd"
                 body.append(f"      ctx->{call}((int)n, sq_in{k}, sq_out{k}, ctx->mode);")
 
+    conditions = sorted({ins[5] for ins in vcode if ins[0] == V_SELS})
+    lerps = sorted({ins[5] for ins in vcode if ins[0] == V_LERP})
+    prefetch = _prefetch(read_bound, storage, block, ahead)
+
     out: list[str] = [_PRELUDE]
     out.append(
         'extern "C" void polyak_run(void* const* bound, const double* r, int64_t start, '
@@ -439,9 +508,18 @@ def generate(
     for reg in range(n_bound):
         const = "" if reg in stored else "const "
         out.append(f"  {const}{storage}* __restrict m{reg} = ({const}{storage}*)bound[{reg}];")
+    out.append("  (void)ctx; (void)tail;")
+    # float32 with sqrt inline (or none): written on whole vectors where the CPU has them.
+    vector = dtype == torch.float32 and sqrt_mode != SQRT_MKL_CALL
+    if vector:
+        out.append("#if PK_W")
+        decls, vloop = _vector_kernel(vcode, n_bound, stored, sqrt_mode, sregs, lerps, masks)
+        out.extend(decls)
+        out.extend(_unswitch([*prefetch, *vloop], conditions[:_UNSWITCHED]))
+        out.append("#else")
     for s in sregs:
         out.append(f"  const {compute} s{s} = ({compute})r[{s}];")
-    for s in sorted({ins[5] for ins in vcode if ins[0] == V_LERP}):
+    for s in lerps:
         out.append(f"  const int lc{s} = {fabs}(s{s}) < ({compute})0.5;")
         out.append(f"  const {compute} lw{s} = s{s} - ({compute})1;")
     n_arrays = len(spilled) + 2 * len(splits)
@@ -458,29 +536,10 @@ def generate(
     ones = "pk_bits_f(0xffffffffu)" if compute == "float" else "pk_bits_d(~0ull)"
     qnan = "pk_bits_f(0x7fc00000u)" if compute == "float" else "pk_bits_d(0x7ff8000000000000ull)"
     out.append(f"  const {compute} pk_ones = {ones}, pk_qnan = {qnan};")
-    out.append("  (void)ctx; (void)tail; (void)pk_ones; (void)pk_qnan;")
-    conditions = sorted({ins[5] for ins in vcode if ins[0] == V_SELS})
+    out.append("  (void)pk_ones; (void)pk_qnan;")
     for s in conditions:
         out.append(f"  const int pk_if{s}_ = s{s} != 0;")
-    loop: list[str] = []
-    loop.append(f"  for (int64_t j0 = start; j0 < end; j0 += {block}) {{")
-    # Past the end of the item, every stream the program reads is asked for, into L2, that far
-    # into the next item: the hardware prefetcher follows a stream within a page but stops at a
-    # page's end, let alone a tensor's. Within an item it does better alone.
-    loop.append(f"    const int64_t pf = j0 + {ahead};")
-    loop.append("    if (pf >= end && next != 0) {")
-    loop.append("      const int64_t at = nstart + (pf - end);")
-    for reg in read_bound:
-        for q in range(0, _BLOCK_BYTES, 64):
-            loop.append(
-                f"      __builtin_prefetch((const char*)((const {storage}*)next[{reg}] + at)"
-                f" + {q}, 0, 2);"
-            )
-    loop.append("    }")
-    # Whether the block reaches torch's scalar tail: a constant of the block, so that the
-    # compiler makes the usual blocks' loop free of the test.
-    loop.append("    const int tb = j0 + " + str(block) + " > tail;")
-    loop.append("    (void)tb;")
+    loop: list[str] = [*prefetch]
     loop.append(f"    if (end - j0 >= {block}) {{")
     loop.append(f"      const int64_t n = {block};")
     # A block short of torch's tail takes a copy of the loop without the per-element test,
@@ -500,8 +559,131 @@ def generate(
     loop.append("    }")
     loop.append("  }")
     out.extend(_unswitch(loop, conditions[:_UNSWITCHED]))
+    if vector:
+        out.append("#endif")
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def _prefetch(read_bound: list[int], storage: str, block: int, ahead: int) -> list[str]:
+    """The head of the loop over blocks: past the end of the item, every stream the program
+    reads is asked for, into L2, that far into the next item (the hardware prefetcher follows
+    a stream within a page but stops at a page's end, let alone a tensor's; within an item it
+    does better alone); and whether the block reaches torch's scalar tail, a constant of the
+    block, so that the usual blocks' loop is free of the test."""
+    lines = [f"  for (int64_t j0 = start; j0 < end; j0 += {block}) {{"]
+    lines.append(f"    const int64_t pf = j0 + {ahead};")
+    lines.append("    if (pf >= end && next != 0) {")
+    lines.append("      const int64_t at = nstart + (pf - end);")
+    for reg in read_bound:
+        for q in range(0, _BLOCK_BYTES, 64):
+            lines.append(
+                f"      __builtin_prefetch((const char*)((const {storage}*)next[{reg}] + at)"
+                f" + {q}, 0, 2);"
+            )
+    lines.append("    }")
+    lines.append(f"    const int tb = j0 + {block} > tail;")
+    lines.append("    (void)tb;")
+    return lines
+
+
+#: The tail test on whole vectors: the lanes at or past the tail.
+_TAIL_TEST_V = "pk_tailv(tb, tail - (j0 + j))"
+
+
+def _vector_kernel(
+    vcode: list[tuple[int, ...]],
+    n_bound: int,
+    stored: list[int],
+    sqrt_mode: int,
+    sregs: list[int],
+    lerps: list[int],
+    masks: set[int],
+) -> tuple[list[str], list[str]]:
+    """The float32 kernel on whole vectors of ``PK_W`` lanes (see the prelude): one statement
+    per instruction over a vector, sqrt inline, each stream loaded and stored once per
+    vector, so that an element's whole update stays in registers. The last vector of an item
+    shorter than ``PK_W`` is loaded and stored in part. Returns the declarations and the body
+    of the loop over blocks."""
+    block = _BLOCK_BYTES // 4
+    sqrt = "pk_sqrt_mklv" if sqrt_mode == SQRT_MKL_INLINE else "pk_sqrtv"
+
+    def body(partial: bool) -> list[str]:
+        live: set[int] = set()
+        lines: list[str] = []
+
+        def use(reg: int) -> str:
+            if reg not in live:
+                live.add(reg)
+                load = f"pk_ldn(m{reg} + j0 + j, n - j)" if partial else f"pk_ld(m{reg} + j0 + j)"
+                lines.append(f"pk_vf v{reg} = {load};")
+            return f"v{reg}"
+
+        written: set[int] = set()
+        for op, dst, a, b, c, s in vcode:
+            expr = _statement(
+                (op, dst, a, b, c, s),
+                [use(r) if r >= 0 else "" for r in (a, b, c)],
+                t="float",
+                fma="pk_fmav",
+                neg="pk_negv",
+                sqrt=sqrt,
+                abs="pk_absv",
+            ).replace(_TAIL_TEST, _TAIL_TEST_V)
+            written.add(dst)
+            if dst in live:
+                lines.append(f"v{dst} = {expr};")
+            else:
+                live.add(dst)
+                lines.append(f"{'pk_vm' if dst in masks else 'pk_vf'} v{dst} = {expr};")
+        for reg in sorted(written & set(stored)):
+            lines.append(
+                f"pk_stn(m{reg} + j0 + j, v{reg}, n - j);"
+                if partial
+                else f"pk_st(m{reg} + j0 + j, v{reg});"
+            )
+        return lines
+
+    full, part = body(False), body(True)
+    fast = [line.replace(_TAIL_TEST_V, "0") for line in full]
+    out = [f"  const pk_vf s{s} = pk_splat((float)r[{s}]);" for s in sregs]
+    for s in lerps:
+        out.append(f"  const int lc{s} = fabsf((float)r[{s}]) < 0.5f;")
+        out.append(f"  const pk_vf lw{s} = pk_splat((float)r[{s}] - 1.0f);")
+    out.append("  const pk_vf pk_ones = pk_bitsv(0xffffffffu), pk_qnan = pk_bitsv(0x7fc00000u);")
+    out.append("  (void)pk_ones; (void)pk_qnan;")
+    conditions = sorted({ins[5] for ins in vcode if ins[0] == V_SELS})
+    for s in conditions:
+        out.append(f"  const int pk_if{s}_ = (float)r[{s}] != 0;")
+    loop: list[str] = []
+    loop.append(f"    if (end - j0 >= {block}) {{")
+    full_loop = "      for (int64_t j = 0; j < " + str(block) + "; j += PK_W) {"
+    if fast != full:
+        loop.append("      if (!tb) {")
+        loop.append("  " + full_loop)
+        loop.extend("          " + line for line in fast)
+        loop.append("        }")
+        loop.append("      } else {")
+        loop.append("  " + full_loop)
+        loop.extend("          " + line for line in full)
+        loop.append("        }")
+        loop.append("      }")
+    else:
+        loop.append(full_loop)
+        loop.extend("        " + line for line in full)
+        loop.append("      }")
+    loop.append("    } else {")
+    loop.append("      const int64_t n = end - j0;")
+    loop.append("      int64_t j = 0;")
+    loop.append("      for (; j + PK_W <= n; j += PK_W) {")
+    loop.extend("        " + line for line in full)
+    loop.append("      }")
+    loop.append("      if (j < n) {")
+    loop.extend("        " + line for line in part)
+    loop.append("      }")
+    loop.append("    }")
+    loop.append("  }")
+    return out, loop
 
 
 #: Per-tensor conditions the element loop is copied for (2**n copies); more stay selects.
