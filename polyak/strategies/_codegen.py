@@ -262,8 +262,9 @@ PK_INLINE pk_vf pk_rsqrt_estimate(pk_vf x) { return (pk_vf)_mm256_rsqrt_ps((__m2
 #endif
 /* The inputs MKL's code treats apart, as it treats them: zeros and +inf are returned, NaNs
    quieted, negatives give the canonical NaN, and subnormals and the largest normals their
-   correctly rounded root. Out of the element loop's way: taken for a vector holding one. */
-__attribute__((noinline, cold)) static pk_vf pk_sqrt_apart(pk_vf x, pk_vf out, pk_lanes lanes) {
+   correctly rounded root. On a branch the usual vectors skip; inline, so that taking it
+   (a vector holding a zero: a moment that never moved) costs no call and no spills. */
+PK_INLINE pk_vf pk_sqrt_apart(pk_vf x, pk_vf out, pk_lanes lanes) {
   const pk_vm apart = pk_lanes_mask(lanes);
   const pk_vu b = (pk_vu)x, a = b & 0x7fffffffu;
   pk_vf f = pk_sqrtv(x);
