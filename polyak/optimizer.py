@@ -491,10 +491,23 @@ class Optimizer(torch.optim.Optimizer):
     ) -> None:
         """Step ``params`` with ``grads`` under the hyperparameters of ``group``."""
         state, hp, strategy, entries = self._gather(group, params, grads)
-        if grad_scale is not None and group.get("fused"):
+        if grad_scale is None or not group.get("fused"):
+            _run(strategy.run, type(self).update, params, grads, state, hp)
+        elif len({id(g) for g in grads}) == len(grads):
             # Unscaled in place, as torch's fused kernels leave ``.grad``.
             _ops.div_(grads, grad_scale.to(grads[0].device))
-        _run(strategy.run, type(self).update, params, grads, state, hp)
+            _run(strategy.run, type(self).update, params, grads, state, hp)
+        else:
+            # torch's fused kernels unscale and update parameter by parameter: a gradient that
+            # several parameters hold is divided again for each, and each reads it as divided
+            # so far.
+            scale = grad_scale.to(grads[0].device)
+            for i in range(len(params)):
+                one = {key: values[i : i + 1] for key, values in state.items()}
+                _ops.div_(grads[i : i + 1], scale)
+                _run(strategy.run, type(self).update, params[i : i + 1], grads[i : i + 1], one, hp)
+                for key, values in one.items():
+                    state[key][i] = values[0]
         # State the update made (SGD's first momentum buffer) or replaced is stored.
         for key, values in state.items():
             for i, value in enumerate(values):

@@ -555,11 +555,11 @@ def test_optimizers_whose_torch_twin_defaults_to_its_loop_keep_it_on_accelerator
     assert {name: taken_as for name, taken_as in taken if name in expected} == expected
 
 
-def _shared_gradient_run(cls: Any) -> list[list[torch.Tensor]]:
+def _shared_gradient_run(cls: Any, **config: Any) -> list[list[torch.Tensor]]:
     """Two parameters holding one gradient tensor, refilled at each step, stepped fused twice
     plainly, then twice under a GradScaler: the parameters and the gradient after each step."""
     params = make_params([(8,), (8,)])
-    opt = cls(params, lr=0.1, momentum=0.9, fused=True)
+    opt = cls(params, lr=0.1, fused=True, **config)
     gen = torch.Generator().manual_seed(5)
     out = []
     grad = torch.empty(8)  # one tensor throughout, refilled: the memory stays where it was
@@ -582,18 +582,21 @@ def test_a_gradient_two_parameters_share_is_checked_once_unscaling_writes_it(
     """The overlap check covers gradients once a GradScaler step writes them, even where an
     earlier step found the same memory disjoint: the shared gradient leaves the flat pass, and
     ends divided once per parameter, as torch's fused step leaves it."""
-    ours = _shared_gradient_run(polyak.SGD)
+    ours = _shared_gradient_run(polyak.SGD, momentum=0.9)
     assert flat_steps[1] and flat_steps[2:] == [False, False], flat_steps
-    theirs = _shared_gradient_run(torch.optim.SGD)
+    theirs = _shared_gradient_run(torch.optim.SGD, momentum=0.9)
     assert_same([step[-1] for step in ours], [step[-1] for step in theirs])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the reference path unscales every gradient before updating; torch's fused kernel "
-    "unscales and updates parameter by parameter, so a shared gradient differs",
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [("SGD", {"momentum": 0.9}), ("Adam", {"betas": (0.8, 0.9)}), ("Adagrad", {})],
 )
-def test_parameters_sharing_a_gradient_under_a_grad_scaler_match_torch() -> None:
-    ours = _shared_gradient_run(polyak.SGD)
-    theirs = _shared_gradient_run(torch.optim.SGD)
+def test_parameters_sharing_a_gradient_under_a_grad_scaler_match_torch(
+    name: str, config: dict[str, Any]
+) -> None:
+    """torch's fused step unscales and updates parameter by parameter, so the second of two
+    parameters holding one gradient reads it divided twice; the reference path does the same."""
+    ours = _shared_gradient_run(getattr(polyak, name), **config)
+    theirs = _shared_gradient_run(getattr(torch.optim, name), **config)
     assert_same(ours, theirs, 1e-5)
