@@ -154,10 +154,22 @@ def _apart(
     kwargs: dict[str, Any],
 ) -> Any:
     """``run(self, args, kwargs)`` in a graph of its own when ``torch.compile`` traces a step,
-    as torch.optim's steps are: dynamo runs this function as Python (it cannot resume inside
-    ``try``) and compiles ``run`` from its first line, in the step's grad mode, so that
-    AOTAutograd compiles the update as an inference graph, which updates the parameters in
-    place."""
+    as torch.optim's steps that take ``differentiable`` are: dynamo runs this function as
+    Python (it cannot resume inside ``try``) and compiles ``run`` from its first line, in the
+    step's grad mode, so that AOTAutograd compiles the update as an inference graph, which
+    updates the parameters in place.
+
+    torch's other steps (Adafactor's, Muon's) run under ``no_grad`` in the graph of their
+    caller, and so do those of their polyak twins that step with the update rule. Dynamo loses
+    assignments to the optimizer's attributes made there and would guard the graph on a count
+    it reads, so the graph counts the step in a tensor, which :attr:`Optimizer._step_count`
+    adds (made by :meth:`Optimizer._init_group`).
+    """
+    if "differentiable" not in self.defaults and type(self).step is Optimizer.step:
+        with torch.no_grad():
+            out = run(self, args, kwargs)
+        self._compiled_steps.add_(1)
+        return out
     previous = torch.is_grad_enabled()
     taken = self._step_count
     try:
@@ -208,6 +220,8 @@ class Optimizer(torch.optim.Optimizer):
     the values of hyperparameters that old checkpoints lack.
     """
 
+    #: Steps that compiled graphs counted (see :func:`_apart`), once one is traced.
+    _compiled_steps: Tensor
     state_keys: ClassVar[tuple[str, ...]] = ()
     param_shaped_state: ClassVar[tuple[str, ...]] = ()
     #: Hyperparameters that checkpoints of older torch versions may lack, with the value torch
@@ -234,6 +248,21 @@ class Optimizer(torch.optim.Optimizer):
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(cast(dict[str, Any], group))
+
+    @property
+    def _step_count(self) -> int:
+        """The number of completed ``step()`` calls: those counted in Python and those that
+        a compiled graph counted (see :func:`_apart`)."""
+        counted: int = self.__dict__[STEP_COUNT_KEY]
+        compiled: Tensor | None = self.__dict__.get("_compiled_steps")
+        return counted if compiled is None else counted + int(compiled)
+
+    @_step_count.setter
+    def _step_count(self, value: int) -> None:
+        self.__dict__[STEP_COUNT_KEY] = value
+        compiled: Tensor | None = self.__dict__.get("_compiled_steps")
+        if compiled is not None:
+            compiled.zero_()
 
     @property
     def _state_version(self) -> int:
@@ -473,7 +502,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._step_group(group, grad_scale)
             finally:
                 torch._C._set_grad_enabled(enabled)
-        self._step_count += 1
+        self.__dict__[STEP_COUNT_KEY] += 1  # the count in Python (see _step_count)
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
@@ -616,6 +645,14 @@ class Optimizer(torch.optim.Optimizer):
         of its own, which this one, taking any, stands in for.
         """
         _ops.trace_as_python()
+        if "_compiled_steps" not in self.__dict__:
+            # Where the graph counts a step that it compiles whole (see _apart), on the
+            # parameters' device; a static address, as dynamo makes the state's, so that CUDA
+            # graphs take it.
+            first = next(chain.from_iterable(g["params"] for g in self.param_groups), None)
+            counter = torch.zeros((), dtype=torch.int64, device=getattr(first, "device", None))
+            torch._dynamo.mark_static_address(counter)
+            self.__dict__["_compiled_steps"] = counter
         return self._gather_into(*args, **kwargs)
 
     def _gather_into(
