@@ -601,6 +601,9 @@ class Optimizer(torch.optim.Optimizer):
         rehearsal and the creation of state run in :meth:`_init_group`, which dynamo runs as
         Python; the groups are read here, so that dynamo knows where each comes from. The
         step is counted by :func:`_apart`, which runs as Python around it.
+
+        A GradScaler's step with infs (``found_inf`` set) is skipped without reading the flag
+        back, which would break the graph: what the step writes is put back where it is set.
         """
         loss = None
         if closure is not None:
@@ -608,13 +611,13 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss
         for group in self.param_groups:
-            self._traced_group_step(group, grad_scale)
+            self._traced_group_step(group, grad_scale, found_inf)
         return loss
 
-    def _traced_group_step(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
+    def _traced_group_step(
+        self, group: dict[str, Any], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         values: list[Any] = []
@@ -626,9 +629,14 @@ class Optimizer(torch.optim.Optimizer):
             key: values[k * n : (k + 1) * n] for k, key in enumerate(self.state_keys)
         }
         hp = self.hyperparameters(group, params)
+        written = [*params, *grads, *(v for v in values if v is not None)]
+        kept = [t.clone() for t in written] if found_inf is not None else []
         if grad_scale is not None and group.get("fused"):
             _ops.div_(grads, grad_scale.to(grads[0].device))
         _run(loop.in_turn if shared else _call, type(self).update, params, grads, state, hp)
+        if found_inf is not None:
+            for t, old in zip(written, kept, strict=True):
+                t.copy_(torch.where(found_inf.to(t.device, torch.bool), old, t))
         for key, values in state.items():
             for p, value in zip(params, values, strict=True):
                 if value is not None and self.state[p].get(key) is not value:
