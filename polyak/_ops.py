@@ -18,7 +18,7 @@ which autograd cannot see through.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import repeat
 from typing import Any, TypeGuard
 
@@ -212,18 +212,81 @@ def values(xs: list[Tensor]) -> list[Any]:
     return [x.item() for x in xs]
 
 
-def measured(xs: list[Tensor]) -> list[float]:
+def measured(xs: list[Tensor]) -> list[Any]:
     """The Python numbers held by 0-dim real tensors of one device, one per x: computed
     values (norms) that a rule goes on with in Python.
 
-    A meta tensor (a stand-in on which a step is rehearsed) holds no number and reads as 0.
+    A meta tensor (a stand-in on which a step is rehearsed) holds no number and reads as 0. In
+    a step that ``torch.compile`` traces, the tensors themselves, as :func:`values` gives them:
+    the rule goes on in tensor arithmetic, choosing with :func:`where`, and the graph does not
+    break at ``item()``.
     """
+    if torch.compiler.is_compiling():
+        return list(xs)
     if any(x.is_meta for x in xs):
         return [0.0 if x.is_meta else x.item() for x in xs]
     if len(xs) > 1 and not torch.is_grad_enabled():
         # One copy and one conversion for the whole list: stacking widens at most, exactly.
         return torch.stack(xs).tolist()  # type: ignore[no-any-return]
     return [x.item() for x in xs]
+
+
+def _traced_condition(condition: Any) -> TypeGuard[Tensor]:
+    """Whether a per-tensor condition is a tensor of a step that ``torch.compile`` traces,
+    which :func:`where` and :func:`select` decide with ``torch.where``."""
+    return isinstance(condition, Tensor) and torch.compiler.is_compiling()
+
+
+def _made(value: Any) -> Any:
+    return value() if callable(value) else value
+
+
+def where(condition: Any, then: Any, otherwise: Any) -> Any:
+    """``then`` where ``condition`` holds, else ``otherwise``: a rule's choice on a number it
+    computes per tensor (RAdam's ``rho_t > 5``; ``max(a, b)`` is ``where(b > a, b, a)``).
+
+    ``then`` and ``otherwise`` are numbers or tensors, or functions of no arguments that make
+    them. A Python condition (or the flat kernel's trace, which branches on it) makes only the
+    one it picks, with the roundings of torch's per-tensor paths. In a step that
+    ``torch.compile`` traces the condition is a 0-dim tensor (see :func:`values`): both are
+    made and ``torch.where`` picks, as torch's capturable steps do, so that the graph neither
+    breaks at the condition nor is specialised to it.
+    """
+    if _traced_condition(condition):
+        return torch.where(condition, _made(then), _made(otherwise))
+    return _made(then) if condition else _made(otherwise)
+
+
+def select(
+    conditions: list[Any],
+    then: Callable[[list[int]], list[Tensor]],
+    otherwise: Callable[[list[int]], list[Tensor]],
+) -> list[Tensor]:
+    """For each position i, ``then``'s tensor where ``conditions[i]`` holds, else
+    ``otherwise``'s: a rule's choice of computation on a number it computes per tensor.
+
+    ``then`` and ``otherwise`` take the positions they make tensors for and return one tensor
+    for each. With Python conditions each runs once, on the positions it is chosen for, if
+    any, so that every tensor is computed as torch's per-tensor path computes it. In a step
+    that ``torch.compile`` traces, where the conditions are 0-dim tensors, both run on every
+    position and ``torch.where`` picks elementwise, as torch's capturable steps do.
+    """
+    if any(_traced_condition(c) for c in conditions):
+        everywhere = list(range(len(conditions)))
+        return [
+            where(c, a, b)
+            for c, a, b in zip(conditions, then(everywhere), otherwise(everywhere), strict=True)
+        ]
+    chosen: list[int] = []
+    others: list[int] = []
+    for i, c in enumerate(conditions):
+        (chosen if c else others).append(i)
+    out: list[Tensor] = [None] * len(conditions)  # type: ignore[list-item]
+    for idx, make in ((chosen, then), (others, otherwise)):
+        if idx:
+            for i, x in zip(idx, make(idx), strict=True):
+                out[i] = x
+    return out
 
 
 def lerp_(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> None:
@@ -384,28 +447,28 @@ def norms(xs: list[Tensor]) -> list[Tensor]:
     another order), so elsewhere each norm is its own call, as on both of torch.optim's paths
     (``x.norm(2)`` is ``vector_norm``, through a Python wrapper).
     """
-    if _PER_TENSOR.get() or not xs or not all(x.is_cpu for x in xs):
+    if _one_at_a_time() or not xs or not all(x.is_cpu for x in xs):
         return [torch.linalg.vector_norm(x) for x in xs]
     return list(torch._foreach_norm(xs))
 
 
 def lerp(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> list[Tensor]:
     """``x + weight * (y - x)`` for each pair, as new tensors."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [x.lerp(y, weight) for x, y in zip(xs, ys, strict=True)]
     return list(torch._foreach_lerp(xs, ys, _numbers(weight)))
 
 
 def clamp_min(xs: list[Tensor], low: Scale) -> list[Tensor]:
     """``max(x, low)`` for each x, as new tensors (NaN stays NaN)."""
-    if _PER_TENSOR.get() or not xs:
+    if _one_at_a_time() or not xs:
         return [torch.clamp_min(x, low) for x in xs]
     return list(torch._foreach_clamp_min(xs, _numbers(low)))
 
 
 def clamp_min_(xs: list[Tensor], low: Scale) -> None:
     """``x = max(x, low)`` for each x (NaN stays NaN)."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x in xs:
             x.clamp_(min=low)
     elif xs:
@@ -414,7 +477,7 @@ def clamp_min_(xs: list[Tensor], low: Scale) -> None:
 
 def rsqrt_(xs: list[Tensor]) -> None:
     """``x = 1 / sqrt(x)`` for each x."""
-    if _PER_TENSOR.get():
+    if _one_at_a_time():
         for x in xs:
             x.rsqrt_()
     elif xs:

@@ -154,10 +154,22 @@ def _apart(
     kwargs: dict[str, Any],
 ) -> Any:
     """``run(self, args, kwargs)`` in a graph of its own when ``torch.compile`` traces a step,
-    as torch.optim's steps are: dynamo runs this function as Python (it cannot resume inside
-    ``try``) and compiles ``run`` from its first line, in the step's grad mode, so that
-    AOTAutograd compiles the update as an inference graph, which updates the parameters in
-    place."""
+    as torch.optim's steps that take ``differentiable`` are: dynamo runs this function as
+    Python (it cannot resume inside ``try``) and compiles ``run`` from its first line, in the
+    step's grad mode, so that AOTAutograd compiles the update as an inference graph, which
+    updates the parameters in place.
+
+    torch's other steps (Adafactor's, Muon's) run under ``no_grad`` in the graph of their
+    caller, and so do those of their polyak twins that step with the update rule. Dynamo loses
+    assignments to the optimizer's attributes made there and would guard the graph on a count
+    it reads, so the graph counts the step in a tensor, which :attr:`Optimizer._step_count`
+    adds (made by :meth:`Optimizer._init_group`).
+    """
+    if "differentiable" not in self.defaults and type(self).step is Optimizer.step:
+        with torch.no_grad():
+            out = run(self, args, kwargs)
+        self._compiled_steps.add_(1)
+        return out
     previous = torch.is_grad_enabled()
     taken = self._step_count
     try:
@@ -208,6 +220,8 @@ class Optimizer(torch.optim.Optimizer):
     the values of hyperparameters that old checkpoints lack.
     """
 
+    #: Steps that compiled graphs counted (see :func:`_apart`), once one is traced.
+    _compiled_steps: Tensor
     state_keys: ClassVar[tuple[str, ...]] = ()
     param_shaped_state: ClassVar[tuple[str, ...]] = ()
     #: Hyperparameters that checkpoints of older torch versions may lack, with the value torch
@@ -234,6 +248,21 @@ class Optimizer(torch.optim.Optimizer):
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(cast(dict[str, Any], group))
+
+    @property
+    def _step_count(self) -> int:
+        """The number of completed ``step()`` calls: those counted in Python and those that
+        a compiled graph counted (see :func:`_apart`)."""
+        counted: int = self.__dict__[STEP_COUNT_KEY]
+        compiled: Tensor | None = self.__dict__.get("_compiled_steps")
+        return counted if compiled is None else counted + int(compiled)
+
+    @_step_count.setter
+    def _step_count(self, value: int) -> None:
+        self.__dict__[STEP_COUNT_KEY] = value
+        compiled: Tensor | None = self.__dict__.get("_compiled_steps")
+        if compiled is not None:
+            compiled.zero_()
 
     @property
     def _state_version(self) -> int:
@@ -473,7 +502,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._step_group(group, grad_scale)
             finally:
                 torch._C._set_grad_enabled(enabled)
-        self._step_count += 1
+        self.__dict__[STEP_COUNT_KEY] += 1  # the count in Python (see _step_count)
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
@@ -585,6 +614,9 @@ class Optimizer(torch.optim.Optimizer):
         rehearsal and the creation of state run in :meth:`_init_group`, which dynamo runs as
         Python; the groups are read here, so that dynamo knows where each comes from. The
         step is counted by :func:`_apart`, which runs as Python around it.
+
+        A GradScaler's step with infs (``found_inf`` set) is skipped without reading the flag
+        back, which would break the graph: what the step writes is put back where it is set.
         """
         loss = None
         if closure is not None:
@@ -592,13 +624,13 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss
         for group in self.param_groups:
-            self._traced_group_step(group, grad_scale)
+            self._traced_group_step(group, grad_scale, found_inf)
         return loss
 
-    def _traced_group_step(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
+    def _traced_group_step(
+        self, group: dict[str, Any], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         values: list[Any] = []
@@ -610,9 +642,14 @@ class Optimizer(torch.optim.Optimizer):
             key: values[k * n : (k + 1) * n] for k, key in enumerate(self.state_keys)
         }
         hp = self.hyperparameters(group, params)
+        written = [*params, *grads, *(v for v in values if v is not None)]
+        kept = [t.clone() for t in written] if found_inf is not None else []
         if grad_scale is not None and group.get("fused"):
             _ops.div_(grads, grad_scale.to(grads[0].device))
         _run(loop.in_turn if shared else _call, type(self).update, params, grads, state, hp)
+        if found_inf is not None:
+            for t, old in zip(written, kept, strict=True):
+                t.copy_(torch.where(found_inf.to(t.device, torch.bool), old, t))
         for key, values in state.items():
             for p, value in zip(params, values, strict=True):
                 if value is not None and self.state[p].get(key) is not value:
@@ -629,6 +666,14 @@ class Optimizer(torch.optim.Optimizer):
         of its own, which this one, taking any, stands in for.
         """
         _ops.trace_as_python()
+        if "_compiled_steps" not in self.__dict__:
+            # Where the graph counts a step that it compiles whole (see _apart), on the
+            # parameters' device; a static address, as dynamo makes the state's, so that CUDA
+            # graphs take it.
+            first = next(chain.from_iterable(g["params"] for g in self.param_groups), None)
+            counter = torch.zeros((), dtype=torch.int64, device=getattr(first, "device", None))
+            torch._dynamo.mark_static_address(counter)
+            self.__dict__["_compiled_steps"] = counter
         return self._gather_into(*args, **kwargs)
 
     def _gather_into(

@@ -191,10 +191,11 @@ def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hy
     _ops.increment_(steps)
     t = _ops.values(steps)
     news = [s**hp.beta2_decay for s in t]  # 1 - β_t, the weight of the new squared gradient
-    rhos = [min(lr, 1 / (s**0.5)) for s in t]
+    # min and max of per-tensor numbers as Python's pick them: min(a, b) is b where b < a.
+    rhos = [_ops.where(x < lr, x, lr) for x in (1 / (s**0.5) for s in t)]
     norms = _ops.measured(_ops.norms(params))
     rms = [n / (p.numel() ** 0.5) for n, p in zip(norms, params, strict=True)]
-    alphas = [max(eps2, r) * rho for r, rho in zip(rms, rhos, strict=True)]
+    alphas = [_ops.where(r > eps2, r, eps2) * rho for r, rho in zip(rms, rhos, strict=True)]
     if hp.weight_decay != 0:
         _ops.mul_(params, 1 - lr * hp.weight_decay)
 
@@ -235,8 +236,11 @@ def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hy
     _ops.rsqrt_(updates)
     _ops.mul_tensors_(updates, g)
     clipped = [
-        max(1.0, n / ((u.numel() ** 0.5) * hp.d))
-        for n, u in zip(_ops.measured(_ops.norms(updates)), updates, strict=True)
+        _ops.where(x > 1.0, x, 1.0)
+        for x in (
+            n / ((u.numel() ** 0.5) * hp.d)
+            for n, u in zip(_ops.measured(_ops.norms(updates)), updates, strict=True)
+        )
     ]
     scales = [-a / c for a, c in zip(alphas, clipped, strict=True)]
     if not foreach_order:

@@ -163,16 +163,20 @@ class ASGD(Optimizer, torch.optim.ASGD):
             eta_values = _ops.values(etas)
             _ops.mul_(p, [1 - kappa * eta for eta in eta_values])
             _ops.add_scaled_each_(p, g, [-eta for eta in eta_values])
+
             # Averaging starts when mu leaves 1; before, the average is the iterate itself.
-            averaging = [i for i, mu in enumerate(_ops.values(mus)) if mu != 1]
-            copying = [i for i in range(len(p)) if i not in set(averaging)]
-            if averaging:
-                ax_a = [ax[i] for i in averaging]
-                diff = _ops.sub([p[i] for i in averaging], ax_a)
-                _ops.mul_tensors_(diff, [mus[i] for i in averaging])
-                _ops.add_scaled_(ax_a, diff, 1)
-            if copying:
-                _ops.copy_([ax[i] for i in copying], [p[i] for i in copying])
+            def averaged(idx: list[int]) -> list[Tensor]:
+                ax_i = [ax[i] for i in idx]
+                diff = _ops.sub([p[i] for i in idx], ax_i)
+                _ops.mul_tensors_(diff, [mus[i] for i in idx])
+                return _ops.add_scaled(ax_i, diff, 1)
+
+            averaging = [mu != 1 for mu in _ops.values(mus)]
+            _ops.copy_(ax, _ops.select(averaging, averaged, lambda idx: [p[i] for i in idx]))
             new_etas = [lr / ((1 + kappa * lr * s) ** hp.alpha) for s in _ops.values(steps)]
         _ops.assign_(etas, new_etas)
-        _ops.assign_(mus, [1 / max(1, s - hp.t0) for s in _ops.values(steps)])
+        # 1 / max(1, t - t_0), as Python's max picks.
+        _ops.assign_(
+            mus,
+            [1 / _ops.where(s - hp.t0 > 1, s - hp.t0, 1) for s in _ops.values(steps)],
+        )

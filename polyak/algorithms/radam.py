@@ -156,19 +156,22 @@ class RAdam(Optimizer, torch.optim.RAdam):
         t = _ops.values(steps)
         rho_inf = 2 / (1 - beta2) - 1
         rho_ts = [rho_inf - 2 * s * (beta2**s) / (1 - beta2**s) for s in t]
-        rects = [
-            ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
-            if rho > 5
-            else 0
-            for rho in rho_ts
-        ]
+        # Rectified where ρ_t > 5: a branch in Python, torch.where in a compiled step.
+        rectified = [rho > 5 for rho in rho_ts]
         lr = hp.lr
         if _common.torch_foreach_path(hp, params, grads):
+            rects = [
+                _ops.where(r, lambda rho=rho: _rectification(rho, rho_inf), 0)
+                for r, rho in zip(rectified, rho_ts, strict=True)
+            ]
             # torch's foreach path folds both cases into one multiply-add: the step size
             # 1 / (-(sqrt(v) + eps) / c2) + c1 is -c1 before rectification (c2 = 0) and
             # -c2 / (sqrt(v) + eps) after it (c1 = 0).
             bc1s = [1 - beta1**s for s in t]
-            c1 = [(lr * (0 if r > 0 else 1.0) / bc) * -1 for r, bc in zip(rects, bc1s, strict=True)]
+            c1 = [
+                (lr * _ops.where(r > 0, 0, 1.0) / bc) * -1
+                for r, bc in zip(rects, bc1s, strict=True)
+            ]
             c2 = [
                 ((1 - beta2**s) ** 0.5) * (lr * r / bc) * -1
                 for s, r, bc in zip(t, rects, bc1s, strict=True)
@@ -180,22 +183,24 @@ class RAdam(Optimizer, torch.optim.RAdam):
             _ops.add_(size, c1)
             _ops.addcmul_(p, m, size, 1)
             return
-        # torch's per-tensor path branches on rectification, parameter by parameter.
-        for rect, idx in (
-            (True, [i for i, r in enumerate(rho_ts) if r > 5]),
-            (False, [i for i, r in enumerate(rho_ts) if not r > 5]),
-        ):
-            if not idx:
-                continue
-            p_i, m_i, v_i = [p[i] for i in idx], [m[i] for i in idx], [v[i] for i in idx]
-            d = _ops.mul(_ops.div(m_i, [1 - beta1 ** t[i] for i in idx]), lr)
-            if rect:
-                root = _ops.sqrt(v_i)
-                if hp.differentiable:
-                    # Out of place: autograd keeps the square root's result for its backward.
-                    root = _ops.add(root, hp.eps)
-                else:
-                    _ops.add_(root, hp.eps)
-                adaptive = _ops.rdiv([(1 - beta2 ** t[i]) ** 0.5 for i in idx], root)
-                d = _ops.mul(_ops.mul_tensors(d, adaptive), [rects[i] for i in idx])
-            _ops.sub_scaled_(p_i, d, 1.0)
+        # torch's per-tensor path branches on rectification, parameter by parameter: the
+        # bias-corrected momentum, times the adaptive factor where rectified.
+        d = _ops.mul(_ops.div(m, [1 - beta1**s for s in t]), lr)
+
+        def adapted(idx: list[int]) -> list[Tensor]:
+            root = _ops.sqrt([v[i] for i in idx])
+            if hp.differentiable:
+                # Out of place: autograd keeps the square root's result for its backward.
+                root = _ops.add(root, hp.eps)
+            else:
+                _ops.add_(root, hp.eps)
+            adaptive = _ops.rdiv([(1 - beta2 ** t[i]) ** 0.5 for i in idx], root)
+            rects = [_rectification(rho_ts[i], rho_inf) for i in idx]
+            return _ops.mul(_ops.mul_tensors([d[i] for i in idx], adaptive), rects)
+
+        _ops.sub_scaled_(p, _ops.select(rectified, adapted, lambda idx: [d[i] for i in idx]), 1.0)
+
+
+def _rectification(rho: Any, rho_inf: float) -> Any:
+    """r_t of ρ_t (> 5), as torch computes it."""
+    return ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
