@@ -389,6 +389,77 @@ def norms(xs: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_norm(xs))
 
 
+def norms_over(xs: list[Tensor], dim: int) -> list[Tensor]:
+    """The 2-norm of each x over dimension ``dim``, kept with size 1, bit for bit as
+    ``torch.linalg.vector_norm(x, dim=dim, keepdim=True)`` computes it.
+
+    Over a dimension that is not the innermost in memory, torch's CPU kernel reduces one
+    output element at a time: from 0, it adds each square in the dimension's order, rounding
+    every product and sum (in float32, for float32), then takes a correctly rounded square
+    root. Its strided reads cost 3.6 ms
+    over the rows of a 1024 x 1024 float32 matrix, and 74 ms over those of a 512 x 512 x 3 x 3
+    convolution (about 90 ns per output element). :func:`_norms_across_rows` makes the same
+    roundings in the same order in a fraction of that time (0.25 and 5 ms), where the
+    conditions of :func:`_sums_rows_in_order` hold.
+    """
+    return [
+        _norms_across_rows(x)
+        if _sums_rows_in_order(x, dim)
+        else torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+        for x in xs
+    ]
+
+
+#: torch's grain size: a reduction over at least this many elements into one output element
+#: is split between threads, which changes its order.
+_GRAIN_SIZE = 32768
+#: Fewer outputs than this cost less through torch's own kernel.
+_FEW_OUTPUTS = 128
+
+
+def _sums_rows_in_order(x: Tensor, dim: int) -> bool:
+    """Whether :func:`_norms_across_rows` computes torch's norm of ``x`` over ``dim``, and
+    faster: a float32 CPU tensor reduced over its next-to-last dimension, which torch sums
+    element after element (its innermost dimension, of stride one, is reduced in vector lanes
+    instead), over fewer elements than its grain size, into many outputs. float64 is left out
+    for its square root, which no elementwise torch operation rounds correctly."""
+    if dim != -2 or type(x) not in (Tensor, torch.nn.Parameter):
+        return False
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() < 2 or torch.compiler.is_compiling():
+        return False
+    rows = x.size(-2)
+    return x.stride(-2) != 1 and 1 < rows < _GRAIN_SIZE and x.numel() >= _FEW_OUTPUTS * rows
+
+
+def _norms_across_rows(x: Tensor) -> Tensor:
+    """The 2-norm of float32 ``x`` over its next-to-last dimension, as torch's CPU kernel
+    computes it (see :func:`norms_over`).
+
+    ``index_add_`` of the rows of x^2 into a row of zeros adds them in the order of its index,
+    as torch documents it, each as one elementwise ``add_`` over a whole row; x^2 is made for a
+    block of rows at a time, to bound the temporary. The square root is taken in float64 and
+    rounded to float32: torch's elementwise float32 ``sqrt`` (MKL's) is not correctly rounded.
+    A float64 root within one of its units of the exact one rounds to the correctly rounded
+    float32 root: the exact root of a float32 number is never a midpoint between float32
+    numbers, and lies at least 2^-51 of it away from one, relative.
+    """
+    rows = x.size(-2)
+    # A leading dimension, so that the rows' dimension is neither the first nor the last:
+    # index_add_ hands those to scatter_add_, whose order is not documented.
+    x = x.unsqueeze(0)
+    acc = x.new_zeros((*x.shape[:-2], 1, x.size(-1)))
+    dim = x.dim() - 2
+    block = max(1, _BLOCK_NUMEL * rows // x.numel())
+    for start in range(0, rows, block):
+        part = x.narrow(dim, start, min(block, rows - start))
+        acc.index_add_(dim, torch.zeros(part.size(dim), dtype=torch.long), part * part)
+    return acc.squeeze(0).double().sqrt_().float()
+
+
+#: The most elements of x^2 that :func:`_norms_across_rows` holds at once.
+_BLOCK_NUMEL = 1 << 20
+
+
 def lerp(xs: list[Tensor], ys: list[Tensor], weight: Scale) -> list[Tensor]:
     """``x + weight * (y - x)`` for each pair, as new tensors."""
     if _PER_TENSOR.get() or not xs:

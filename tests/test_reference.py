@@ -198,6 +198,22 @@ def test_sparse_gradients_of_every_sparse_dim(
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_larger_tensors_match_torch(entry: Entry) -> None:
+    """Tensors with more elements than the generic tests' (a matrix with many columns, a
+    convolution's 3 x 3 kernels), where some primitives take faster routes to torch's bits."""
+    shapes = [(40, 160), (12, 8, 3, 3), (200,)]
+    for flags in FLAGS if takes(entry, "foreach") else [{}]:
+        params = params_for(entry, shapes)
+        ref_params = twin(params)
+        config = {**entry.stateful, **flags}
+        opt = entry.cls(params, **clone_kwargs(config))
+        ref = entry.reference(ref_params, **clone_kwargs(config))
+        step_both(opt, ref, params, ref_params, 3)
+        assert_same(params, ref_params)
+        assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_mixed_dtypes_in_one_group(entry: Entry) -> None:
     params = [
         *params_for(entry, [(3, 3), (4,)], dtype=torch.float32),
