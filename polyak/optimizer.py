@@ -56,6 +56,9 @@ def _resolve(value: Any, as_number: bool) -> Any:
     return value
 
 
+#: Python numbers, which state may hold (SparseAdam's step count).
+_NUMBERS = frozenset({int, float})
+
 #: Hyperparameter types taken as they are (tested first, by exact type: this runs per step).
 _PLAIN = frozenset({float, int, bool, str, type(None)})
 
@@ -540,8 +543,16 @@ class Optimizer(torch.optim.Optimizer):
         # State the update made (SGD's first momentum buffer) or replaced is stored.
         for key, values in state.items():
             for i, value in enumerate(values):
-                if value is not None and entries[i].get(key) is not value:
-                    entry = entries[i] or self.state[params[i]]
+                old = entries[i].get(key)
+                if value is None or old is value:
+                    continue
+                entry = entries[i] or self.state[params[i]]
+                if type(entry) is StateEntry and type(old) in _NUMBERS and type(value) in _NUMBERS:
+                    # A count kept as a Python number (SparseAdam's step) changes no tensor,
+                    # so the state's version, which tells strategies that keep a group's
+                    # tensors to look at them again, stays.
+                    dict.__setitem__(entry, key, value)
+                else:
                     entry[key] = value
 
     def _gather(
@@ -726,8 +737,15 @@ class Optimizer(torch.optim.Optimizer):
                 return cast(Strategy, last[1])
         strategy = choose(group, params, grads, self.foreach_by_default)
         # A parameter's state is all or nothing, as torch.optim reads it: what init_state
-        # makes must be there (torch raises KeyError from its dict).
-        needed: dict[tuple[Any, ...], list[str]] = {}
+        # makes must be there (torch raises KeyError from its dict). What it makes for each
+        # kind of parameter is kept while the hyperparameters' layout is the same object (see
+        # :meth:`_hyper`): steps that are not rehearsed check at every step.
+        kept: dict[int, Any] = self.__dict__.setdefault("_needed", {})
+        last = kept.get(id(group))
+        needed: dict[tuple[Any, ...], list[str]] = (
+            last[1] if last is not None and last[0] is hp_layout else {}
+        )
+        kept[id(group)] = (hp_layout, needed)
         for p, entry in zip(params, entries, strict=True):
             kind = (p.shape, p.dtype, p.device)
             if kind not in needed:

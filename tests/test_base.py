@@ -247,6 +247,23 @@ def test_state_counts_its_changes_in_copies_and_pickles() -> None:
     assert opt._state_version == before + 1
 
 
+def test_a_step_count_kept_as_a_number_is_no_change_of_the_state() -> None:
+    """SparseAdam's step is a Python int, replaced at every step; no tensor changes with it,
+    so strategies that keep a group's tensors need not look at them again."""
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    opt = polyak.SparseAdam([p], lr=0.1)
+    p.grad = torch.ones(4, 3).to_sparse(1)
+    opt.step()
+    before = opt._state_version
+    for count in (2, 3):
+        p.grad = torch.ones(4, 3).to_sparse(1)
+        opt.step()
+        assert opt.state[p]["step"] == count
+    assert opt._state_version == before
+    opt.state[p]["step"] = 10
+    assert opt._state_version == before + 1
+
+
 @pytest.mark.parametrize("entry", DENSE, ids=ids)
 def test_type_checks_by_torchs_class_pass_without_its_methods(
     entry: Entry, monkeypatch: pytest.MonkeyPatch

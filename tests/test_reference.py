@@ -153,6 +153,66 @@ def test_sparse_gradients(entry: Entry, config: dict[str, Any], flags: dict[str,
     assert_same(emb.weight, ref_emb.weight)
 
 
+@pytest.mark.parametrize(("entry", "config"), _sparse_cases())
+@pytest.mark.parametrize("sparse_dim", [0, 1, 2, 3])
+def test_sparse_gradients_of_every_sparse_dim(
+    entry: Entry, config: dict[str, Any], sparse_dim: int
+) -> None:
+    """Sparse gradients with any number of sparse dimensions (the rest held as dense rows),
+    uncoalesced ones among them, on a parameter stored transposed as well as on a plain one."""
+    shape = (6, 5, 4)
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.randn(shape, generator=gen)
+    strided = torch.randn(shape[::-1], generator=gen).permute(2, 1, 0)
+    params = [torch.nn.Parameter(plain), torch.nn.Parameter(strided)]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    for step in range(4):
+        for p, q in zip(params, ref_params, strict=True):
+            g = torch.randn(shape, generator=gen)
+            g[torch.rand(shape[0], generator=gen) < 0.5] = 0
+            if sparse_dim == 0:
+                no_index = torch.zeros(0, 1, dtype=torch.long)
+                grad = torch.sparse_coo_tensor(no_index, g[None], shape, check_invariants=True)
+            else:
+                grad = g.to_sparse(sparse_dim)
+                if step % 2:
+                    # The entries listed twice, each with half of the value: uncoalesced.
+                    idx, values = grad._indices(), grad._values() / 2
+                    twice = values.repeat(2, *[1] * (values.dim() - 1))
+                    grad = torch.sparse_coo_tensor(
+                        idx.repeat(1, 2), twice, shape, check_invariants=True
+                    )
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    assert_same(params, ref_params)
+    # SGD's momentum of sparse gradients is sparse, as in torch.
+    dense = torch.utils._pytree.tree_map_only(
+        torch.Tensor,
+        lambda t: t.to_dense() if t.is_sparse else t,
+        [opt.state_dict()["state"], ref.state_dict()["state"]],
+    )
+    assert_same(*dense)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+def test_larger_tensors_match_torch(entry: Entry) -> None:
+    """Tensors with more elements than the generic tests' (a matrix with many columns, a
+    convolution's 3 x 3 kernels), where some primitives take faster routes to torch's bits."""
+    shapes = [(40, 160), (12, 8, 3, 3), (200,)]
+    for flags in FLAGS if takes(entry, "foreach") else [{}]:
+        params = params_for(entry, shapes)
+        ref_params = twin(params)
+        config = {**entry.stateful, **flags}
+        opt = entry.cls(params, **clone_kwargs(config))
+        ref = entry.reference(ref_params, **clone_kwargs(config))
+        step_both(opt, ref, params, ref_params, 3)
+        assert_same(params, ref_params)
+        assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
 @pytest.mark.parametrize("entry", REGISTRY, ids=ids)
 def test_mixed_dtypes_in_one_group(entry: Entry) -> None:
     params = [

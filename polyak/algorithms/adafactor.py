@@ -210,7 +210,7 @@ def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hy
         # The squared gradient's means over columns and rows, as torch computes them: the
         # square of the norm, over the count (torch.norm over a dimension is this function).
         for factors, dim in ((row_vars, -1), (col_vars, -2)):
-            means = [torch.linalg.vector_norm(x, dim=dim, keepdim=True) for x in gm]
+            means = _ops.norms_over(gm, dim)
             _ops.mul_tensors_(means, means)
             _ops.div_(means, [x.size(dim) for x in gm])
             _ops.lerp_(factors, means, weights)
