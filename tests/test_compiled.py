@@ -196,6 +196,34 @@ def test_the_inline_sqrt_is_mkl_on_every_input() -> None:
     assert _codegen.probe_sqrt(vm, 1) > 0
 
 
+@needs_compiler
+def test_the_eight_lane_inline_sqrt_is_mkl_too(tmp_path: Path) -> None:
+    """Machines with AVX2 but not AVX-512 compute the inline sqrt on 8 lanes: built so here,
+    it too gives MKL's result on every input."""
+    import ctypes
+    import subprocess
+
+    if "avx512f" not in _codegen._cpu_signature().split() or (
+        _codegen.sqrt_mode(vm) != _codegen.SQRT_MKL_INLINE
+    ):
+        pytest.skip("needs AVX-512 (to build the other width) and the inline sqrt")
+    source = tmp_path / "probe.cpp"
+    source.write_text(
+        _codegen._PRELUDE + _codegen._PROBE + 'extern "C" int width() { return PK_W; }\n'
+    )
+    library = tmp_path / "probe.so"
+    cxx = _codegen._compiler()
+    assert cxx is not None
+    flags = [*_codegen._FLAGS, "-mno-avx512f"]
+    subprocess.run([cxx, *flags, "-o", str(library), str(source)], check=True, timeout=300)
+    probe = ctypes.CDLL(str(library))
+    assert probe.width() == 8
+    run = probe.polyak_probe_sqrt
+    run.restype = ctypes.c_int64
+    run.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    assert run(vm.ctx_address(), 0) == 0
+
+
 def test_generated_code_keeps_each_element_in_registers() -> None:
     """float32 programs are written on whole vectors: one loop, each stream loaded and stored
     once per vector, sqrt inline (correctly rounded or MKL's algorithm); without vectors, or

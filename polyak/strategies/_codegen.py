@@ -514,7 +514,7 @@ def generate(
     vector = dtype == torch.float32 and sqrt_mode != SQRT_MKL_CALL
     if vector:
         out.append("#if PK_W")
-        decls, vloop = _vector_kernel(vcode, n_bound, stored, sqrt_mode, sregs, lerps, masks)
+        decls, vloop = _vector_kernel(vcode, stored, sqrt_mode, sregs, lerps, masks)
         out.extend(decls)
         out.extend(_unswitch([*prefetch, *vloop], conditions[:_UNSWITCHED]))
         out.append("#else")
@@ -594,7 +594,6 @@ _TAIL_TEST_V = "pk_tailv(tb, tail - (j0 + j))"
 
 def _vector_kernel(
     vcode: list[tuple[int, ...]],
-    n_bound: int,
     stored: list[int],
     sqrt_mode: int,
     sregs: list[int],
