@@ -882,6 +882,26 @@ class _Live:
         return time.perf_counter() - start
 
 
+#: Milliseconds of matrix products on every thread before each timed step. In training a step
+#: follows a backward pass, which keeps every core busy; a core left idle for tens of
+#: milliseconds (while a contender steps on one thread) can run the next parallel work several
+#: times slower, on virtual machines above all: on the 2-core machine an in-place add of 41 MB
+#: at 2 threads took 4.4 ms after 100 ms idle, and 1.06 ms after 2 ms of products.
+BUSY_MS = 3.0
+_busy_matrix: list[Tensor] = []
+
+
+def keep_busy(ms: float = BUSY_MS) -> None:
+    """Keep every thread busy with matrix products for ``ms`` milliseconds, as a backward
+    pass would just before a step."""
+    if not _busy_matrix:
+        _busy_matrix.append(torch.randn(384, 384, generator=torch.Generator().manual_seed(0)))
+    matrix = _busy_matrix[0]
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        torch.mm(matrix, matrix)
+
+
 def case_for(optimizer: str, case: Case) -> Case:
     """The tensors of ``case`` an optimizer takes: the 2-D ones for :data:`MATRICES_ONLY` and
     :data:`SPARSE_GRADIENTS`, all of them otherwise."""
@@ -1057,6 +1077,7 @@ def _run_batch(
                 if contender.row.error is not None:
                     continue
                 try:
+                    keep_busy()
                     contender.row.times.append(contender.timed_step())
                 except Exception as error:
                     contender.row.error = _describe(error)
@@ -1435,7 +1456,8 @@ def format_environment(environment: Environment, *, markdown: bool = False) -> s
         "the bytes of one step, timed in the same rounds and so in the same cache conditions",
         f"peers: {', '.join(peers) if peers else 'none'}",
         f"{environment.warmup} warm-up steps per contender, then {environment.rounds} "
-        "interleaved rounds; times are medians",
+        "interleaved rounds; times are medians; each timed step follows "
+        f"{BUSY_MS:g} ms of matrix products on every thread, as a step follows a backward pass",
     ]
     items += [f"skipped case {name}: {reason}" for name, reason in environment.skipped_cases]
     if markdown:
