@@ -514,7 +514,7 @@ def generate(
     vector = dtype == torch.float32 and sqrt_mode != SQRT_MKL_CALL
     if vector:
         out.append("#if PK_W")
-        decls, vloop = _vector_kernel(vcode, stored, sqrt_mode, sregs, lerps, masks)
+        decls, vloop = _vector_kernel(vcode, stored, sqrt_mode, sregs, lerps, masks, conditions)
         out.extend(decls)
         out.extend(_unswitch([*prefetch, *vloop], conditions[:_UNSWITCHED]))
         out.append("#else")
@@ -543,17 +543,7 @@ def generate(
     loop: list[str] = [*prefetch]
     loop.append(f"    if (end - j0 >= {block}) {{")
     loop.append(f"      const int64_t n = {block};")
-    # A block short of torch's tail takes a copy of the loop without the per-element test,
-    # which the compiler vectorises (the test makes the loop's control flow its own).
-    fast = [line.replace(_TAIL_TEST, "0") for line in body]
-    if fast != body:
-        loop.append("      if (!tb) {")
-        loop.extend("  " + line for line in fast)
-        loop.append("      } else {")
-        loop.extend("  " + line for line in body)
-        loop.append("      }")
-    else:
-        loop.extend(body)
+    loop.extend(_short_of_tail(body, _TAIL_TEST))
     loop.append("    } else {")
     loop.append("      const int64_t n = end - j0;")
     loop.extend(body)
@@ -588,6 +578,22 @@ def _prefetch(read_bound: list[int], storage: str, block: int, ahead: int) -> li
     return lines
 
 
+def _short_of_tail(block: list[str], test: str) -> list[str]:
+    """The lines of a block's loop, where they hold torch's tail ``test``, preceded by a copy
+    without it for the blocks short of the tail (``tb`` false): the compiler vectorises that
+    copy, where the test makes the loop's control flow its own."""
+    fast = [line.replace(test, "0") for line in block]
+    if fast == block:
+        return block
+    return [
+        "      if (!tb) {",
+        *("  " + line for line in fast),
+        "      } else {",
+        *("  " + line for line in block),
+        "      }",
+    ]
+
+
 #: The tail test on whole vectors: the lanes at or past the tail.
 _TAIL_TEST_V = "pk_tailv(tb, tail - (j0 + j))"
 
@@ -599,6 +605,7 @@ def _vector_kernel(
     sregs: list[int],
     lerps: list[int],
     masks: set[int],
+    conditions: list[int],
 ) -> tuple[list[str], list[str]]:
     """The float32 kernel on whole vectors of ``PK_W`` lanes (see the prelude): one statement
     per instruction over a vector, sqrt inline, each stream loaded and stored once per
@@ -645,33 +652,22 @@ def _vector_kernel(
         return lines
 
     full, part = body(False), body(True)
-    fast = [line.replace(_TAIL_TEST_V, "0") for line in full]
     out = [f"  const pk_vf s{s} = pk_splat((float)r[{s}]);" for s in sregs]
     for s in lerps:
         out.append(f"  const int lc{s} = fabsf((float)r[{s}]) < 0.5f;")
         out.append(f"  const pk_vf lw{s} = pk_splat((float)r[{s}] - 1.0f);")
     out.append("  const pk_vf pk_ones = pk_bitsv(0xffffffffu), pk_qnan = pk_bitsv(0x7fc00000u);")
     out.append("  (void)pk_ones; (void)pk_qnan;")
-    conditions = sorted({ins[5] for ins in vcode if ins[0] == V_SELS})
     for s in conditions:
         out.append(f"  const int pk_if{s}_ = (float)r[{s}] != 0;")
     loop: list[str] = []
     loop.append(f"    if (end - j0 >= {block}) {{")
-    full_loop = "      for (int64_t j = 0; j < " + str(block) + "; j += PK_W) {"
-    if fast != full:
-        loop.append("      if (!tb) {")
-        loop.append("  " + full_loop)
-        loop.extend("          " + line for line in fast)
-        loop.append("        }")
-        loop.append("      } else {")
-        loop.append("  " + full_loop)
-        loop.extend("          " + line for line in full)
-        loop.append("        }")
-        loop.append("      }")
-    else:
-        loop.append(full_loop)
-        loop.extend("        " + line for line in full)
-        loop.append("      }")
+    vectors = [
+        f"      for (int64_t j = 0; j < {block}; j += PK_W) {{",
+        *("        " + line for line in full),
+        "      }",
+    ]
+    loop.extend(_short_of_tail(vectors, _TAIL_TEST_V))
     loop.append("    } else {")
     loop.append("      const int64_t n = end - j0;")
     loop.append("      int64_t j = 0;")
