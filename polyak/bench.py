@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib
 import inspect
@@ -888,15 +889,17 @@ class _Live:
 #: times slower, on virtual machines above all: on the 2-core machine an in-place add of 41 MB
 #: at 2 threads took 4.4 ms after 100 ms idle, and 1.06 ms after 2 ms of products.
 BUSY_MS = 3.0
-_busy_matrix: list[Tensor] = []
+
+
+@functools.cache
+def _busy_matrix() -> Tensor:
+    return torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
 
 
 def keep_busy(ms: float = BUSY_MS) -> None:
     """Keep every thread busy with matrix products for ``ms`` milliseconds, as a backward
     pass would just before a step."""
-    if not _busy_matrix:
-        _busy_matrix.append(torch.randn(384, 384, generator=torch.Generator().manual_seed(0)))
-    matrix = _busy_matrix[0]
+    matrix = _busy_matrix()
     end = time.perf_counter() + ms / 1e3
     while time.perf_counter() < end:
         torch.mm(matrix, matrix)
