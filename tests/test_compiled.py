@@ -218,10 +218,7 @@ def test_the_eight_lane_inline_sqrt_is_mkl_too(tmp_path: Path) -> None:
     subprocess.run([cxx, *flags, "-o", str(library), str(source)], check=True, timeout=300)
     probe = ctypes.CDLL(str(library))
     assert probe.width() == 8
-    run = probe.polyak_probe_sqrt
-    run.restype = ctypes.c_int64
-    run.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    assert run(vm.ctx_address(), 0) == 0
+    assert _codegen.run_probe(probe, vm, 0) == 0
 
 
 def test_generated_code_keeps_each_element_in_registers() -> None:

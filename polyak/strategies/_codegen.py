@@ -888,9 +888,12 @@ def probe_sqrt(vm: Any, which: int) -> int:
     copy of its algorithm (``which=0``) or from the correctly rounded sqrt (``which=1``); -1
     where the probe cannot be built or the copy is not available on this CPU."""
     probe = _build(_PRELUDE + _PROBE, "sqrt-probe")
-    if probe is None:
-        return -1
-    run = _open(probe).polyak_probe_sqrt
+    return -1 if probe is None else run_probe(_open(probe), vm, which)
+
+
+def run_probe(library: ctypes.CDLL, vm: Any, which: int) -> int:
+    """The count :func:`probe_sqrt` returns, from a built probe ``library``."""
+    run = library.polyak_probe_sqrt
     run.restype = ctypes.c_int64
     run.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return int(run(vm.ctx_address(), which))
