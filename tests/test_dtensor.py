@@ -66,6 +66,15 @@ def _cases() -> list[Any]:
     ]
 
 
+def _versions(opt: Any, params: list[torch.Tensor]) -> list[int]:
+    """The version counters of the parameters and their state tensors, as autograd sees them."""
+    versions = [p._version for p in params]
+    for p in params:
+        state = opt.state.get(p, {})
+        versions += [state[k]._version for k in sorted(state) if isinstance(state[k], torch.Tensor)]
+    return versions
+
+
 def _ran_flat(opt: Any) -> bool:
     entries = opt.__dict__.get("_flat_entries", {}).values()
     return any(e.plan is not None and e.local is not None for e in entries)
@@ -89,6 +98,7 @@ def test_local_data_runs_flat_with_torchs_numbers(
         opt = entry.cls(params, **clone_kwargs({**config, **extra}))
         ref = entry.reference(ref_params, **clone_kwargs(config))
         for seed in range(4):
+            before = _versions(opt, params), _versions(ref, ref_params)
             _step(opt, params, mesh, placement, seed)
             try:
                 _step(ref, ref_params, mesh, placement, seed)
@@ -97,6 +107,11 @@ def test_local_data_runs_flat_with_torchs_numbers(
                 assert "placement" in str(error)
                 pytest.skip(f"torch's own step fails on {placement}")
         assert _ran_flat(opt)
+        # The distributed tensors' version counters advance, as torch's in-place operations
+        # on them advance them, for the tensors torch writes.
+        ours = [a != b for a, b in zip(before[0], _versions(opt, params), strict=True)]
+        theirs = [a != b for a, b in zip(before[1], _versions(ref, ref_params), strict=True)]
+        assert ours == theirs
         atol = entry.fused_tolerances[torch.float32] if fused else 0.0
         assert_same([p.full_tensor() for p in params], [p.full_tensor() for p in ref_params], atol)
         for p, q in zip(params, ref_params, strict=True):

@@ -16,6 +16,7 @@ from conftest import (
     has_tensor,
     make_params,
     params_for,
+    set_grads,
     step_both,
     twin,
 )
@@ -140,6 +141,96 @@ def test_every_strategy_matches_loop(entry: Entry, dtype: torch.dtype) -> None:
         for flags, params in runs[1:]:
             atol = entry.fused_tolerances[dtype] if flags.get("fused") else 0.0
             assert_same(params, loop, atol)
+
+
+def _versions(opt: Any, params: list[torch.Tensor]) -> dict[str, int]:
+    """The version counter of every tensor a step may write: parameters, gradients, state."""
+    versions = {}
+    for i, p in enumerate(params):
+        versions[f"param {i}"] = p._version
+        if p.grad is not None:
+            versions[f"grad {i}"] = p.grad._version
+        for key, value in opt.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                versions[f"{key} {i}"] = value._version
+    return versions
+
+
+def _advanced(opt: Any, params: list[torch.Tensor]) -> set[str]:
+    """The tensors whose version one step advances."""
+    before = _versions(opt, params)
+    step_once(opt)
+    after = _versions(opt, params)
+    return {name for name, version in after.items() if version != before.get(name)}
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=ids)
+@pytest.mark.parametrize("flags", [{}, {"foreach": False}, {"fused": True}], ids=str)
+def test_a_step_advances_the_version_of_every_tensor_it_writes(
+    entry: Entry, flags: dict[str, Any], flat_steps: list[bool]
+) -> None:
+    """Autograd refuses a graph whose saved tensors a step changed by their version counters:
+    every strategy advances those of the tensors it writes, as torch's per-tensor path does
+    (torch's fused kernels leave them: a graph saved before a fused step would silently use
+    the new values)."""
+    if not all(takes(entry, flag) for flag in flags):
+        pytest.skip("torch's class does not take these flags")
+    config = next(c for c in entry.configs if not has_tensor(c))
+    params = params_for(entry)
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs({**config, **flags}))
+    ref_flags = {"foreach": False} if takes(entry, "foreach") else {}
+    ref = entry.reference(ref_params, **clone_kwargs({**config, **ref_flags}))
+    step_both(opt, ref, params, ref_params, 2)
+    gen = torch.Generator().manual_seed(5)
+    set_grads(params, ref_params, gen, entry.sparse_grads)
+    assert _advanced(opt, params) == _advanced(ref, ref_params)
+    if entry.flat and not flags:
+        assert flat_steps[-1] is True, flat_steps
+
+
+@needs_kernel
+def test_backward_through_a_graph_saved_before_a_flat_step_fails_as_after_torchs(
+    flat_steps: list[bool],
+) -> None:
+    for cls in (torch.optim.Adam, polyak.Adam):
+        w = torch.randn(5, requires_grad=True)
+        opt = cls([w], lr=0.1)
+        (w * w).sum().backward()
+        opt.step()
+        loss = (w * w).sum()
+        loss.backward(retain_graph=True)
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    assert flat_steps[-1] is True
+
+
+@needs_kernel
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_parameters_made_in_inference_mode_step_only_inside_it_as_torchs(
+    momentum: float, flat_steps: list[bool]
+) -> None:
+    """An inference tensor has no version counter: torch refuses to update it in place
+    outside inference mode, and updates it without counting inside."""
+    with torch.inference_mode():
+        params = [torch.randn(4, 3), torch.randn(7)]
+        ref_params = [p.clone() for p in params]
+    for p, q in zip(params, ref_params, strict=True):
+        p.grad = torch.randn(p.shape)
+        q.grad = p.grad.clone()
+    opt = polyak.SGD(params, lr=0.1, momentum=momentum)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=momentum)
+    for o in (opt, ref):
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside"):
+            o.step()
+    assert_same(params, ref_params)
+    for _ in range(3):
+        with torch.inference_mode():
+            opt.step()
+            ref.step()
+    assert_same(params, ref_params)
+    assert flat_steps[-1] is True
 
 
 @needs_kernel

@@ -286,6 +286,15 @@ struct Plan {
   std::vector<void*> sptr;       // [i][key]: where each scalar state value lives
   std::vector<double> sval;      // [i][key]: its value at the start of the step
   std::vector<uint8_t> sdouble;  // [i][key]: whether it is a double (else a float)
+  // [i][param, grad, vector state..., scalar state...]: the tensors the step writes, whose
+  // version counters it advances as in-place operations do (null: not written, or an
+  // inference tensor inside inference mode, which counts nothing).
+  std::vector<c10::TensorImpl*> written;
+  // Whether the step was called in inference mode, where inference tensors may be written.
+  bool inference = false;
+  // For the local data of distributed tensors: the distributed tensors themselves, whose
+  // version counters autograd sees, as [param, none, vector state..., scalar state...][i].
+  std::vector<std::vector<at::Tensor>> counted;
   // The memory the last step found disjoint: ptr and sptr as they were then (empty: none yet).
   std::vector<void*> disjoint_ptr, disjoint_sptr;
   std::vector<double> sregs;     // [row][register]: scalar registers, one row per distinct set
@@ -391,6 +400,18 @@ inline const at::Tensor* grad_of(const c10::TensorImpl* t) {
   return meta == nullptr ? nullptr : &meta->grad_;
 }
 
+// The counter a tensor's VariableVersion points to, as c10 declares it (privately): one
+// pointer to a reference-counted object holding the version.
+struct VersionCounterLayout : c10::intrusive_ptr_target {
+  std::atomic<uint32_t> version_;
+};
+static_assert(sizeof(c10::VariableVersion) == sizeof(void*));
+
+inline std::atomic<uint32_t>* version_of(const c10::TensorImpl* t) {
+  auto* counter = *reinterpret_cast<VersionCounterLayout* const*>(&t->version_counter());
+  return &counter->version_;
+}
+
 // Rounds a scalar state value to its dtype.
 inline double rounded(bool is_double, double v) {
   return is_double ? v : static_cast<double>(static_cast<float>(v));
@@ -465,6 +486,17 @@ bool check_group(Plan& plan) {
   plan.sregs.resize(static_cast<size_t>((ns == 0 ? 1 : n) * n_sregs));
   plan.srow.assign(n, 0);
   if (ns == 0) run_scalar_program(plan, 0, nullptr, plan.sregs.data(), nullptr);
+  // What the step writes: the bound registers the vector program stores, and the scalar state
+  // its scalar program stores.
+  const int64_t n_slots = n_bound + ns;
+  plan.written.assign(n * n_slots, nullptr);
+  std::vector<uint8_t> writes(n_slots, 0);
+  for (int64_t b : plan.stored) writes[b] = 1;
+  {
+    const int64_t* sc = plan.scode.data_ptr<int64_t>();
+    for (int64_t k = 0; k < plan.scode.size(0); ++k)
+      if (sc[4 * k] == S_STORE) writes[n_bound + sc[4 * k + 2]] = 1;
+  }
   constexpr int64_t kAheadTensors = 4;  // tensors between two stages of the pipeline
   static const PlainKeys keys;
   const bool grad_written = writes_grad(plan);
@@ -552,6 +584,28 @@ bool check_group(Plan& plan) {
         unfit.store(true, std::memory_order_relaxed);
         return;
       }
+      // Every tensor written needs a version counter, which only inference tensors lack:
+      // outside inference mode torch refuses to write those in place.
+      c10::TensorImpl** counted = plan.written.data() + i * n_slots;
+      for (int64_t b = 0; fit && b < n_slots; ++b) {
+        if (!writes[b]) continue;
+        const at::Tensor& t = !plan.counted.empty() && b != 1 ? plan.counted[b][i]
+                              : b == 0                          ? plan.params[i]
+                              : b == 1                          ? *grad
+                              : b < n_bound                     ? plan.vstate[b - 2][i]
+                                                                : plan.sstate[b - n_bound][i];
+        c10::TensorImpl* impl = impl_of(t);
+        if (impl->version_counter().enabled()) {
+          counted[b] = impl;
+          __builtin_prefetch(version_of(impl), 1, 3);
+        } else {
+          fit = plan.inference;
+        }
+      }
+      if (!fit) {
+        unfit.store(true, std::memory_order_relaxed);
+        return;
+      }
       plan.numel[i] = numel;
       if (ns > 0) {
         const uint8_t* doubles = plan.sdouble.data() + i * ns;
@@ -605,6 +659,18 @@ bool disjoint(Plan& plan, bool grad_written) {
   return true;
 }
 
+// Advances the version counter of every tensor the step writes, once, as an in-place
+// operation on it does: autograd then refuses a graph that saved one of them before the step.
+// The step's thread is the only one writing them (as it is for the tensors' data), so the
+// increments need no locked instruction, which would wait for each line in turn.
+void advance_versions(const Plan& plan) {
+  for (c10::TensorImpl* impl : plan.written) {
+    if (impl == nullptr) continue;
+    std::atomic<uint32_t>* version = version_of(impl);
+    version->store(version->load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
+}
+
 // Writes a scalar state value, already rounded to its dtype.
 inline void store_scalar(void* at, bool is_double, double v) {
   if (is_double) {
@@ -653,6 +719,7 @@ const std::vector<Work>& work_items(Plan& plan, int64_t torch_threads, int64_t w
 template <typename S, typename T>
 int64_t step_typed(Plan& plan) {
   if (!check_group(plan)) return kFallback;
+  advance_versions(plan);
   const at::Tensor& vcode = plan.vcode;
   const int64_t n_sregs = plan.n_sregs;
   const std::vector<int64_t>& stored = plan.stored;
@@ -902,6 +969,7 @@ int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t v
     for (auto& g : *grads) plan.grads.push_back(g ? std::move(*g) : at::Tensor());
   }
   int64_t done = kFallback;
+  plan.inference = c10::InferenceMode::is_enabled();
   {
     pybind11::gil_scoped_release released;
     switch (plan.dtype) {
@@ -931,7 +999,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init([](pybind11::list params, std::vector<std::vector<at::Tensor>> vstate,
                              std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
                              int64_t version, pybind11::list watch, int64_t vector_bytes,
-                             std::optional<std::vector<at::Tensor>> local) {
+                             std::optional<std::vector<at::Tensor>> local,
+                             std::optional<std::vector<std::vector<at::Tensor>>> counted) {
         Plan plan;
         plan.vector_bytes = vector_bytes;
         for (pybind11::handle w : watch) {
@@ -951,6 +1020,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           if (!local) plan.params.push_back(p.cast<at::Tensor>());
         }
         if (local) plan.params = std::move(*local);
+        if (counted) plan.counted = std::move(*counted);
         plan.dtype = plan.params.empty() ? at::kFloat : plan.params[0].scalar_type();
         plan.vstate = std::move(vstate);
         plan.sstate = std::move(sstate);
@@ -958,7 +1028,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }),
            pybind11::arg("params"), pybind11::arg("vstate"), pybind11::arg("sstate"),
            pybind11::arg("state"), pybind11::arg("version"), pybind11::arg("watch"),
-           pybind11::arg("vector_bytes"), pybind11::arg("local") = pybind11::none())
+           pybind11::arg("vector_bytes"), pybind11::arg("local") = pybind11::none(),
+           pybind11::arg("counted") = pybind11::none())
       .def("load_program",
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,

@@ -170,6 +170,13 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     def column(key: str) -> list[Tensor]:
         return [held(p, key) for p in params]
 
+    # The tensors whose version counters a step advances: for local data, the distributed
+    # tensors autograd sees (the slot of the gradients is not read).
+    versioned: list[list[Tensor]] | None = None
+    if local is not None:
+        versioned = [list(params), []]
+        for key in vector_keys + scalar_keys:
+            versioned.append([s.get(key, empty) if (s := state.get(p)) else empty for p in params])
     plan = vm.Plan(
         list(params),
         [column(k) for k in vector_keys],
@@ -179,6 +186,7 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         watch,
         _VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability(), 32),
         local,
+        versioned,
     )
     return _Entry(plan, vector_keys, scalar_keys, local=local)
 
