@@ -291,6 +291,62 @@ def test_flat_follows_replaced_data_state_and_groups(flat_steps: list[bool]) -> 
     assert flat_steps.count(True) >= 5
 
 
+def _dense_in_another_order(gen: torch.Generator) -> list[torch.Tensor]:
+    """Parameters whose memory is dense but not in row-major order: channels-last convolution
+    weights (one with a dimension of one, whose stride is free), and a transposed matrix."""
+    return [
+        torch.randn(8, 3, 3, 5, generator=gen).to(memory_format=torch.channels_last),
+        torch.randn(4, 1, 3, 3, generator=gen).to(memory_format=torch.channels_last),
+        torch.randn(6, 20, generator=gen).t(),
+        torch.randn(7, generator=gen),
+    ]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("entry", "config"), [c for c in _cases() if c.values[0].flat])
+def test_flat_runs_parameters_dense_in_another_order_with_torchs_numbers(
+    entry: Entry, config: dict[str, Any], flat_steps: list[bool]
+) -> None:
+    """A channels-last model's parameters, gradients (autograd gives them the parameter's
+    strides) and state share one dense layout: the kernel runs over their memory in order, as
+    torch's kernels do, with the same numbers."""
+    gen = torch.Generator().manual_seed(0)
+    params = [p.requires_grad_() for p in _dense_in_another_order(gen)]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    assert [p.stride() for p in ref_params] == [p.stride() for p in params]
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    for _ in range(4):
+        for p, q in zip(params, ref_params, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = torch.empty_like(p).copy_(g)
+            q.grad = torch.empty_like(q).copy_(g)
+        opt.step()
+        ref.step()
+    assert flat_steps[1:] == [True] * 3, flat_steps
+    assert_same(params, ref_params)
+    assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+@needs_kernel
+def test_flat_falls_back_for_a_gradient_laid_out_unlike_its_parameter(
+    flat_steps: list[bool],
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [p.requires_grad_() for p in _dense_in_another_order(gen)]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    opt = polyak.Adam(params, lr=0.1)
+    ref = torch.optim.Adam(ref_params, lr=0.1)
+    for _ in range(3):
+        for p, q in zip(params, ref_params, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g, g.clone()  # row-major, where the parameters are not
+        opt.step()
+        ref.step()
+    assert_same(params, ref_params)
+    assert True not in flat_steps
+
+
 @needs_kernel
 def test_flat_falls_back_for_odd_gradients(flat_steps: list[bool]) -> None:
     params = make_params([(4, 3)])

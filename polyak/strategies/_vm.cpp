@@ -398,6 +398,24 @@ inline bool data_of(const c10::TensorImpl* t, int64_t itemsize, void** at, bool 
   return true;
 }
 
+// Whether ``t`` has the parameter ``p``'s shape (torch refuses a gradient or state of another)
+// and lays its elements out in memory as ``p`` does, densely: both contiguous, or both dense
+// without overlap and with the same strides wherever a dimension has more than one element,
+// as a channels-last weight, its gradient (autograd gives it the parameter's strides) and its
+// state (made with the parameter's memory format) are. The kernel then runs over their memory
+// in order, as torch's elementwise kernels do once they have merged the dimensions.
+inline bool laid_out_as(const c10::TensorImpl* p, const c10::TensorImpl* t) {
+  const c10::IntArrayRef sizes = p->sizes();
+  if (t->sizes() != sizes) return false;
+  if (p->is_contiguous() && t->is_contiguous()) return true;
+  if (!p->is_non_overlapping_and_dense() || !t->is_non_overlapping_and_dense()) return false;
+  const c10::IntArrayRef ps = p->strides(), ts = t->strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && ps[d] != ts[d]) return false;
+  }
+  return true;
+}
+
 // A parameter's gradient, as TensorImpl::grad() returns it, read in place.
 inline const at::Tensor* grad_of(const c10::TensorImpl* t) {
   const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(t->autograd_meta());
@@ -558,13 +576,12 @@ bool check_group(Plan& plan) {
       const int64_t numel = p->numel();
       void** ptr = plan.ptr.data() + i * n_bound;
       bool fit = keys.plain(p) && keys.plain(g) && p->dtype() == dtype && g->dtype() == dtype &&
-                 p->is_contiguous() && g->is_contiguous() && g->numel() == numel &&
-                 data_of(p, itemsize, &ptr[0]) && data_of(g, itemsize, &ptr[1], grad_written);
+                 laid_out_as(p, g) && data_of(p, itemsize, &ptr[0]) &&
+                 data_of(g, itemsize, &ptr[1], grad_written);
       for (int64_t k = 0; fit && k < nv; ++k) {
         const c10::TensorImpl* st = impl_of(plan.vstate[k][i]);
-        // The parameter's shape, not only its size: torch refuses state of another shape.
-        fit = keys.plain(st) && st->dtype() == dtype && st->is_contiguous() &&
-              st->sizes() == p->sizes() && data_of(st, itemsize, &ptr[2 + k]);
+        fit = keys.plain(st) && st->dtype() == dtype && laid_out_as(p, st) &&
+              data_of(st, itemsize, &ptr[2 + k]);
       }
       double* in = plan.sval.data() + i * ns;
       for (int64_t k = 0; fit && k < ns; ++k) {

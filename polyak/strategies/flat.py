@@ -5,10 +5,12 @@ every element of every tensor, reading the parameter, its gradient and its state
 writing the parameter and state once. The kernel keeps the group's tensors between steps, so a
 step costs one call from Python whatever the number of tensors.
 
-A step runs here when the group's parameters are dense CPU tensors of one floating dtype, its
-hyperparameters are numbers and flags, and every parameter with a gradient already has its
-state; anything else (a parameter's first step, a sparse or non-contiguous gradient, a tensor
-hyperparameter, a changed dtype) runs the reference path for that step.
+A step runs here when the group's parameters are dense CPU tensors of one floating dtype, each
+with its gradient and state laid out in memory as it is (contiguous, or dense in another order
+such as channels-last), its hyperparameters are numbers and flags, and every parameter with a
+gradient already has its state; anything else (a parameter's first step, a sparse gradient or
+one laid out unlike its parameter, a tensor hyperparameter, a changed dtype) runs the reference
+path for that step.
 """
 
 from __future__ import annotations
