@@ -177,7 +177,8 @@ class Case:
     description: str = ""
     #: How the parameters are held and stepped: ``""`` plain tensors; ``"dtensor"`` DTensor
     #: shards on a one-rank mesh, as FSDP2 holds them; ``"amp"`` each step through a
-    #: GradScaler (scale 1, so the reused gradients stay as they are).
+    #: GradScaler (scale 1, so the reused gradients stay as they are); ``"channels_last"``
+    #: 4-D parameters and gradients in channels-last memory format.
     variant: str = ""
     per_tensor: bool = False
 
@@ -250,6 +251,12 @@ CASES: dict[str, Case] = {
             "dtensor",
         ),
         Case("mlp-amp", ((1024, 1024), (1024,)) * 8, "the mlp set, stepped by a GradScaler", "amp"),
+        Case(
+            "convnet-cl",
+            _convnet_shapes(),
+            "the convnet set in channels-last memory format",
+            "channels_last",
+        ),
         Case(
             "in-backward",
             ((64, 64), (64,)) * 20,
@@ -719,9 +726,15 @@ def state_bytes(optimizer: Any) -> int:
 
 def _tensors(case: Case, seed: int) -> list[Tensor]:
     """Seeded standard-normal float32 tensors of the case's shapes (DTensors, sharded on their
-    first dimension, for a ``dtensor`` case)."""
+    first dimension, for a ``dtensor`` case; 4-D ones in channels-last memory format, as a
+    model's convolution weights and their gradients are after ``model.to(memory_format=
+    torch.channels_last)``, for a ``channels_last`` case)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = [torch.randn(shape, generator=generator) for shape in case.shapes]
+    if case.variant == "channels_last":
+        return [
+            t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors
+        ]
     if case.variant != "dtensor":
         return tensors
     from torch.distributed.tensor import Shard, distribute_tensor

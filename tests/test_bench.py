@@ -248,13 +248,13 @@ def test_an_optimizer_without_a_fused_torch_step_compares_with_torchs_fastest_pa
     assert "fastest path" in bench.format_case(case)
 
 
-@pytest.mark.parametrize("variant", ["amp", "dtensor"])
-def test_grad_scaler_and_dtensor_cases_step_every_contender(variant: str) -> None:
+@pytest.mark.parametrize("variant", ["amp", "dtensor", "channels_last"])
+def test_grad_scaler_dtensor_and_channels_last_cases_step_every_contender(variant: str) -> None:
     import torch.distributed as dist
 
     if variant == "dtensor" and not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is unavailable")
-    case = bench.Case(f"tiny-{variant}", TINY.shapes, "tiny", variant)
+    case = bench.Case(f"tiny-{variant}", (*TINY.shapes, (8, 4, 3, 3)), "tiny", variant)
     try:
         ran = bench.run_benchmark(
             ["adamw"], [case], rounds=1, warmup=2, threads=1, peers=False, bandwidth_mib=(4,)
@@ -266,6 +266,15 @@ def test_grad_scaler_and_dtensor_cases_step_every_contender(variant: str) -> Non
     for label in (bench.MEMORY, bench.REFERENCE, *POLYAK_LABELS):
         assert rows[label].ok, (label, rows[label].error)
     assert rows["polyak (default)"].state_bytes == rows[bench.REFERENCE].state_bytes > 0
+
+
+def test_a_channels_last_case_lays_out_its_convolution_weights_so() -> None:
+    tensors = bench._tensors(bench.CASES["convnet-cl"], seed=0)
+    weights = [t for t in tensors if t.dim() == 4]
+    assert len(weights) == 16
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in weights)
+    assert not all(t.is_contiguous() for t in weights)
+    assert all(t.is_contiguous() for t in tensors if t.dim() < 4)
 
 
 def test_optimizers_that_take_a_closure_matrices_or_sparse_gradients() -> None:
