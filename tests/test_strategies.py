@@ -702,6 +702,26 @@ def test_optimizers_whose_torch_twin_defaults_to_its_loop_keep_it_on_accelerator
     assert {name: taken_as for name, taken_as in taken if name in expected} == expected
 
 
+@needs_kernel
+def test_memory_moved_into_overlap_is_seen_when_every_step_brings_new_gradients(
+    flat_steps: list[bool],
+) -> None:
+    """The kernel skips its overlap check while the memory a step writes stays where it was,
+    whatever the gradients (a loop that sets them to None gives new ones every step); a
+    parameter given another's memory is still seen, and updated in turn as torch does."""
+    params = make_params([(6,), (6,), (5,)])
+    ref_params = twin(params)
+    opt = polyak.SGD(params, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+    step_both(opt, ref, params, ref_params, 3)
+    assert flat_steps[1:] == [True, True]
+    params[0].data = params[1].data
+    ref_params[0].data = ref_params[1].data
+    step_both(opt, ref, params, ref_params, 2, seed=2)
+    assert flat_steps[3:] == [False, False]
+    assert_same(params, ref_params)
+
+
 def _shared_gradient_run(cls: Any, **config: Any) -> list[list[torch.Tensor]]:
     """Two parameters holding one gradient tensor, refilled at each step, stepped fused twice
     plainly, then twice under a GradScaler: the parameters and the gradient after each step."""

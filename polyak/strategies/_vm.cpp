@@ -295,8 +295,10 @@ struct Plan {
   // For the local data of distributed tensors: the distributed tensors themselves, whose
   // version counters autograd sees, as [param, none, vector state..., scalar state...][i].
   std::vector<std::vector<at::Tensor>> counted;
-  // The memory the last step found disjoint: ptr and sptr as they were then (empty: none yet).
+  // The memory the last step found disjoint: ptr, sptr and numel as they were then (empty:
+  // none yet).
   std::vector<void*> disjoint_ptr, disjoint_sptr;
+  std::vector<int64_t> disjoint_numel;
   std::vector<double> sregs;     // [row][register]: scalar registers, one row per distinct set
   std::vector<int64_t> srow;     // [i]: the row of tensor i's scalar registers
   // The work items of the last step, and the element counts, threads and width they are for.
@@ -481,6 +483,22 @@ void run_scalar_program(const Plan& plan, int64_t i, const double* in, double* r
 
 bool disjoint(Plan& plan, bool grad_written);
 
+// Whether the memory the step writes is where the last step found it disjoint: the same
+// pointers and element counts. Gradients count only where the step writes them, as a
+// training loop that sets them to None gives new ones, elsewhere in memory, every step.
+bool written_as_before(const Plan& plan, bool grad_written) {
+  if (plan.sptr != plan.disjoint_sptr || plan.numel != plan.disjoint_numel ||
+      plan.ptr.size() != plan.disjoint_ptr.size()) {
+    return false;
+  }
+  if (grad_written) return plan.ptr == plan.disjoint_ptr;
+  const size_t n_bound = 2 + plan.vstate.size();
+  for (size_t k = 0; k < plan.ptr.size(); ++k) {
+    if (k % n_bound != 1 && plan.ptr[k] != plan.disjoint_ptr[k]) return false;
+  }
+  return true;
+}
+
 // Whether the program writes the gradient (a step that unscales it in place).
 inline bool writes_grad(const Plan& plan) {
   return std::find(plan.stored.begin(), plan.stored.end(), 1) != plan.stored.end();
@@ -645,10 +663,10 @@ bool check_group(Plan& plan) {
 // Whether the memory every step writes (parameters, vector and scalar state) is disjoint.
 // Parameters over one storage, overlapping views, or a step counter shared by several
 // parameters are updated one after the other by torch; the flat pass would update them at
-// once, so such a group takes the reference path. Pointers seldom change between steps, so
-// the sort runs only when one did.
+// once, so such a group takes the reference path. The memory written seldom moves between
+// steps, so the sort runs only when it did.
 bool disjoint(Plan& plan, bool grad_written) {
-  if (plan.ptr == plan.disjoint_ptr && plan.sptr == plan.disjoint_sptr) return true;
+  if (written_as_before(plan, grad_written)) return true;
   const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t n_bound = 2 + static_cast<int64_t>(plan.vstate.size());
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
@@ -673,6 +691,7 @@ bool disjoint(Plan& plan, bool grad_written) {
   }
   plan.disjoint_ptr = plan.ptr;
   plan.disjoint_sptr = plan.sptr;
+  plan.disjoint_numel = plan.numel;
   return true;
 }
 
@@ -1067,6 +1086,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              // that unscales gradients writes them too): check afresh.
              plan.disjoint_ptr.clear();
              plan.disjoint_sptr.clear();
+             plan.disjoint_numel.clear();
              plan.kernel = std::move(kernel);
              plan.exact_sqrt = exact_sqrt;
            })
