@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from polyak import _checks, _ops, functional
 from polyak._state import OptimizerState, StateEntry
-from polyak.strategies import StateLists, Strategy, Update, choose, flat, loop
+from polyak.strategies import StateLists, Strategy, Update, _native, choose, flat, loop
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 StateDict: TypeAlias = dict[str, Any]
@@ -61,6 +61,8 @@ _NUMBERS = frozenset({int, float})
 
 #: Hyperparameter types taken as they are (tested first, by exact type: this runs per step).
 _PLAIN = frozenset({float, int, bool, str, type(None)})
+#: Parameters whose ``.grad`` setter is torch's own, which the kernel can clear in one call.
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 class Hyper:
@@ -443,6 +445,14 @@ class Optimizer(torch.optim.Optimizer):
         batched = bool(self.defaults.get("foreach") or self.defaults.get("fused"))
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         with _recorded(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
+            vm = _native.load() if set_to_none and not torch.compiler.is_compiling() else None
+            if vm is not None and not torch._C._is_torch_function_mode_enabled():
+                # One call clears plain tensors' gradients, at a few nanoseconds each rather
+                # than the Python setter's hundred or so.
+                for group in self.param_groups:
+                    for p in vm.clear_grads(group["params"], _PLAIN_TENSORS):
+                        p.grad = None
+                return
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:

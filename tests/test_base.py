@@ -19,6 +19,7 @@ from torch.optim.optimizer import (
 )
 
 import polyak
+from polyak.strategies import _native
 
 
 @pytest.fixture
@@ -150,6 +151,53 @@ def test_zero_grad(flags: dict[str, Any]) -> None:
         assert p.grad is g and torch.equal(g, torch.zeros_like(g))
     opt.zero_grad()
     assert all(p.grad is None for p in params)
+
+
+def test_zero_grad_sets_every_kind_of_parameters_gradient_to_none_as_torch_does() -> None:
+    """Plain tensors and Parameters are cleared in one call where the kernel is built; a
+    subclass with a gradient setter of its own, and any tensor under a torch function mode,
+    go through ``p.grad = None`` as torch's loop sends them."""
+    from torch.overrides import TorchFunctionMode
+
+    class Watched(torch.nn.Parameter):
+        cleared = 0
+
+        @property  # type: ignore[override]
+        def grad(self) -> Any:
+            return torch.Tensor.grad.__get__(self)
+
+        @grad.setter
+        def grad(self, value: Any) -> None:
+            Watched.cleared += value is None
+            torch.Tensor.grad.__set__(self, value)
+
+    class Counting(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.setters = 0
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            self.setters += getattr(func, "__name__", "") == "__set__"
+            return func(*args, **(kwargs or {}))
+
+    _native.load(wait=True)
+    plain = [torch.zeros(3, requires_grad=True), torch.nn.Parameter(torch.zeros(2, 2))]
+    watched = Watched(torch.zeros(4))
+    never = torch.nn.Parameter(torch.zeros(1))  # no gradient: left alone
+    params = [*plain, watched, never]
+    opt = polyak.Adam([{"params": params[:2]}, {"params": params[2:]}])
+    for _ in range(2):
+        for p in params[:3]:
+            p.grad = torch.ones_like(p)
+        opt.zero_grad()
+        assert all(p.grad is None for p in params)
+    assert Watched.cleared == 2
+    for p in params[:3]:
+        p.grad = torch.ones_like(p)
+    with Counting() as mode:
+        opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    assert mode.setters == 3
 
 
 def test_zero_grad_detaches_a_grad_with_history() -> None:

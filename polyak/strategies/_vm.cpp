@@ -1031,6 +1031,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("ready", [](const Kernel& k) { return k.fn.load() != nullptr; });
   m.def("ctx_address", []() { return reinterpret_cast<uintptr_t>(&kCtx); });
   m.def("has_mkl_sqrt", []() { return vmsSqrt != nullptr; });
+  // Sets ``.grad`` to None on every tensor of ``params`` whose type is one of ``plain``, as
+  // ``p.grad = None`` does for them (torch's setter resets the gradient where no torch
+  // function handles the assignment: the caller makes sure no mode does). Returns the other
+  // tensors that hold a gradient, for Python to clear.
+  m.def("clear_grads", [](pybind11::list params, pybind11::tuple plain) {
+    pybind11::list rest;
+    for (pybind11::handle p : params) {
+      bool is_plain = false;
+      for (pybind11::handle type : plain) is_plain |= type.ptr() == (PyObject*)Py_TYPE(p.ptr());
+      if (!is_plain) {
+        if (!pybind11::getattr(p, "grad").is_none()) rest.append(p);
+        continue;
+      }
+      const at::Tensor& t = THPVariable_Unpack(p.ptr());
+      if (t.unsafeGetTensorImpl()->autograd_meta() != nullptr) t.mutable_grad().reset();
+    }
+    return rest;
+  });
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init([](pybind11::list params, std::vector<std::vector<at::Tensor>> vstate,
                              std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
