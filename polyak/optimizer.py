@@ -730,7 +730,8 @@ class Optimizer(torch.optim.Optimizer):
         decides).
 
         The update runs first on stand-ins of the same shapes and dtypes (meta tensors, and
-        copies of per-parameter counters), once for each new layout of the group: a state
+        copies of per-parameter counters) of one parameter of each kind (see
+        :func:`_one_of_each_kind`), once for each new layout of the group: a state
         tensor replaced or removed by hand, a flag changed. Where it fails, it runs once more
         on copies of the real tensors so that the error is the one the step itself raises,
         with its wording. Differentiable steps and sparse gradients are not rehearsed; their
@@ -768,7 +769,8 @@ class Optimizer(torch.optim.Optimizer):
         update = type(self).update
         try:
             with torch.no_grad():
-                _run(strategy.run, update, *_stand_ins((params, grads, state), _stand_in), hp)
+                kinds = _one_of_each_kind(params, grads, state)
+                _run(strategy.run, update, *_stand_ins(kinds, _stand_in), hp)
         except Exception:
             with torch.no_grad():
                 _run(strategy.run, update, *_stand_ins((params, grads, state), _copy), hp)
@@ -1139,6 +1141,37 @@ def _fixed(value: Any) -> bool:
     """Whether ``value`` is fixed by its object: a number, flag or string, or a tuple of them."""
     kind = type(value)
     return kind in _PLAIN or (kind is tuple and all(type(v) in _PLAIN for v in value))
+
+
+def _one_of_each_kind(
+    params: list[Tensor], grads: list[Tensor], state: StateLists
+) -> tuple[list[Tensor], list[Tensor], StateLists]:
+    """The step's lists cut to one parameter of each kind: the same layouts of parameter,
+    gradient and state values, and the same per-parameter counters. An update rule treats
+    each parameter on its own (the loop strategy runs it on one at a time), so a step that
+    fails for one parameter fails for every parameter of its kind, and a rehearsal on one of
+    each raises what a rehearsal on all would."""
+    columns = list(state.values())
+    first: dict[Any, int] = {}
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        kind = (_layout(p), _layout(g), *[_kind(column[i]) for column in columns])
+        first.setdefault(kind, i)
+    if len(first) == len(params):
+        return params, grads, state
+    picked = list(first.values())
+    return (
+        [params[i] for i in picked],
+        [grads[i] for i in picked],
+        {key: [values[i] for i in picked] for key, values in state.items()},
+    )
+
+
+def _kind(value: Any) -> Any:
+    """What of a state value tells its parameter's kind: its layout, and a counter's value,
+    which rules branch on."""
+    if type(value) is Tensor and value.dim() == 0 and not value.is_meta:
+        return (_layout(value), value.item())
+    return _layout(value)
 
 
 def _stand_in(t: Tensor, meta: bool) -> Tensor:

@@ -72,15 +72,18 @@ def _snapshot(opt: Any, params: list[torch.Tensor]) -> Any:
     )
 
 
+@pytest.mark.parametrize("shapes", [None, [(3, 4)] * 12], ids=["mixed", "twelve-alike"])
 @pytest.mark.parametrize("flags", STRATEGIES, ids=STRATEGY_IDS)
 @pytest.mark.parametrize(("name", "pair", "edit"), CASES, ids=[c[0] for c in CASES])
 def test_a_step_after_a_hand_edit_does_what_torch_does_or_fails_before_writing(
-    name: str, pair: Any, edit: Edit, flags: dict[str, Any]
+    name: str, pair: Any, edit: Edit, flags: dict[str, Any], shapes: Any
 ) -> None:
+    """Among parameters alike, the one edited by hand is the one a step fails on before it
+    writes anything (a step rehearses one parameter of each kind)."""
     cls, ref_cls, config = pair
     if name.startswith("nesterov"):
         config = {**config, "nesterov": True}
-    params = make_params()
+    params = make_params(shapes) if shapes else make_params()
     ref_params = twin(params)
     opt = cls(params, **config, **flags)
     ref = ref_cls(ref_params, **config, **flags)
