@@ -883,6 +883,7 @@ class Optimizer(torch.optim.Optimizer):
         self.state = state
         self.param_groups = groups
         self._step_count = step_count
+        flat.forget(self)
         # As torch.optim's loading does (through __setstate__): groups added later get them.
         for key, value in _SET_BY_LOADING.items():
             self.defaults.setdefault(key, value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
+import weakref
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from conftest import (
 from registry import REGISTRY, Entry, ids
 
 import polyak
+from polyak.strategies import _native
 
 
 def _trained(entry: Entry, config: dict[str, Any], steps: int = 3) -> tuple[Any, Any, Any, Any]:
@@ -225,6 +228,25 @@ def test_corrupt_state_dicts_are_rejected_and_change_nothing(entry: Entry) -> No
         after = _snapshot(opt)
         assert_same(after, before), name
     opt.load_state_dict(good)
+
+
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.flat], ids=ids)
+def test_loading_releases_the_state_it_replaces_as_torch_does(entry: Entry) -> None:
+    """After ``load_state_dict`` the replaced state tensors are freed at once, as torch frees
+    them: a training loop that rolls back to a checkpoint holds one copy of the state, not
+    two until its next step."""
+    _native.load(wait=True)
+    released = []
+    for cls in (entry.reference, entry.cls):
+        params = params_for(entry)
+        opt = cls(params, **clone_kwargs(entry.stateful))
+        step_both(opt, opt, params, params, 3)
+        old = [weakref.ref(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        assert old
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        gc.collect()
+        released.append(all(r() is None for r in old))
+    assert released == [True, True]
 
 
 def test_not_a_mapping() -> None:

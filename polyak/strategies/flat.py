@@ -335,6 +335,13 @@ def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
     return False
 
 
+def forget(optimizer: Any) -> None:
+    """Drop the kernel's plans for ``optimizer``'s groups, whose state was replaced (by
+    ``load_state_dict``): they would be made anew at the next step, and until then would keep
+    the replaced state alive beside the new one."""
+    optimizer.__dict__.pop("_flat_entries", None)
+
+
 def build_ahead() -> tuple[bool, list[str]]:
     """Build the kernel, and compile the default program of every optimizer polyak exports
     for float32 and float64, waiting for all of it.
