@@ -760,7 +760,7 @@ class Optimizer(torch.optim.Optimizer):
         for p, entry in zip(params, entries, strict=True):
             kind = (p.shape, p.dtype, p.device)
             if kind not in needed:
-                needed[kind] = list(self.init_state(_state_template(p), hp))
+                needed[kind] = list(self.init_state(_key_template(p), hp))
             for key in needed[kind]:
                 if key not in entry:
                     raise KeyError(key)
@@ -1059,6 +1059,15 @@ def _state_template(param: Tensor) -> Tensor:
     return torch.empty_like(param, device="meta")
 
 
+def _key_template(param: Tensor) -> Tensor:
+    """A tensor on which ``init_state`` shows which keys it makes for ``param``: a large plain
+    parameter's has its shape shrunk as the rehearsal shrinks it (see :func:`_shrinking`),
+    which keeps its dimensions and so the keys, without the imports a meta tensor costs."""
+    if type(param) in (Tensor, torch.nn.Parameter) and param.numel() > _REAL_STAND_IN_NUMEL:
+        return _stand_in(param, _shrinking([param]))
+    return _state_template(param)
+
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -1175,41 +1184,68 @@ def _kind(value: Any) -> Any:
     return _layout(value)
 
 
-def _stand_in(t: Tensor, meta: bool) -> Tensor:
+#: How a parameter's tensors are stood in for: ``None`` by real tensors of their shapes, a map
+#: of dimension sizes by real tensors of the mapped (small) shapes, ``"meta"`` by meta tensors.
+StandIn: TypeAlias = dict[int, int] | str | None
+
+
+def _stand_in(t: Tensor, how: StandIn) -> Tensor:
     """A tensor like ``t`` to rehearse a step on; per-parameter counters, which the update
-    reads as numbers, are copied. Small ones are real tensors, as in :func:`_state_template`
-    (meta tensors import torch's symbolic shapes and sympy on first use); large ones, and
-    ``meta`` ones, are meta tensors, which allocate nothing."""
+    reads as numbers, are copied. Tensors of small parameters are real ones of their shapes,
+    as in :func:`_state_template`; those of large plain ones real ones of shapes shrunk by
+    :func:`_shrinking`; anything else a meta tensor, which allocates nothing but whose Python
+    kernels import torch's reference operations and sympy on first use (over a second)."""
     if t.dim() == 0 or t.numel() == 1:
         return t.detach().clone()
-    if not meta and _small(t):
+    plain = type(t) in (Tensor, torch.nn.Parameter)
+    if how is None and plain and t.numel() <= _REAL_STAND_IN_NUMEL:
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if isinstance(how, dict) and plain:
+        return torch.empty([how[n] for n in t.shape], dtype=t.dtype, device=t.device)
     return torch.empty_like(t.detach(), device="meta")
 
 
-def _small(t: Tensor) -> bool:
-    return t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in (Tensor, torch.nn.Parameter)
+def _shrinking(tensors: list[Any]) -> StandIn:
+    """How to stand in for a large parameter's tensors (itself, its gradient, its state): by
+    real tensors whose dimension sizes are mapped onto small ones, keeping 0 and 1 and the
+    order of the others, so that every size that equals, exceeds or broadcasts against
+    another still does, and each stand-in of more than one element still has more than one.
+    Meta tensors where one of them is not a plain tensor."""
+    sizes: set[int] = set()
+    for t in tensors:
+        if isinstance(t, Tensor):
+            if type(t) not in (Tensor, torch.nn.Parameter):
+                return "meta"
+            sizes.update(t.shape)
+    larger = sorted(n for n in sizes if n > 1)
+    return {0: 0, 1: 1, **{n: k + 2 for k, n in enumerate(larger)}}
 
 
-def _copy(t: Tensor, meta: bool) -> Tensor:
+def _copy(t: Tensor, how: StandIn) -> Tensor:
     return t.detach().clone()
 
 
 def _stand_ins(
-    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor, bool], Tensor]
+    lists: tuple[list[Tensor], list[Tensor], StateLists], make: Callable[[Tensor, StandIn], Tensor]
 ) -> tuple[list[Tensor], list[Tensor], StateLists]:
-    """Stand-ins of a step's tensors. A parameter stood in for by a meta tensor has its
-    gradient and state stood in for alike, so that state smaller than the parameter
-    (Adafactor's row and column factors) meets meta tensors only."""
+    """Stand-ins of a step's tensors. A large parameter's gradient and state are stood in for
+    as the parameter is, so that state smaller than the parameter (Adafactor's row and column
+    factors) keeps its relation to it."""
     params, grads, state = lists
-    meta = [not _small(p) for p in params]
+    columns = list(state.values())
+    hows: list[StandIn] = [
+        None
+        if p.numel() <= _REAL_STAND_IN_NUMEL and type(p) in (Tensor, torch.nn.Parameter)
+        else _shrinking([p, g, *[column[i] for column in columns]])
+        for i, (p, g) in enumerate(zip(params, grads, strict=True))
+    ]
     return (
-        [make(p, m) for p, m in zip(params, meta, strict=True)],
-        [make(g, m) for g, m in zip(grads, meta, strict=True)],
+        [make(p, how) for p, how in zip(params, hows, strict=True)],
+        [make(g, how) for g, how in zip(grads, hows, strict=True)],
         {
             key: [
-                make(t, m) if isinstance(t, Tensor) else t
-                for t, m in zip(values, meta, strict=True)
+                make(t, how) if isinstance(t, Tensor) else t
+                for t, how in zip(values, hows, strict=True)
             ]
             for key, values in state.items()
         },

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -214,3 +218,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: takes more than a few seconds (still part of the default run)"
     )
+
+
+def heavy_imports_of(script: str) -> str:
+    """Run ``script`` (which prints the heavy modules it finds imported) in a fresh process,
+    with the tests' helpers importable and the kernel off, and return what it printed."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, POLYAK_NATIVE="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tests.parent,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()

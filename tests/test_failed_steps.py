@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, make_params, set_grads, twin
+from conftest import assert_same, heavy_imports_of, make_params, set_grads, twin
 
 import polyak
 
@@ -109,6 +109,63 @@ def test_a_step_after_a_hand_edit_does_what_torch_does_or_fails_before_writing(
         opt.step()
         assert_same(params, ref_params)
         assert_same(opt.state_dict()["state"], ref.state_dict()["state"])
+
+
+@pytest.mark.parametrize("flags", STRATEGIES, ids=STRATEGY_IDS)
+@pytest.mark.parametrize("shape", [(1000, 1100), (1, 1000), (1100, 1)], ids=str)
+def test_a_large_parameters_state_of_another_shape_fails_before_writing(
+    flags: dict[str, Any], shape: tuple[int, ...]
+) -> None:
+    """A parameter of more than a million elements is rehearsed on small stand-ins whose sizes
+    keep the order and equalities of its tensors' (a transposed or a broadcastable moment
+    still fails); the step raises torch's error and writes nothing."""
+    params = [torch.randn(1100, 1000), torch.randn(3)]
+    ref_params = twin(params)
+    opt = polyak.Adam(params, lr=0.01, **flags)
+    ref = torch.optim.Adam(ref_params, lr=0.01, **flags)
+    gen = torch.Generator().manual_seed(1)
+    set_grads(params, ref_params, gen)
+    opt.step()
+    ref.step()
+    for o, ps in ((opt, params), (ref, ref_params)):
+        o.state[ps[0]]["exp_avg"] = torch.zeros(shape)
+    set_grads(params, ref_params, gen)
+    with pytest.raises(RuntimeError):
+        ref.step()
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert_same(_snapshot(opt, params), before)
+
+
+_LARGE_FIRST_STEP_SCRIPT = """
+import sys
+import torch
+from registry import REGISTRY
+
+for entry in REGISTRY:
+    if entry.sparse_grads:
+        continue
+    params = [torch.randn(1100, 1000, requires_grad=True), torch.randn(5, 4, requires_grad=True)]
+    opt = entry.cls(params, **entry.stateful)
+
+    def closure():
+        opt.zero_grad()
+        loss = sum((p * p).sum() for p in params)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure) if entry.step_closure else (closure(), opt.step())
+print(sorted(m for m in ("sympy", "torch.fx.experimental.symbolic_shapes") if m in sys.modules))
+"""
+
+
+def test_a_large_parameters_first_step_imports_no_symbolic_shapes() -> None:
+    # Rehearsing a step on meta tensors ran torch's Python meta kernels, which import its
+    # reference operations, symbolic shapes and sympy: over a second in a process's first step
+    # of a model with a parameter of more than a million elements.
+    assert heavy_imports_of(_LARGE_FIRST_STEP_SCRIPT) == "[]"
 
 
 @pytest.mark.parametrize("flags", STRATEGIES, ids=STRATEGY_IDS)

@@ -14,6 +14,7 @@ from conftest import (
     as_grad,
     assert_same,
     clone_kwargs,
+    heavy_imports_of,
     make_params,
     params_for,
     step,
@@ -412,21 +413,4 @@ def test_load_state_dict_of_a_small_model_imports_no_symbolic_shapes() -> None:
     # Checking a checkpoint against the state a parameter's first step makes must not pull in
     # torch's symbolic-shape machinery and sympy: importing them took 0.3-1 s, in a process's
     # first load_state_dict, for a model of a few kilobytes.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parent
-    env = dict(os.environ, POLYAK_NATIVE="0")
-    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", _LOAD_IMPORTS_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tests.parent,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert heavy_imports_of(_LOAD_IMPORTS_SCRIPT) == "[]"
