@@ -729,8 +729,8 @@ class Optimizer(torch.optim.Optimizer):
         strategy that runs the step (:func:`polyak.strategies.choose`'s, which the layout
         decides).
 
-        The update runs first on stand-ins of the same shapes and dtypes (meta tensors, and
-        copies of per-parameter counters) of one parameter of each kind (see
+        The update runs first on stand-ins (see :func:`_stand_in`: small real tensors of the
+        same dtypes, and copies of per-parameter counters) of one parameter of each kind (see
         :func:`_one_of_each_kind`), once for each new layout of the group: a state
         tensor replaced or removed by hand, a flag changed. Where it fails, it runs once more
         on copies of the real tensors so that the error is the one the step itself raises,
