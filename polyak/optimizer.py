@@ -61,7 +61,8 @@ _NUMBERS = frozenset({int, float})
 
 #: Hyperparameter types taken as they are (tested first, by exact type: this runs per step).
 _PLAIN = frozenset({float, int, bool, str, type(None)})
-#: Parameters whose ``.grad`` setter is torch's own, which the kernel can clear in one call.
+#: Tensors of torch's own types (no subclass): their ``.grad`` setter is torch's, which the
+#: kernel can clear in one call, and a step is rehearsed on real stand-ins of them.
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
@@ -1063,9 +1064,9 @@ def _key_template(param: Tensor) -> Tensor:
     """A tensor on which ``init_state`` shows which keys it makes for ``param``: a large plain
     parameter's has its shape shrunk as the rehearsal shrinks it (see :func:`_shrinking`),
     which keeps its dimensions and so the keys, without the imports a meta tensor costs."""
-    if type(param) in (Tensor, torch.nn.Parameter) and param.numel() > _REAL_STAND_IN_NUMEL:
-        return _stand_in(param, _shrinking([param]))
-    return _state_template(param)
+    if _small(param) or type(param) not in _PLAIN_TENSORS:
+        return _state_template(param)
+    return _stand_in(param, _shrinking([param]))
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -1197,12 +1198,16 @@ def _stand_in(t: Tensor, how: StandIn) -> Tensor:
     kernels import torch's reference operations and sympy on first use (over a second)."""
     if t.dim() == 0 or t.numel() == 1:
         return t.detach().clone()
-    plain = type(t) in (Tensor, torch.nn.Parameter)
-    if how is None and plain and t.numel() <= _REAL_STAND_IN_NUMEL:
+    if how is None and _small(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    if isinstance(how, dict) and plain:
+    if isinstance(how, dict) and type(t) in _PLAIN_TENSORS:
         return torch.empty([how[n] for n in t.shape], dtype=t.dtype, device=t.device)
     return torch.empty_like(t.detach(), device="meta")
+
+
+def _small(t: Tensor) -> bool:
+    """Whether a rehearsal stands in for ``t`` by a real tensor of its own shape."""
+    return t.numel() <= _REAL_STAND_IN_NUMEL and type(t) in _PLAIN_TENSORS
 
 
 def _shrinking(tensors: list[Any]) -> StandIn:
@@ -1214,7 +1219,7 @@ def _shrinking(tensors: list[Any]) -> StandIn:
     sizes: set[int] = set()
     for t in tensors:
         if isinstance(t, Tensor):
-            if type(t) not in (Tensor, torch.nn.Parameter):
+            if type(t) not in _PLAIN_TENSORS:
                 return "meta"
             sizes.update(t.shape)
     larger = sorted(n for n in sizes if n > 1)
@@ -1234,9 +1239,7 @@ def _stand_ins(
     params, grads, state = lists
     columns = list(state.values())
     hows: list[StandIn] = [
-        None
-        if p.numel() <= _REAL_STAND_IN_NUMEL and type(p) in (Tensor, torch.nn.Parameter)
-        else _shrinking([p, g, *[column[i] for column in columns]])
+        None if _small(p) else _shrinking([p, g, *[column[i] for column in columns]])
         for i, (p, g) in enumerate(zip(params, grads, strict=True))
     ]
     return (

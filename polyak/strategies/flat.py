@@ -158,12 +158,14 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         (scalar_keys if found[0].dim() == 0 else vector_keys).append(key)
     empty = torch.empty(0, dtype=dtype)
 
-    def held(p: Tensor, key: str) -> Tensor:
+    def stored(p: Tensor, key: str) -> Tensor:
         s = optimizer.state.get(p)
         value = s.get(key) if s else None
-        if not isinstance(value, Tensor):
-            return empty
-        if local is None or (value.dim() == 0 and type(value) is Tensor):
+        return value if isinstance(value, Tensor) else empty
+
+    def held(p: Tensor, key: str) -> Tensor:
+        value = stored(p, key)
+        if value is empty or local is None or (value.dim() == 0 and type(value) is Tensor):
             return value
         data = _local_data(value)
         # State placed unlike its parameter is left to the reference path.
@@ -178,7 +180,7 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     if local is not None:
         versioned = [list(params), []]
         for key in vector_keys + scalar_keys:
-            versioned.append([s.get(key, empty) if (s := state.get(p)) else empty for p in params])
+            versioned.append([stored(p, key) for p in params])
     plan = vm.Plan(
         list(params),
         [column(k) for k in vector_keys],
