@@ -290,6 +290,9 @@ struct Plan {
   // version counters it advances as in-place operations do (null: not written, or an
   // inference tensor inside inference mode, which counts nothing).
   std::vector<c10::TensorImpl*> written;
+  // [param, grad, vector state..., scalar state...]: whether the program writes each (the
+  // bound registers its vector code stores, the scalar state its scalar code stores).
+  std::vector<uint8_t> writes;
   // Whether the step was called in inference mode, where inference tensors may be written.
   bool inference = false;
   // For the local data of distributed tensors: the distributed tensors themselves, whose
@@ -526,17 +529,9 @@ bool check_group(Plan& plan) {
   plan.sregs.resize(static_cast<size_t>((ns == 0 ? 1 : n) * n_sregs));
   plan.srow.assign(n, 0);
   if (ns == 0) run_scalar_program(plan, 0, nullptr, plan.sregs.data(), nullptr);
-  // What the step writes: the bound registers the vector program stores, and the scalar state
-  // its scalar program stores.
   const int64_t n_slots = n_bound + ns;
+  const std::vector<uint8_t>& writes = plan.writes;
   plan.written.assign(n * n_slots, nullptr);
-  std::vector<uint8_t> writes(n_slots, 0);
-  for (int64_t b : plan.stored) writes[b] = 1;
-  {
-    const int64_t* sc = plan.scode.data_ptr<int64_t>();
-    for (int64_t k = 0; k < plan.scode.size(0); ++k)
-      if (sc[4 * k] == S_STORE) writes[n_bound + sc[4 * k + 2]] = 1;
-  }
   constexpr int64_t kAheadTensors = 4;  // tensors between two stages of the pipeline
   static const PlainKeys keys;
   const bool grad_written = writes_grad(plan);
@@ -1100,6 +1095,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.scode = std::move(scode);
              plan.n_sregs = n_sregs;
              plan.stored = std::move(stored);
+             const size_t n_bound = 2 + plan.vstate.size();
+             plan.writes.assign(n_bound + plan.sstate.size(), 0);
+             for (int64_t b : plan.stored) plan.writes[b] = 1;
+             const int64_t* sc = plan.scode.data_ptr<int64_t>();
+             for (int64_t k = 0; k < plan.scode.size(0); ++k)
+               if (sc[4 * k] == S_STORE) plan.writes[n_bound + sc[4 * k + 2]] = 1;
              // What the overlap check covers depends on what the program writes (a program
              // that unscales gradients writes them too): check afresh.
              plan.disjoint_ptr.clear();
