@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from polyak.strategies import _native
+from polyak.strategies import _dispatch, _native
 from polyak.strategies._trace import (
     V_ABS,
     V_ADD,
@@ -100,9 +100,10 @@ _STATEMENTS = {
     V_ADDCMUL: "{fma}({s} * {b}, {c}, {a})",
     V_ADDCDIV: "{a} + ({s} * {b}) / {c}",
     V_SQRT: "{sqrt}({a})",
-    # As torch's maximum: NaN as all ones in its vectorised body, the canonical NaN in the
-    # scalar tail of each of its chunks (which also keeps the first of two equal values).
-    V_MAX: "(({a} != {a}) | ({b} != {b})) ? (" + _TAIL_TEST + " ? pk_qnan : pk_ones) "
+    # As torch's maximum: NaN in its vectorised body as ``{body_nan}`` says (all ones on x86
+    # vectors, the NaN operand on generic ones), the canonical NaN in the scalar tail of each
+    # of its chunks (which also keeps the first of two equal values).
+    V_MAX: "(({a} != {a}) | ({b} != {b})) ? (" + _TAIL_TEST + " ? pk_qnan : {body_nan}) "
     ": (" + _TAIL_TEST + " ? ({a} < {b} ? {b} : {a}) : ({a} > {b} ? {a} : {b}))",
     V_COPY: "{a}",
     V_MULV: "{a} * {b}",
@@ -155,6 +156,9 @@ PK_INLINE double pk_bits_d(uint64_t b) { double f; memcpy(&f, &b, 8); return f; 
 PK_INLINE uint64_t pk_d_bits(double f) { uint64_t b; memcpy(&b, &f, 8); return b; }
 PK_INLINE float pk_neg_f(float x) { return pk_bits_f(pk_f_bits(x) ^ 0x80000000u); }
 PK_INLINE double pk_neg_d(double x) { return pk_bits_d(pk_d_bits(x) ^ 0x8000000000000000ull); }
+/* x * y + z rounded twice, for torch's kernels that do not fuse (-ffp-contract=off keeps it). */
+PK_INLINE float pk_mad_f(float x, float y, float z) { return x * y + z; }
+PK_INLINE double pk_mad_d(double x, double y, double z) { return x * y + z; }
 
 /* bfloat16: the upper half of a float; stores round to nearest even, NaN to 0x7fc0. */
 PK_INLINE float pk_bf16_load(uint16_t h) { return pk_bits_f((uint32_t)h << 16); }
@@ -224,6 +228,7 @@ PK_INLINE pk_vm pk_tailv(int tb, int64_t d) {
   return tb ? (pk_vm)(iota >= k) : (pk_vm){};
 }
 PK_INLINE pk_vf pk_negv(pk_vf a) { return (pk_vf)((pk_vu)a ^ 0x80000000u); }
+PK_INLINE pk_vf pk_madv(pk_vf a, pk_vf b, pk_vf c) { return a * b + c; }
 PK_INLINE pk_vf pk_absv(pk_vf a) { return (pk_vf)((pk_vu)a & 0x7fffffffu); }
 #if PK_W == 16
 PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) { return (pk_vf)_mm512_fmadd_ps(a, b, c); }
@@ -361,15 +366,21 @@ extern "C" int64_t polyak_probe_sqrt(const polyak_ctx* ctx, int which) {
 """
 
 
-def _statement(ins: tuple[int, ...], operands: list[str], **names: str) -> str:
+def _statement(
+    ins: tuple[int, ...], operands: list[str], max_keep: bool = False, **names: str
+) -> str:
     """The C++ expression of one vector instruction, on its operands' expressions, with the
-    form's names for the type and the functions (``t``, ``fma``, ``neg``, ``sqrt``, ``abs``)."""
+    form's names for the type and the functions (``t``, ``fma``, ``neg``, ``sqrt``, ``abs``);
+    ``max_keep``: maximum's vector body passes a NaN operand through (else: all ones)."""
     op, _, _, b, _, s = ins
     if op not in _STATEMENTS:
         raise ValueError(f"unknown opcode {op}")
     va, vb, vc = operands
     bs = vb if b >= 0 else f"s{s}"
-    return _STATEMENTS[op].format(a=va, b=vb, c=vc, s=f"s{s}", bs=bs, k=s, **names)
+    body_nan = f"({va} != {va} ? {va} : {vb})" if max_keep else "pk_ones"
+    return _STATEMENTS[op].format(
+        a=va, b=vb, c=vc, s=f"s{s}", bs=bs, k=s, body_nan=body_nan, **names
+    )
 
 
 def generate(
@@ -378,6 +389,8 @@ def generate(
     stored: list[int],
     dtype: torch.dtype,
     sqrt_mode: int,
+    fma: bool = True,
+    max_keep: bool = False,
 ) -> str:
     """C++ source of one program's kernel (``polyak_run``), prelude included.
 
@@ -392,11 +405,16 @@ def generate(
         stored: the bound registers the program writes.
         dtype: the tensors' storage type.
         sqrt_mode: one of ``SQRT_EXACT``, ``SQRT_MKL_INLINE``, ``SQRT_MKL_CALL``.
+        fma: whether torch's kernels fuse multiply-adds (see ``_dispatch.Rounding``).
+        max_keep: whether maximum's vector body passes a NaN operand through.
     """
     storage, compute, size = _STORAGE[dtype]
     block = _BLOCK_BYTES // size
     ahead = _AHEAD_BYTES // size
-    fma = "__builtin_fmaf" if compute == "float" else "__builtin_fma"
+    if fma:
+        mad = "__builtin_fmaf" if compute == "float" else "__builtin_fma"
+    else:
+        mad = "pk_mad_f" if compute == "float" else "pk_mad_d"
     fabs = "fabsf" if compute == "float" else "fabs"
     csqrt = "__builtin_sqrtf" if compute == "float" else "__builtin_sqrt"
     if dtype == torch.float16:
@@ -467,8 +485,9 @@ def generate(
             expr = _statement(
                 (op, dst, a, b, c, s),
                 [use(r) if r >= 0 else "" for r in (a, b, c)],
+                max_keep,
                 t=compute,
-                fma=fma,
+                fma=mad,
                 neg="pk_neg_f" if compute == "float" else "pk_neg_d",
                 sqrt=csqrt,
                 abs=fabs,
@@ -514,7 +533,9 @@ def generate(
     vector = dtype == torch.float32 and sqrt_mode != SQRT_MKL_CALL
     if vector:
         out.append("#if PK_W")
-        decls, vloop = _vector_kernel(vcode, stored, sqrt_mode, sregs, lerps, masks, conditions)
+        decls, vloop = _vector_kernel(
+            vcode, stored, sqrt_mode, sregs, lerps, masks, conditions, fma, max_keep
+        )
         out.extend(decls)
         out.extend(_unswitch([*prefetch, *vloop], conditions[:_UNSWITCHED]))
         out.append("#else")
@@ -606,6 +627,8 @@ def _vector_kernel(
     lerps: list[int],
     masks: set[int],
     conditions: list[int],
+    fma: bool = True,
+    max_keep: bool = False,
 ) -> tuple[list[str], list[str]]:
     """The float32 kernel on whole vectors of ``PK_W`` lanes (see the prelude): one statement
     per instruction over a vector, sqrt inline, each stream loaded and stored once per
@@ -631,8 +654,9 @@ def _vector_kernel(
             expr = _statement(
                 (op, dst, a, b, c, s),
                 [use(r) if r >= 0 else "" for r in (a, b, c)],
+                max_keep,
                 t="float",
-                fma="pk_fmav",
+                fma="pk_fmav" if fma else "pk_madv",
                 neg="pk_negv",
                 sqrt=sqrt,
                 abs="pk_absv",
@@ -862,7 +886,12 @@ _sqrt_mode: int | None = None
 
 def _verdict_paths() -> list[Path]:
     cxx = _compiler()
-    return [] if cxx is None else [root / _machine_key(cxx) / "sqrt.json" for root in _roots()]
+    if cxx is None:
+        return []
+    # MKL picks its code path by the CPU and by its environment variables: a verdict holds for
+    # one setting of them.
+    path = hashlib.sha256(_dispatch.mkl_path().encode()).hexdigest()[:12]
+    return [root / _machine_key(cxx) / f"sqrt-{path}.json" for root in _roots()]
 
 
 def _known_sqrt_mode(vm: Any) -> int | None:
@@ -987,11 +1016,22 @@ def enabled() -> bool:
     return os.environ.get("POLYAK_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def kernel(vm: Any, program: Any, n_bound: int, dtype: torch.dtype, exact_sqrt: bool) -> Any:
+def kernel(
+    vm: Any,
+    program: Any,
+    n_bound: int,
+    dtype: torch.dtype,
+    exact_sqrt: bool,
+    rounding: _dispatch.Rounding | None = None,
+) -> Any:
     """The kernel slot for ``program``: filled at once where its build is cached, by the
-    background thread otherwise, and never where it cannot be built (the interpreter runs)."""
+    background thread otherwise, and never where it cannot be built (the interpreter runs).
+    ``rounding``: how torch's kernels round (default: fused multiply-adds, NaN as all ones
+    in maximum's vector body)."""
     vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
-    key = (tuple(vcode), n_bound, tuple(program.stored), dtype, exact_sqrt)
+    fma = rounding is None or rounding.fma
+    max_keep = rounding is not None and rounding.max_nan == _dispatch.MAX_NAN_KEEP
+    key = (tuple(vcode), n_bound, tuple(program.stored), dtype, exact_sqrt, fma, max_keep)
     slot = _kernels.get(key)
     if slot is not None:
         return slot
@@ -1003,7 +1043,7 @@ def kernel(vm: Any, program: Any, n_bound: int, dtype: torch.dtype, exact_sqrt: 
     def source(mode: int) -> str:
         if exact_sqrt or not uses_sqrt:
             mode = SQRT_EXACT
-        return generate(vcode, n_bound, list(program.stored), dtype, mode)
+        return generate(vcode, n_bound, list(program.stored), dtype, mode, fma, max_keep)
 
     def install(path: Path | None) -> None:
         if path is not None:

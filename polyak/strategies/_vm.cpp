@@ -131,8 +131,8 @@ enum SOp : int64_t {
   S_SELECT = 18,  // d = d ? a : b
 };
 
-// NaN as torch's CPU maximum writes it: all ones in its vectorised body, the canonical quiet
-// NaN in the scalar tail of each of its thread's chunks.
+// NaN as torch's CPU maximum writes it on x86 vectors: all ones in its vectorised body (the
+// canonical quiet NaN in the scalar tail of each of its thread's chunks).
 template <typename T>
 T all_ones() {
   using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
@@ -152,11 +152,27 @@ inline void compare(T* d, const T* a, const T* b, T s, int64_t len, F holds) {
   }
 }
 
+// x * y + z as torch's kernels at this process's capability compute it: rounded once where
+// they fuse (``fma``), the product and the sum rounded apart where they do not (the file is
+// compiled with -ffp-contract=off, so the second form is not fused behind our back).
+template <typename T>
+inline T mad(T x, T y, T z, bool fma) {
+  return fma ? std::fma(x, y, z) : x * y + z;
+}
+
+// How torch's kernels round, as polyak/strategies/_dispatch.py found them: whether they fuse
+// multiply-adds, and whether maximum's vector body keeps a NaN operand (else: all ones).
+struct Rounding {
+  bool fma = true;
+  bool max_keep = false;
+};
+
 // ``first``: the index of the block's first element in its tensor; ``tail``: where the scalar
 // tail of torch's chunk holding the block starts (see Work).
 template <typename T>
 void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double* sregs,
-               int64_t len, bool exact_sqrt, int64_t first, int64_t tail) {
+               int64_t len, bool exact_sqrt, int64_t first, int64_t tail, Rounding rounding) {
+  const bool fma = rounding.fma;
   for (int64_t k = 0; k < n_code; ++k) {
     const int64_t* ins = code + 6 * k;
     T* d = reg[ins[1]];
@@ -169,7 +185,7 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         for (int64_t j = 0; j < len; ++j) d[j] = -a[j];
         break;
       case V_ADD:
-        for (int64_t j = 0; j < len; ++j) d[j] = std::fma(b[j], s, a[j]);
+        for (int64_t j = 0; j < len; ++j) d[j] = mad(b[j], s, a[j], fma);
         break;
       case V_ADD1:
         for (int64_t j = 0; j < len; ++j) d[j] = a[j] + b[j];
@@ -185,15 +201,15 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         break;
       case V_LERP:
         if (std::abs(s) < T(0.5)) {
-          for (int64_t j = 0; j < len; ++j) d[j] = std::fma(s, b[j] - a[j], a[j]);
+          for (int64_t j = 0; j < len; ++j) d[j] = mad(s, b[j] - a[j], a[j], fma);
         } else {
           // As torch's vectorised body: the coefficient w - 1 (the NaN of b - a keeps its sign).
           const T w = s - T(1);
-          for (int64_t j = 0; j < len; ++j) d[j] = std::fma(w, b[j] - a[j], b[j]);
+          for (int64_t j = 0; j < len; ++j) d[j] = mad(w, b[j] - a[j], b[j], fma);
         }
         break;
       case V_ADDCMUL:
-        for (int64_t j = 0; j < len; ++j) d[j] = std::fma(s * b[j], c[j], a[j]);
+        for (int64_t j = 0; j < len; ++j) d[j] = mad(s * b[j], c[j], a[j], fma);
         break;
       case V_ADDCDIV:
         for (int64_t j = 0; j < len; ++j) d[j] = a[j] + (s * b[j]) / c[j];
@@ -209,7 +225,8 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
         for (int64_t j = 0; j < len; ++j) {
           const bool in_tail = first + j >= tail;
           if (a[j] != a[j] || b[j] != b[j]) {
-            d[j] = in_tail ? std::numeric_limits<T>::quiet_NaN() : all_ones<T>();
+            const T body = rounding.max_keep ? (a[j] != a[j] ? a[j] : b[j]) : all_ones<T>();
+            d[j] = in_tail ? std::numeric_limits<T>::quiet_NaN() : body;
           } else {
             d[j] = in_tail ? (a[j] < b[j] ? b[j] : a[j]) : (a[j] > b[j] ? a[j] : b[j]);
           }
@@ -342,8 +359,10 @@ struct Plan {
   // Whether sqrt is the correctly rounded one (fused steps, as torch's fused kernels), or
   // the one torch's per-tensor path calls.
   bool exact_sqrt = false;
-  // The width of torch's CPU vectors, in bytes (64 where it runs AVX-512 kernels).
-  int64_t vector_bytes = 32;
+  // The bytes per step of the vector body of torch's maximum, which tell its scalar tail
+  // apart, and how its kernels round (see Rounding).
+  int64_t vector_bytes = 64;
+  Rounding rounding;
 };
 
 // Return codes of step().
@@ -845,11 +864,11 @@ int64_t step_typed(Plan& plan) {
         prefetch_next();
         if constexpr (std::is_same_v<S, T>) {
           for (int64_t b = 0; b < n_bound; ++b) reg[b] = bound[b] + off;
-          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail);
+          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail, plan.rounding);
         } else {
           for (int64_t b : read)
             for (int64_t j = 0; j < len; ++j) local[b][j] = static_cast<T>(bound[b][off + j]);
-          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail);
+          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail, plan.rounding);
           for (int64_t b : stored)
             for (int64_t j = 0; j < len; ++j) bound[b][off + j] = static_cast<S>(local[b][j]);
         }
@@ -1049,9 +1068,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              std::vector<std::vector<at::Tensor>> sstate, pybind11::object state,
                              int64_t version, pybind11::list watch, int64_t vector_bytes,
                              std::optional<std::vector<at::Tensor>> local,
-                             std::optional<std::vector<std::vector<at::Tensor>>> counted) {
+                             std::optional<std::vector<std::vector<at::Tensor>>> counted,
+                             bool fma, bool max_keep) {
         Plan plan;
         plan.vector_bytes = vector_bytes;
+        plan.rounding = {fma, max_keep};
         for (pybind11::handle w : watch) {
           auto t = w.cast<pybind11::tuple>();
           Plan::Watched watched{t[0].cast<int64_t>(), pybind11::reinterpret_borrow<pybind11::object>(t[1]), {}};
@@ -1078,7 +1099,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("params"), pybind11::arg("vstate"), pybind11::arg("sstate"),
            pybind11::arg("state"), pybind11::arg("version"), pybind11::arg("watch"),
            pybind11::arg("vector_bytes"), pybind11::arg("local") = pybind11::none(),
-           pybind11::arg("counted") = pybind11::none())
+           pybind11::arg("counted") = pybind11::none(), pybind11::arg("fma") = true,
+           pybind11::arg("max_keep") = false)
       .def("load_program",
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,

@@ -25,13 +25,11 @@ from torch import Tensor
 
 from polyak import _ops
 from polyak._state import OptimizerState
-from polyak.strategies import _codegen, _native, _trace
+from polyak.strategies import _codegen, _dispatch, _native, _trace
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _NOT_HYPER = ("params", "param_names")
-#: The width of torch's CPU vectors by the capability its kernels run at.
-_VECTOR_BYTES = {"AVX512": 64, "AVX2": 32}
 # The kernel's answers to a step.
 _DONE, _STALE, _RELOAD = 0, 2, 3
 
@@ -56,6 +54,8 @@ class _Entry:
     kernel: Any = field(default=None, repr=False)
     #: For parameters that are distributed tensors: the local data the plan updates.
     local: list[Tensor] | None = field(default=None, repr=False)
+    #: How torch's kernels round the group's dtype, which the plan and its programs follow.
+    rounding: _dispatch.Rounding | None = field(default=None, repr=False)
 
     def unchanged(self, group: dict[str, Any], optimizer: Any) -> bool:
         """Whether an entry without a plan still describes ``group``."""
@@ -126,6 +126,9 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     allowed = _FLOATS + _HALVES if group.get("fused") else _FLOATS
     if dtype not in allowed or any(p.dtype != dtype or not p.is_cpu for p in params):
         return unfit
+    rounding = _dispatch.rounding(dtype)
+    if isinstance(rounding, str):
+        return unfit  # torch's kernels round in a way the kernel does not follow
     # Plain tensors are updated in place; distributed ones (every parameter of the group) through
     # the local data each holds, with state of the same placement.
     local: list[Tensor] | None = None
@@ -188,11 +191,13 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         optimizer.state,
         optimizer._state_version,
         watch,
-        _VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability(), 32),
+        rounding.width * dtype.itemsize,
         local,
         versioned,
+        fma=rounding.fma,
+        max_keep=rounding.max_nan == _dispatch.MAX_NAN_KEEP,
     )
-    return _Entry(plan, vector_keys, scalar_keys, local=local)
+    return _Entry(plan, vector_keys, scalar_keys, local=local, rounding=rounding)
 
 
 #: The hyperparameter a step that unscales its gradients (a ``fused=True`` step under a
@@ -279,6 +284,7 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
                 2 + len(entry.vector_keys),
                 group["params"][0].dtype,
                 exact_sqrt=exact_sqrt,
+                rounding=entry.rounding,
             ),
             exact_sqrt,
         )

@@ -1,0 +1,185 @@
+"""How torch's CPU kernels round in this process, found by asking them.
+
+torch compiles its elementwise kernels once per CPU capability (``DEFAULT``, ``AVX2``,
+``AVX512`` on x86; others on ARM) and picks one when it starts, by the CPU and by
+``ATEN_CPU_CAPABILITY``. The capabilities give different bits for the same operation:
+
+- **fused multiply-add**: where the kernel is built for a CPU with FMA, ``a.add_(b, alpha=s)``,
+  ``addcmul_`` and ``lerp_`` round once (``fma(b, s, a)``); the ``DEFAULT`` kernels round the
+  product and the sum apart.
+- **maximum on NaN**: the vectorised body of torch's ``maximum`` writes NaN as all ones on x86
+  vectors, or passes the NaN operand through where the vector code is generic; the scalar tail
+  of each chunk writes the canonical NaN.
+- **where the body ends**: the tail is the last ``numel % width`` elements of each chunk, the
+  width being that of the body's step, which differs between capabilities and dtypes.
+
+Rather than a table of what each capability did in one torch release, polyak runs each of
+these operations once per process and dtype on a few hundred elements chosen to tell the
+answers apart (well under a millisecond), and the flat kernel follows what it finds. Where the
+answers fit none of the forms the kernel knows, it declines, and steps run torch's own
+operations.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+#: What the vector body of torch's ``maximum`` writes where an operand is NaN.
+MAX_NAN_ONES = 0  # all ones (x86 vectors: a comparison mask or-ed in)
+MAX_NAN_KEEP = 1  # the NaN operand itself, the first one's where both are (generic vectors)
+#: A body step so wide that every element lies in the scalar tail.
+NO_BODY = 1 << 40
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How torch's kernels round one dtype in this process.
+
+    Attributes:
+        capability: ``torch.backends.cpu.get_cpu_capability()``.
+        fma: whether ``add_`` with ``alpha``, ``addcmul_`` and ``lerp_`` round once.
+        max_nan: ``MAX_NAN_ONES`` or ``MAX_NAN_KEEP``.
+        width: elements per step of ``maximum``'s vector body (``NO_BODY``: it has none).
+    """
+
+    capability: str
+    fma: bool
+    max_nan: int
+    width: int
+
+
+def capability() -> str:
+    """The capability torch's CPU kernels run at in this process."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def mkl_path() -> str:
+    """What selects MKL's code path besides the CPU (its sqrt's bits may depend on it)."""
+    return "|".join(
+        f"{name}={os.environ.get(name, '')}"
+        for name in ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE")
+    )
+
+
+def rounding(dtype: torch.dtype) -> Rounding | str:
+    """How torch's kernels round ``dtype`` (float32 for the half types, whose flat steps compute
+    in float32), or why it could not be told."""
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return _rounding(capability(), dtype)
+
+
+@functools.cache
+def _rounding(cap: str, dtype: torch.dtype) -> Rounding | str:
+    if dtype not in (torch.float32, torch.float64):
+        return f"no flat kernel for {dtype}"
+    with torch.no_grad(), _one_thread():
+        fma = _fma(dtype)
+        if isinstance(fma, str):
+            return fma
+        found = _maximum(dtype)
+    if isinstance(found, str):
+        return found
+    return Rounding(cap, fma, *found)
+
+
+class _one_thread:
+    """torch on one thread: the probes' tensors are below its grain anyway; this keeps them so
+    whatever the grain."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.threads != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.threads != 1:
+            torch.set_num_threads(self.threads)
+
+
+_N = 1000
+
+
+def _fma(dtype: torch.dtype) -> bool | str:
+    """Whether torch's ``add_``, ``addcmul_`` and ``lerp_`` round once; a reason where they
+    disagree, or match neither form."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(_N, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    c = (torch.rand(_N, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    s = torch.tensor(0.3141, dtype=dtype)
+    w_small, w_large = torch.tensor(0.1, dtype=dtype), torch.tensor(0.9, dtype=dtype)
+    # (torch's result, the result rounded apart, the exact product's terms for the fused form)
+    cases = [
+        (a.clone().add_(b, alpha=s.item()), a + b * s, (b, s, a)),
+        (a.clone().addcmul_(b, c, value=s.item()), a + (b * s) * c, (b * s, c, a)),
+        (a.clone().lerp_(b, w_small.item()), a + w_small * (b - a), (w_small, b - a, a)),
+        (a.clone().lerp_(b, w_large.item()), b + (w_large - 1) * (b - a), (w_large - 1, b - a, b)),
+    ]
+    verdicts = set()
+    for got, apart, (x, y, z) in cases:
+        if torch.equal(got, apart):
+            verdicts.add(False)
+            continue
+        if dtype == torch.float32:
+            # The float64 product of two floats is exact; its sum rounds twice at worst, which
+            # a few random elements in a thousand could show.
+            fused = (x.double() * y.double() + z.double()).float()
+            if int((fused != got).sum()) > 2:
+                return f"torch's {capability()} kernels round multiply-adds in an unknown way"
+        verdicts.add(True)
+    if len(verdicts) != 1:
+        return f"torch's {capability()} kernels fuse some multiply-adds and not others"
+    return verdicts.pop()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def _nan(dtype: torch.dtype, payload: int) -> torch.Tensor:
+    if dtype == torch.float32:
+        return torch.tensor([0x7FC00000 | payload], dtype=torch.int32).view(dtype)
+    return torch.tensor([0x7FF8000000000000 | payload], dtype=torch.int64).view(dtype)
+
+
+def _maximum(dtype: torch.dtype) -> tuple[int, int] | str:
+    """What ``maximum``'s vector body writes for NaN, and its step's width."""
+    n = 255  # one less than a power of two: the tail is one less than the width
+    payload, other = _nan(dtype, 0x123), _nan(dtype, 0x456)
+    canonical = _bits(_nan(dtype, 0))[0]
+    got = _bits(torch.maximum(payload.expand(n).clone(), torch.zeros(n, dtype=dtype)))
+    tail = got == canonical
+    body = int((~tail).sum())
+    unknown = f"torch's {capability()} maximum writes NaN in an unknown way"
+    if not bool(tail[body:].all()):
+        return unknown
+    if body == 0:
+        return MAX_NAN_ONES, NO_BODY
+    width = n - body + 1
+    if width & (width - 1) or body % width:
+        return unknown
+    if bool((got[:body] == -1).all()):
+        mode = MAX_NAN_ONES
+    elif bool((got[:body] == _bits(payload)[0]).all()):
+        mode = MAX_NAN_KEEP
+        # The NaN of the second operand, where the first is a number, passes through too; the
+        # first one's where both are NaN.
+        second = torch.maximum(torch.zeros(n, dtype=dtype), other.expand(n).clone())
+        both = torch.maximum(payload.expand(n).clone(), other.expand(n).clone())
+        if not (
+            bool((_bits(second)[:body] == _bits(other)[0]).all())
+            and bool((_bits(both)[:body] == _bits(payload)[0]).all())
+        ):
+            return unknown
+    else:
+        return unknown
+    # Numbers: the body keeps the second of two equal values (-0 of +0, -0), the tail the first.
+    zeros = torch.maximum(torch.zeros(n, dtype=dtype), torch.full((n,), -0.0, dtype=dtype))
+    signs = torch.signbit(zeros)
+    if not (bool(signs[:body].all()) and not bool(signs[body:].any())):
+        return unknown
+    return mode, width
