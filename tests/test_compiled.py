@@ -278,9 +278,13 @@ def test_a_branch_on_a_per_tensor_number_copies_the_loop_per_outcome() -> None:
     source = source[source.index('extern "C" void polyak_run') :]
     vector, scalar = source[: source.index("#else")], source[source.index("#else") :]
     for form in (vector, scalar):  # on whole vectors, and per element
-        assert form.count("for (int64_t j0") == 2
+        # A copy per outcome of the condition, each copied again for the end its lerp of the
+        # first moment starts from.
+        assert form.count("for (int64_t j0") == 4
         # Declared, then tested once: inside the copies the condition is a constant.
         assert form.count("pk_if") == 2 and "1 ? " in form and "0 ? " in form
+        # Declared, then tested in each copy of the condition.
+        assert form.count("pk_lc") == 3
 
 
 @needs_compiler

@@ -96,7 +96,7 @@ _STATEMENTS = {
     V_ADDS: "{a} + {s}",
     # torch's lerp: from the nearer end, so that weights 0 and 1 are exact, with its vectorised
     # body's operands (the coefficient w - 1, NaN of b - a unchanged).
-    V_LERP: "lc{k} ? {fma}({s}, {b} - {a}, {a}) : {fma}(lw{k}, {b} - {a}, {b})",
+    V_LERP: "pk_lc{k}_ ? {fma}({s}, {b} - {a}, {a}) : {fma}(lw{k}, {b} - {a}, {b})",
     V_ADDCMUL: "{fma}({s} * {b}, {c}, {a})",
     V_ADDCDIV: "{a} + ({s} * {b}) / {c}",
     V_SQRT: "{sqrt}({a})",
@@ -256,8 +256,10 @@ PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) { return (pk_vf)_mm256_fmadd_
 PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)_mm256_sqrt_ps(a); }
 typedef int pk_lanes;
 PK_INLINE pk_lanes pk_apart_lanes(pk_vf x) {
-  const pk_vm m = (pk_vm)((pk_vu)x + 0x7f800000u) > (int32_t)0xfefff000u;
-  return _mm256_movemask_ps((__m256)m);
+  /* One add and one signed compare, as written (the compiler's own form takes one more). */
+  const __m256i shifted = _mm256_add_epi32((__m256i)x, _mm256_set1_epi32(0x7f800000));
+  const __m256i m = _mm256_cmpgt_epi32(shifted, _mm256_set1_epi32((int)0xfefff000u));
+  return _mm256_movemask_ps(_mm256_castsi256_ps(m));
 }
 PK_INLINE pk_vm pk_lanes_mask(pk_lanes m) {
   const pk_vm bit = {1, 2, 4, 8, 16, 32, 64, 128};
@@ -517,6 +519,10 @@ def generate(
 
     conditions = sorted({ins[5] for ins in vcode if ins[0] == V_SELS})
     lerps = sorted({ins[5] for ins in vcode if ins[0] == V_LERP})
+    # The constants the loop is copied for: per-tensor conditions first (each copy computes one
+    # continuation only), then which end each lerp starts from (each copy keeps one weight).
+    switched = [f"pk_if{c}_" for c in conditions[:_UNSWITCHED]]
+    switched += [f"pk_lc{s}_" for s in lerps][: _UNSWITCHED + 1 - len(switched)]
     prefetch = _prefetch(read_bound, storage, block, ahead)
 
     out: list[str] = [_PRELUDE]
@@ -537,12 +543,12 @@ def generate(
             vcode, stored, sqrt_mode, sregs, lerps, masks, conditions, fma, max_keep
         )
         out.extend(decls)
-        out.extend(_unswitch([*prefetch, *vloop], conditions[:_UNSWITCHED]))
+        out.extend(_unswitch([*prefetch, *vloop], switched))
         out.append("#else")
     for s in sregs:
         out.append(f"  const {compute} s{s} = ({compute})r[{s}];")
     for s in lerps:
-        out.append(f"  const int lc{s} = {fabs}(s{s}) < ({compute})0.5;")
+        out.append(f"  const int pk_lc{s}_ = {fabs}(s{s}) < ({compute})0.5;")
         out.append(f"  const {compute} lw{s} = s{s} - ({compute})1;")
     n_arrays = len(spilled) + 2 * len(splits)
     if n_arrays:
@@ -570,7 +576,7 @@ def generate(
     loop.extend(body)
     loop.append("    }")
     loop.append("  }")
-    out.extend(_unswitch(loop, conditions[:_UNSWITCHED]))
+    out.extend(_unswitch(loop, switched))
     if vector:
         out.append("#endif")
     out.append("}")
@@ -678,7 +684,7 @@ def _vector_kernel(
     full, part = body(False), body(True)
     out = [f"  const pk_vf s{s} = pk_splat((float)r[{s}]);" for s in sregs]
     for s in lerps:
-        out.append(f"  const int lc{s} = fabsf((float)r[{s}]) < 0.5f;")
+        out.append(f"  const int pk_lc{s}_ = fabsf((float)r[{s}]) < 0.5f;")
         out.append(f"  const pk_vf lw{s} = pk_splat((float)r[{s}] - 1.0f);")
     out.append("  const pk_vf pk_ones = pk_bitsv(0xffffffffu), pk_qnan = pk_bitsv(0x7fc00000u);")
     out.append("  (void)pk_ones; (void)pk_qnan;")
@@ -706,19 +712,22 @@ def _vector_kernel(
     return out, loop
 
 
-#: Per-tensor conditions the element loop is copied for (2**n copies); more stay selects.
+#: Per-tensor conditions the element loop is copied for (2**n copies); more stay selects. One
+#: more copy may be made for a lerp's weight.
 _UNSWITCHED = 2
 
 
-def _unswitch(loop: list[str], conditions: list[int]) -> list[str]:
-    """``loop`` once per outcome of each condition of the scalar program it selects on (a
-    branch of the rule on a per-tensor number, see ``_trace._merge``), each copy computing
-    only the continuation it keeps: both continuations' roundings are their own, so the bits
-    are those of the select, without the other continuation's work."""
-    if not conditions:
+def _unswitch(loop: list[str], names: list[str]) -> list[str]:
+    """``loop`` once per outcome of each of ``names``, constants of the loop that are 1 or 0:
+    the conditions of the scalar program it selects on (a branch of the rule on a per-tensor
+    number, see ``_trace._merge``), and which end a lerp starts from. Each copy computes only
+    the continuation it keeps: both continuations' roundings are their own, so the bits are
+    those of the select, without the other continuation's work, and no copy tests a constant
+    per element or holds the other continuation's numbers in registers."""
+    if not names:
         return loop
-    name = f"pk_if{conditions[0]}_"
-    copies = [_unswitch([line.replace(name, v) for line in loop], conditions[1:]) for v in "10"]
+    name = names[0]
+    copies = [_unswitch([line.replace(name, v) for line in loop], names[1:]) for v in "10"]
     return [
         f"  if ({name}) {{",
         *("  " + line for line in copies[0]),

@@ -31,9 +31,17 @@ from pathlib import Path
 from typing import Any
 
 _SOURCE = Path(__file__).with_name("_vm.cpp")
+
+
+def _march() -> str:
+    """The CPU the kernel and programs are built for: this one, or ``POLYAK_MARCH`` (a GCC
+    ``-march`` value, such as ``x86-64-v3`` for every AVX2 machine of a cluster)."""
+    return os.environ.get("POLYAK_MARCH", "").strip() or "native"
+
+
 # fp-contract off: every rounding is the one written, so results match torch's kernels.
 # no-math-errno: lets sqrt and fma vectorize; it changes no value.
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off"]
+FLAGS = ["-O3", f"-march={_march()}", "-mprefer-vector-width=512", "-ffp-contract=off"]
 FLAGS += ["-fno-math-errno"]
 # fopenmp: at::parallel_for is a header template over OpenMP; without it, it runs serially.
 _FLAGS = [*FLAGS, "-fopenmp"]
