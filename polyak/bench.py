@@ -322,6 +322,8 @@ class Environment:
         load_average: the one-minute load average when the run started, or None where the
             platform has none; other work on the machine makes the timings noisier.
         cpu: the CPU's model name, and the vector extensions it has that the kernels use.
+        kernel: what polyak's compiled programs are built for, and whose roundings they
+            follow (torch's capability in this process).
     """
 
     torch_version: str
@@ -334,6 +336,7 @@ class Environment:
     skipped_cases: tuple[tuple[str, str], ...] = ()
     load_average: float | None = None
     cpu: str = ""
+    kernel: str = ""
 
 
 @dataclass
@@ -1154,6 +1157,14 @@ def cpu_description() -> str:
     return f"{model} ({' '.join(named) or 'no vector extensions listed'}; torch uses {capability})"
 
 
+def kernel_description() -> str:
+    """What polyak's compiled programs run on and whose numbers they give, e.g.
+    ``-march=native: AVX-512 vectors, 16 floats; as torch's AVX2 kernels round: ...``."""
+    from polyak.strategies import _dispatch
+
+    return f"{_codegen.vector_target()}; {_dispatch.describe(torch.float32)}"
+
+
 def _load_average() -> float | None:
     """The one-minute load average, or None where the platform has none."""
     try:
@@ -1256,6 +1267,7 @@ def iter_benchmark(
             skipped_cases=tuple(skipped),
             load_average=load_average,
             cpu=cpu_description(),
+            kernel=kernel_description(),
         )
         for name in optimizers:
             contenders = contenders_for(name, peer_status if peers else None)
@@ -1458,6 +1470,7 @@ def format_environment(environment: Environment, *, markdown: bool = False) -> s
     threads = ", ".join(str(t) for t in environment.threads)
     items = [
         f"CPU: {environment.cpu}, {os.cpu_count()} cores" if environment.cpu else "CPU: unknown",
+        *([f"polyak's kernel: {environment.kernel}"] if environment.kernel else []),
         f"torch {environment.torch_version}, polyak {environment.polyak_version}, "
         f"threads {threads} (every case at each), float32 on CPU"
         + (

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -140,6 +141,8 @@ _PRELUDE = r"""
 #include <math.h>
 #if defined(__AVX__)
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 struct polyak_ctx {
@@ -194,14 +197,18 @@ PK_INLINE uint16_t pk_f16_store(float f) {
   return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
 }
 
-/* Whole vectors of PK_W floats, where the CPU has fused multiply-adds: AVX-512 (16 lanes) or
-   AVX2 (8 lanes). Generated code written on these keeps an element's whole update, sqrt
-   included, in vector registers; elsewhere it is written per element and left to the
-   compiler's vectoriser. */
+/* Whole vectors of PK_W floats, where the CPU has fused multiply-adds: AVX-512 (16 lanes),
+   AVX2 (8 lanes) or ARM's NEON (4 lanes, every AArch64 CPU). Generated code written on these
+   keeps an element's whole update, sqrt included, in vector registers; elsewhere it is written
+   per element and left to the compiler's vectoriser. The vectors are the compiler's (GCC and
+   Clang vector extensions); only fma, sqrt and MKL's sqrt (x86 only) name the CPU's
+   instructions, each in the block of its CPU below. */
 #if defined(__AVX512F__)
 #define PK_W 16
 #elif defined(__AVX2__) && defined(__FMA__)
 #define PK_W 8
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define PK_W 4
 #else
 #define PK_W 0
 #endif
@@ -251,6 +258,11 @@ PK_INLINE pk_vf pk_rsqrt_estimate(pk_vf x) {
   return (pk_vf)_mm512_castpd_ps(
       _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
+#elif PK_W == 4
+PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) {
+  return (pk_vf)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+}
+PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)vsqrtq_f32((float32x4_t)a); }
 #else
 PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) { return (pk_vf)_mm256_fmadd_ps(a, b, c); }
 PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)_mm256_sqrt_ps(a); }
@@ -267,6 +279,9 @@ PK_INLINE pk_vm pk_lanes_mask(pk_lanes m) {
 }
 PK_INLINE pk_vf pk_rsqrt_estimate(pk_vf x) { return (pk_vf)_mm256_rsqrt_ps((__m256)x); }
 #endif
+#endif
+/* MKL runs on x86 only: the copy of its sqrt is made on x86 vectors. */
+#if PK_W == 16 || PK_W == 8
 /* The inputs MKL's code treats apart, as it treats them: zeros and +inf are returned, NaNs
    quieted, negatives give the canonical NaN, and subnormals and the largest normals their
    correctly rounded root. On a branch the usual vectors skip; inline, so that taking it
@@ -304,7 +319,7 @@ static inline void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
 }
 #define PK_HAVE_SQRT_MKL 1
 #else
-/* Without vectors the copy is not made (the probe says so, and programs call MKL). */
+/* Without x86 vectors the copy is not made (the probe says so, and programs call MKL). */
 #define PK_HAVE_SQRT_MKL 0
 static void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = sqrtf(in[i]);
@@ -776,6 +791,38 @@ def _compiler_version(cxx: str) -> str:
         except (OSError, subprocess.SubprocessError):
             _compiler_versions[cxx] = cxx
     return _compiler_versions[cxx]
+
+
+_VECTOR_MACROS = (
+    ("__AVX512F__", "AVX-512 vectors, 16 floats"),
+    ("__AVX2__", "AVX2 vectors, 8 floats"),
+    ("__ARM_NEON", "NEON vectors, 4 floats"),
+)
+
+
+@functools.cache
+def vector_target() -> str:
+    """What compiled programs run on: the ``-march`` they are built for and the vectors that
+    gives them (``-march=native: AVX-512 vectors, 16 floats``); asked of the compiler."""
+    march = next((f for f in _FLAGS if f.startswith("-march=")), "-march=native")
+    cxx = _compiler()
+    if cxx is None:
+        return f"{march}: no C++ compiler"
+    try:
+        done = subprocess.run(
+            [cxx, march, "-dM", "-E", "-x", "c++", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return f"{march}: unknown vectors"
+    macros = set(line.split()[1] for line in done.stdout.splitlines() if line.count(" ") >= 1)
+    for macro, name in _VECTOR_MACROS:
+        if macro in macros and (macro != "__AVX2__" or "__FMA__" in macros):
+            return f"{march}: {name}"
+    return f"{march}: no whole vectors (per element, as the compiler vectorises)"
 
 
 def cache_dir() -> Path:

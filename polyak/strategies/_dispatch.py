@@ -157,6 +157,8 @@ def _maximum(dtype: torch.dtype) -> tuple[int, int] | str:
     unknown = f"torch's {capability()} maximum writes NaN in an unknown way"
     if not bool(tail[body:].all()):
         return unknown
+    if not _zeros_split_at(dtype, n, body):
+        return unknown
     if body == 0:
         return MAX_NAN_ONES, NO_BODY
     width = n - body + 1
@@ -177,9 +179,31 @@ def _maximum(dtype: torch.dtype) -> tuple[int, int] | str:
             return unknown
     else:
         return unknown
-    # Numbers: the body keeps the second of two equal values (-0 of +0, -0), the tail the first.
-    zeros = torch.maximum(torch.zeros(n, dtype=dtype), torch.full((n,), -0.0, dtype=dtype))
-    signs = torch.signbit(zeros)
-    if not (bool(signs[:body].all()) and not bool(signs[body:].any())):
-        return unknown
     return mode, width
+
+
+def _zeros_split_at(dtype: torch.dtype, n: int, body: int) -> bool:
+    """Whether of two equal numbers (+0 and -0, either way round) maximum's body keeps the
+    second and its tail the first, the body being the first ``body`` elements."""
+    plus, minus = torch.zeros(n, dtype=dtype), torch.full((n,), -0.0, dtype=dtype)
+    for first, second in ((plus, minus), (minus, plus)):
+        signs = torch.signbit(torch.maximum(first, second))
+        expected = torch.cat([torch.signbit(second[:body]), torch.signbit(first[body:])])
+        if not torch.equal(signs, expected):
+            return False
+    return True
+
+
+def describe(dtype: torch.dtype = torch.float32) -> str:
+    """How torch's kernels round ``dtype`` here, in words, as the flat kernel follows it."""
+    found = rounding(dtype)
+    if isinstance(found, str):
+        return f"torch's {capability()} kernels; not followed: {found}"
+    fused = "multiply-adds fused" if found.fma else "multiply-adds rounded twice"
+    nan = "all ones" if found.max_nan == MAX_NAN_ONES else "the NaN operand"
+    body = (
+        "no vector body"
+        if found.width == NO_BODY
+        else f"NaN as {nan} in a body of {found.width} elements"
+    )
+    return f"as torch's {found.capability} kernels round: {fused}, maximum with {body}"

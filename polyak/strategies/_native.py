@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,10 @@ def _march() -> str:
 
 # fp-contract off: every rounding is the one written, so results match torch's kernels.
 # no-math-errno: lets sqrt and fma vectorize; it changes no value.
-FLAGS = ["-O3", f"-march={_march()}", "-mprefer-vector-width=512", "-ffp-contract=off"]
+FLAGS = ["-O3", f"-march={_march()}", "-ffp-contract=off"]
+if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+    # Whole 512-bit vectors where the CPU has them (GCC otherwise prefers 256 on some).
+    FLAGS.append("-mprefer-vector-width=512")
 FLAGS += ["-fno-math-errno"]
 # fopenmp: at::parallel_for is a header template over OpenMP; without it, it runs serially.
 _FLAGS = [*FLAGS, "-fopenmp"]

@@ -363,6 +363,8 @@ def build_ahead() -> tuple[bool, list[str]]:
     if vm is None:
         return False, [f"the flat kernel is unavailable: {_native._failed or 'turned off'}"]
     lines = [f"flat kernel: {vm.__file__}"]
+    lines.append(f"programs built for {_codegen.vector_target()}")
+    lines.append(f"numbers {_dispatch.describe()}")
     mode = _codegen.sqrt_mode(vm)
     lines.append(f"sqrt in compiled programs: {_codegen.SQRT_NAMES[mode]}")
     for name in polyak.__all__:
