@@ -1,6 +1,7 @@
 """polyak: PyTorch optimizers written from scratch, a drop-in for ``torch.optim``."""
 
 from polyak import functional
+from polyak._explain import Explanation, GroupPath, explain
 from polyak.algorithms.adadelta import Adadelta
 from polyak.algorithms.adafactor import Adafactor
 from polyak.algorithms.adagrad import Adagrad
@@ -31,6 +32,8 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "Explanation",
+    "GroupPath",
     "Muon",
     "NAdam",
     "Optimizer",
@@ -38,6 +41,7 @@ __all__ = [
     "RMSprop",
     "Rprop",
     "SparseAdam",
+    "explain",
     "required",
 ]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polyak
 
@@ -305,10 +305,28 @@ def _add_build(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _run_build(args: argparse.Namespace) -> int:
     from polyak.strategies import flat
 
-    ok, lines = flat.build_ahead()
+    ok, lines = flat.build_ahead(tick=_elapsed_line())
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     for line in lines:
         print(line)
     return 0 if ok else 1
+
+
+def _elapsed_line() -> Any:
+    """A progress report for a wait of unknown length: on a terminal, one line rewritten with
+    the seconds so far; elsewhere (a log), a line every 15 seconds."""
+    terminal = sys.stderr.isatty()
+    said = [0.0]
+
+    def tick(seconds: float) -> None:
+        if terminal:
+            print(f"\r  building: {seconds:.0f} s ", end="", file=sys.stderr, flush=True)
+        elif seconds - said[0] >= 15:
+            said[0] = seconds
+            print(f"  still building: {seconds:.0f} s", file=sys.stderr, flush=True)
+
+    return tick
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,8 @@ TEST_FRACTION = 0.25
 
 #: ``(import name, distribution name)`` of each optional dependency of the demo.
 _DEPENDENCIES = (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"), ("tqdm", "tqdm"))
-INSTALL_HINT = 'pip install "polyak[demo]"'
+#: How to install them; polyak itself is installed from its checkout (it is on no index).
+INSTALL_HINT = "pip install scikit-learn matplotlib tqdm"
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -56,6 +57,7 @@ class RunResult:
         model: the trained model.
         flat_steps: how many steps polyak's flat kernel ran (0 for other optimizers).
         strategy: how the steps ran, in words.
+        optimizer: the optimizer that ran them.
     """
 
     name: str
@@ -65,6 +67,7 @@ class RunResult:
     model: nn.Module
     flat_steps: int = 0
     strategy: str = ""
+    optimizer: torch.optim.Optimizer | None = None
 
     @property
     def median_step_time(self) -> float:
@@ -186,26 +189,60 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def ran_flat(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer's last step ran polyak's flat kernel.
-
-    The flat strategy keeps an entry with a plan for each group whose step it ran, and drops it
-    when a step has to take another strategy.
-    """
-    entries = getattr(optimizer, "__dict__", {}).get("_flat_entries") or {}
-    return any(entry.plan is not None for entry in entries.values())
+    """Whether the optimizer's last step ran polyak's flat kernel (as :func:`polyak.explain`
+    reports it; never for torch's optimizers)."""
+    if not isinstance(optimizer, polyak.Optimizer):
+        return False
+    return any(group.flat for group in polyak.explain(optimizer).groups)
 
 
-def describe_polyak_strategy(flat_steps: int, steps: int) -> str:
-    """Say in words how a polyak run's steps ran, given how many the flat kernel ran."""
+def describe_polyak_strategy(
+    flat_steps: int, steps: int, optimizer: torch.optim.Optimizer | None = None
+) -> str:
+    """Say in words how a polyak run's steps ran, given how many the flat kernel ran, and
+    where none did, why (from :func:`polyak.explain` of ``optimizer``)."""
     if flat_steps:
         others = steps - flat_steps
         rest = f", {others} on the reference path" if others else ""
         return f"flat kernel on {flat_steps} of {steps} steps{rest}"
-    from polyak.strategies import _native
-
-    if _native.load() is None:
-        return "for-loop: the flat kernel is not available"
+    if isinstance(optimizer, polyak.Optimizer):
+        report = polyak.explain(optimizer)
+        reason = report.groups[0].reason if report.groups else ""
+        return f"for-loop: {reason or 'the flat kernel ' + report.kernel}"
     return "for-loop: the flat kernel ran no step"
+
+
+def prepare_kernel(make_optimizer: OptimizerFactory, model: nn.Module, progress: bool) -> None:
+    """Build the flat kernel (once per machine) with a progress bar, and compile the program
+    of ``make_optimizer``'s configuration, so that the timed run compares the fast path with
+    torch rather than the path steps take while a build runs."""
+    from tqdm import tqdm
+
+    from polyak.strategies import _codegen, _native
+
+    if _native._built() is not None or not _native.enabled():
+        _native.load()
+    elif _native.loaded() is None:
+        with tqdm(
+            total=None,
+            desc="building the flat kernel (once per machine)",
+            unit="s",
+            bar_format="{desc}: {n:.0f} s",
+            disable=not progress,
+            leave=False,
+        ) as bar:
+
+            def tick(seconds: float) -> None:
+                bar.update(seconds - bar.n)
+
+            _native.load(wait=True, tick=tick)
+    scratch = copy.deepcopy(model)
+    optimizer = make_optimizer(list(scratch.parameters()))
+    for _ in range(2):  # the first makes the state, the second asks for the program
+        for p in scratch.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    _codegen.wait(timeout=120)
 
 
 def train(
@@ -258,7 +295,13 @@ def train(
                 losses.append(loss.item())
                 bar.update()
     return RunResult(
-        name, accuracy(model, x_test, y_test), losses, step_times, model, flat_steps=flat_steps
+        name,
+        accuracy(model, x_test, y_test),
+        losses,
+        step_times,
+        model,
+        flat_steps=flat_steps,
+        optimizer=optimizer,
     )
 
 
@@ -340,6 +383,7 @@ def run_demo(
     def make_torch(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, **hyper)
 
+    prepare_kernel(make_polyak, initial, progress)
     polyak_run, torch_run = (
         train(name, copy.deepcopy(initial), factory, data, orders, batch_size, progress)
         for name, factory in (("polyak.SGD", make_polyak), ("torch.optim.SGD", make_torch))
@@ -347,7 +391,9 @@ def run_demo(
     runs = [
         replace(
             polyak_run,
-            strategy=describe_polyak_strategy(polyak_run.flat_steps, len(polyak_run.step_times)),
+            strategy=describe_polyak_strategy(
+                polyak_run.flat_steps, len(polyak_run.step_times), polyak_run.optimizer
+            ),
         ),
         # torch.optim's default on the CPU: its foreach path is the default on accelerators only.
         replace(torch_run, strategy="for-loop"),

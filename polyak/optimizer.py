@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 from torch.utils.hooks import RemovableHandle
 
-from polyak import _checks, _ops, functional
+from polyak import _checks, _explain, _ops, functional
 from polyak._state import OptimizerState, StateEntry
 from polyak.strategies import StateLists, Strategy, Update, _native, choose, flat, loop
 
@@ -446,7 +446,9 @@ class Optimizer(torch.optim.Optimizer):
         batched = bool(self.defaults.get("foreach") or self.defaults.get("fused"))
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         with _recorded(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
-            vm = _native.load() if set_to_none and not torch.compiler.is_compiling() else None
+            # Only a kernel loaded already: clearing gradients starts no build (on a GPU, none
+            # is needed).
+            vm = _native.loaded() if set_to_none and not torch.compiler.is_compiling() else None
             if vm is not None and not torch._C._is_torch_function_mode_enabled():
                 # One call clears plain tensors' gradients, at a few nanoseconds each rather
                 # than the Python setter's hundred or so.
@@ -503,8 +505,10 @@ class Optimizer(torch.optim.Optimizer):
         differentiable = bool(self.defaults.get("differentiable", False))
         runs_flat = self.elementwise
         for group in self.param_groups:
-            if runs_flat and flat.eligible(group) and flat.step(self, group, grad_scale):
-                continue
+            if runs_flat and flat.eligible(group):
+                if flat.step(self, group, grad_scale):
+                    continue
+                _explain.warn_fallback(self, group)
             enabled = torch.is_grad_enabled()
             if enabled is differentiable:
                 self._step_group(group, grad_scale)

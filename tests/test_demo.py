@@ -72,10 +72,15 @@ def test_states_the_strategy_that_ran(result: DemoResult) -> None:
 def test_without_the_kernel_the_summary_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_native, "load", lambda: None)
+    """The demo says the kernel is unavailable and why (no compiler here)."""
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_failed", "no C++ compiler was found: install g++")
+    monkeypatch.setattr(_native, "_warned", True)
     result = run_demo(epochs=1, out=tmp_path / "x.png", progress=False)
     assert result.polyak_run.flat_steps == 0
-    assert result.polyak_run.strategy == "for-loop: the flat kernel is not available"
+    assert result.polyak_run.strategy == (
+        "for-loop: the flat kernel is unavailable: no C++ compiler was found: install g++"
+    )
     assert result.max_param_diff == 0.0
 
 
@@ -127,7 +132,7 @@ def test_cli_missing_dependency(
     assert not out.exists()
     err = capsys.readouterr().err
     assert "tqdm" in err
-    assert 'pip install "polyak[demo]"' in err
+    assert "pip install scikit-learn matplotlib tqdm" in err
 
 
 def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -141,3 +141,79 @@ def test_steps_switch_to_the_kernel_once_its_build_is_done(
     p.grad = torch.ones(10)
     opt.step()
     assert all(e.plan is not None for e in opt._flat_entries.values())
+
+
+_SLOW_BUILD = (
+    "import sys, time, pathlib; time.sleep(3); "
+    "pathlib.Path(sys.argv[3], sys.argv[1] + '.so').write_text('')"
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL")
+@pytest.mark.parametrize("how", ["killed", "exits"])
+def test_a_build_finishes_after_the_process_that_started_it_ends(tmp_path: Path, how: str) -> None:
+    """The kernel's build is detached: killed or ended normally, the process that started it
+    leaves it to finish, whole, and the next process finds the kernel built."""
+    cache = tmp_path / "cache"
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, os, threading\n"
+            "from polyak.strategies import _native\n"
+            f"_native._BUILD_SCRIPT = {_SLOW_BUILD!r}\n"
+            "_native._start(wait=False)\n"
+            "print(_native._folders()[0], flush=True)\n"
+            "if sys.argv[1] == 'killed':\n"
+            "    threading.Event().wait(60)\n",
+            how,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "POLYAK_CACHE_DIR": str(cache)},
+    )
+    assert starter.stdout is not None
+    folder = Path(starter.stdout.readline().strip())
+    library = folder / f"{folder.name}.so"
+    if how == "killed":
+        time.sleep(1.0)  # the build has started
+        os.kill(starter.pid, signal.SIGKILL)
+    starter.wait(timeout=30)
+    assert not library.exists()  # the build still runs
+    deadline = time.monotonic() + 60
+    while not library.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert library.exists()
+    assert not list(folder.glob(".build-*"))  # the scratch folder is gone
+
+
+def test_a_half_built_library_is_never_taken_for_a_built_one(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that dies leaves its scratch folder, which is not the library and is removed by
+    the next build."""
+    folder = _native._folders()[0]
+    dead = folder / ".build-12345"
+    dead.mkdir(parents=True)
+    (dead / f"{_native._name()}.so").write_text("half written")
+    assert _native._built() is None
+    monkeypatch.setattr(_native, "_BUILD_SCRIPT", _FAKE_BUILD)
+    assert _build_in_thread(timeout=60) is None
+    assert _native._built() == folder / f"{_native._name()}.so"
+    assert not dead.exists()
+
+
+def test_without_a_compiler_nothing_says_a_build_started(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No 'building' line, then a warning that says why not: only the warning."""
+    monkeypatch.setattr(_codegen, "_compiler", lambda: None)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_failed", None)
+    monkeypatch.setattr(_native, "_warned", False)
+    monkeypatch.setattr(_native, "_builder", None)
+    monkeypatch.setattr(_native, "_built", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert _native.load() is None
+    assert "building" not in capsys.readouterr().err
+    assert "no C++ compiler" in _native.status()

@@ -873,13 +873,31 @@ def _built(source: str, name: str) -> Path | None:
 
 #: A build folder older than this belonged to a process that died while it built.
 _STALE_SECONDS = 3600.0
+#: Seconds one program's compile may take.
+_COMPILE_SECONDS = 300
+#: One program's detached compile (argv: scratch folder, target, the compiler's command line):
+#: the library, when the compiler made one, is renamed to the target; the scratch folder goes.
+_COMPILE = f"""
+import os, shutil, subprocess, sys
+scratch, target = sys.argv[1:3]
+command = sys.argv[3:]
+try:
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout={_COMPILE_SECONDS})
+    library = command[command.index("-o") + 1]
+    if done.returncode == 0 and os.path.exists(library):
+        os.replace(library, target)
+finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+"""
 
 
 def _build(source: str, name: str) -> Path | None:
     """The shared library built from ``source`` for this machine, from the cache if there;
     None where it cannot be built.
 
-    Each build runs in a folder of its own, and its result is renamed into place: a build killed
+    Each build runs in a folder of its own, in a process of its own session that renames its
+    result into place: a process that ends while it builds leaves it to finish, a build killed
     midway leaves no partial library and no lock, two processes building the same program both
     succeed, and the folders of dead builds are removed by later ones.
     """
@@ -895,21 +913,22 @@ def _build(source: str, name: str) -> Path | None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale(target.parent)
-            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
-                src = Path(scratch) / f"{name}.cpp"
-                src.write_text(source)
-                lib = Path(scratch) / f"{name}.so"
-                done = subprocess.run(
-                    [cxx, *_FLAGS, "-o", str(lib), str(src)],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                    check=False,
-                )
-                if done.returncode != 0:
-                    return None
-                os.replace(lib, target)
-            return target
+            scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+            src = scratch / f"{name}.cpp"
+            src.write_text(source)
+            command = [sys.executable, "-c", _COMPILE, str(scratch), str(target), cxx]
+            child = subprocess.Popen(
+                [*command, *_FLAGS, "-o", str(scratch / f"{name}.so"), str(src)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                child.wait(timeout=_COMPILE_SECONDS + 30)
+            except subprocess.TimeoutExpired:
+                return None
+            return target if target.exists() else None
         except OSError:
             continue  # not writable: the next folder
         except subprocess.SubprocessError:
@@ -1055,9 +1074,9 @@ _builder = _Builder()
 
 @atexit.register
 def _finish_builds() -> None:
-    # A process that ends while a build runs lets it finish (a compile takes about half a
-    # second): its result lands in the cache for the next process, and no thread is left in
-    # the middle of a build while the interpreter shuts down.
+    # A compile under way finishes in its own process whatever this one does; a process that
+    # ends gives the ones it asked for and has not started yet a moment (each takes about half
+    # a second), so that they land in the cache for the next process.
     _builder.wait(timeout=_EXIT_WAIT)
 
 

@@ -7,11 +7,15 @@ in the background (one line on stderr says so and where it goes) and runs the re
 with the same numbers, until the kernel is ready; ``polyak build`` builds ahead, as does
 ``POLYAK_BUILD=eager`` at import.
 
-The build runs torch's C++ extension tooling in a child process, under a lock that the
-operating system releases when its holder dies, with a time limit: a build killed midway (a
-Jupyter restart, the OOM killer) leaves neither a hung lock nor a half-built library behind,
-and two processes share one build. Where the kernel cannot be had, one warning names the cause
-and the fix. ``POLYAK_NATIVE=0`` (or ``false``, ``off``, ``no``) turns the kernel off.
+The build runs torch's C++ extension tooling in a process of its own session, detached from the
+one that started it: a script that ends before the build (a short run, a test, a demo) leaves
+it to finish, and the next process finds the kernel built. It builds in a scratch folder under
+a lock that the operating system releases when its holder dies, and renames the finished
+library into place, so a library is there whole or not at all: a build killed midway (the OOM
+killer, a reboot) leaves neither a hung lock nor a half-built library, and the next build
+removes its scratch folder. Two processes share one build; each build has a time limit. Where
+the kernel cannot be had, one warning names the cause and the fix. ``POLYAK_NATIVE=0`` (or
+``false``, ``off``, ``no``) turns the kernel off.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +115,7 @@ def _exclusive(path: Path) -> Iterator[None]:
         yield
 
 
+#: Builds the kernel ``name`` from ``source`` into ``folder`` (argv[1:4]) with the flags after.
 _BUILD_SCRIPT = """
 import sys
 import torch
@@ -118,6 +124,46 @@ name, source, folder = sys.argv[1:4]
 flags = sys.argv[4:]
 cpp_extension.load(name=name, sources=[source], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                    build_directory=folder, verbose=False)
+"""
+
+#: The detached build (argv: the build script, name, source, folder, time limit, flags...):
+#: under the folder's lock, runs the build script in a scratch folder and renames the library
+#: into the folder; exits 0 when the library is there, 2 past the time limit, 1 otherwise,
+#: with the build's output in ``build.log``.
+_DRIVER = """
+import os, shutil, subprocess, sys, pathlib
+script, name, source, folder, limit = sys.argv[1:6]
+flags = sys.argv[6:]
+folder = pathlib.Path(folder)
+library = folder / (name + ".so")
+with open(folder.with_suffix(".lock"), "a+b") as lock:
+    try:
+        import fcntl
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    except ImportError:
+        pass
+    if library.exists():
+        sys.exit(0)
+    # The only lock builders take is ours: what else is here is a dead build's.
+    (folder / "lock").unlink(missing_ok=True)
+    for old in folder.glob(".build-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    scratch = folder / (".build-" + str(os.getpid()))
+    scratch.mkdir()
+    try:
+        done = subprocess.run([sys.executable, "-c", script, name, source, str(scratch), *flags],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=float(limit))
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired:
+        output, code = "", 2
+    built = scratch / (name + ".so")
+    if code == 0 and built.exists():
+        os.replace(built, library)
+    else:
+        (folder / "build.log").write_text(output)
+    shutil.rmtree(scratch, ignore_errors=True)
+sys.exit(0 if library.exists() else (code if code == 2 else 1))
 """
 
 
@@ -131,41 +177,49 @@ def _cause(output: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def build() -> str | None:
-    """Build the kernel where it is not built yet, in a child process; None on success, else
-    why it could not be built (one line, with the fix)."""
+def missing_tools() -> str | None:
+    """Why the kernel cannot be built here (one line, with the fix), or None."""
     from polyak.strategies import _codegen
 
-    if _built() is not None:
-        return None
     if _codegen._compiler() is None:
         return "no C++ compiler was found: install g++ or clang++ (or set CXX to one)"
     if shutil.which("ninja") is None and not _ninja_module():
         return "the ninja build tool is missing: pip install ninja"
+    return None
+
+
+def build() -> str | None:
+    """Build the kernel where it is not built yet, in a detached process, and wait for it;
+    None on success, else why it could not be built (one line, with the fix)."""
+    if _built() is not None:
+        return None
+    launched = _launch()
+    return launched if isinstance(launched, str) else _outcome(*launched)
+
+
+def _launch() -> tuple[subprocess.Popen[bytes], Path] | str:
+    """Start the detached build: the process and the folder it builds into, or why it cannot
+    start. It is started at once, by the caller, so that a process that ends right after its
+    first step has started it."""
+    missing = missing_tools()
+    if missing is not None:
+        return missing
     reasons = []
     for folder in _folders():
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with _exclusive(folder.with_suffix(".lock")):
-                if (folder / f"{_name()}.so").exists():
-                    return None  # another process built it meanwhile
-                # We hold the only lock builders take, so torch's lock file, if there, is a
-                # dead build's.
-                (folder / "lock").unlink(missing_ok=True)
-                command = [sys.executable, "-c", _BUILD_SCRIPT, _name(), str(_SOURCE)]
-                done = subprocess.run(
-                    [*command, str(folder), *_FLAGS],
-                    capture_output=True,
-                    text=True,
-                    timeout=BUILD_TIMEOUT,
-                    check=False,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                )
-            if done.returncode == 0 and (folder / f"{_name()}.so").exists():
-                return None
-            return f"the build failed ({_cause(done.stdout + done.stderr)})"
-        except subprocess.TimeoutExpired:
-            return f"the build took longer than {BUILD_TIMEOUT:.0f} s and was stopped"
+            (folder / "build.log").unlink(missing_ok=True)
+            command = [sys.executable, "-c", _DRIVER, _BUILD_SCRIPT, _name(), str(_SOURCE)]
+            command += [str(folder), str(BUILD_TIMEOUT), *_FLAGS]
+            # Its own session: the build outlives this process, and a Ctrl-C here is not its.
+            child = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            return child, folder
         except OSError as error:
             reasons.append(f"{folder}: {error.strerror or error}")
     return (
@@ -175,12 +229,19 @@ def build() -> str | None:
     )
 
 
-def _die_with_parent() -> None:
-    """In the build's child process: end when the process that started it ends."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _outcome(child: subprocess.Popen[bytes], folder: Path) -> str | None:
+    """Wait for a detached build; None when the kernel is built, else why not."""
+    code = child.wait()
+    if code == 0 and (folder / f"{_name()}.so").exists():
+        return None
+    if code == 2:
+        return f"the build took longer than {BUILD_TIMEOUT:.0f} s and was stopped"
+    log = folder / "build.log"
+    try:
+        output = log.read_text() if log.exists() else ""
+    except OSError:
+        output = ""
+    return f"the build failed ({_cause(output)})"
 
 
 def _ninja_module() -> bool:
@@ -192,9 +253,9 @@ def _ninja_module() -> bool:
         return False
 
 
-def _finish() -> None:
+def _finish(launched: tuple[subprocess.Popen[bytes], Path] | str) -> None:
     global _module, _failed
-    reason = build()
+    reason = launched if isinstance(launched, str) else _outcome(*launched)
     with _lock:
         if reason is not None:
             _failed = reason
@@ -208,26 +269,59 @@ def _finish() -> None:
             _failed = f"the built kernel could not be loaded ({type(error).__name__}: {error})"
 
 
-def _start() -> None:
-    global _builder
-    if _builder is None:
-        folder = _folders()[0]
-        print(
-            "polyak: building the flat kernel in the background (once per machine, about a "
-            f"minute) into {folder}; steps run the reference path until it is ready",
-            file=sys.stderr,
-            flush=True,
+def _start(wait: bool) -> None:
+    global _builder, _failed
+    if _builder is not None:
+        return
+    missing = missing_tools()
+    if missing is not None:
+        _failed = missing
+        return
+    folder = _folders()[0]
+    if wait:
+        said = "building the flat kernel (once per machine, about a minute)"
+    else:
+        said = (
+            "building the flat kernel in the background (once per machine, about a minute; "
+            "it finishes even if this process ends); steps run the reference path, with the "
+            "same numbers, until it is ready"
         )
-        _builder = threading.Thread(target=_finish, name="polyak-build-kernel", daemon=True)
-        _builder.start()
+    print(f"polyak: {said} into {folder}", file=sys.stderr, flush=True)
+    launched = _launch()
+    _builder = threading.Thread(
+        target=_finish, args=(launched,), name="polyak-build-kernel", daemon=True
+    )
+    _builder.start()
 
 
-def load(wait: bool = False) -> Any:
+def status() -> str:
+    """The kernel's state in words: loaded, being built, turned off, or unavailable and why."""
+    if _module is not None:
+        return f"built and loaded ({Path(_module.__file__).parent})"
+    if not enabled():
+        return "turned off (POLYAK_NATIVE=0)"
+    if _failed:
+        return f"unavailable: {_failed}"
+    if _builder is not None and _builder.is_alive():
+        return f"being built into {_folders()[0]}"
+    if _built() is not None:
+        return "built, not loaded yet (the next CPU step loads it)"
+    return "not built yet (the first CPU step starts its build; `polyak build` builds it now)"
+
+
+def loaded() -> Any:
+    """The kernel module where it is loaded already, else None; starts nothing."""
+    return _module
+
+
+def load(wait: bool = False, tick: Callable[[float], None] | None = None) -> Any:
     """The compiled kernel module, or None while it is being built and where it cannot be had.
 
     Args:
         wait: wait for a build in progress (or start one and wait for it) instead of returning
             None meanwhile.
+        tick: while waiting, called about once a second with the seconds waited so far (a
+            progress bar's update).
     """
     global _module, _failed
     if _module is not None:
@@ -249,10 +343,14 @@ def load(wait: bool = False) -> Any:
                 except Exception as error:
                     _failed = f"the cached kernel could not be loaded ({error})"
             else:
-                _start()
+                _start(wait)
             builder = _builder
     if wait and builder is not None:
-        builder.join()
+        started = time.monotonic()
+        while builder.is_alive():
+            builder.join(1.0)
+            if tick is not None:
+                tick(time.monotonic() - started)
     if _failed:
         _warn_once()
     return _module

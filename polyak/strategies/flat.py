@@ -56,6 +56,10 @@ class _Entry:
     local: list[Tensor] | None = field(default=None, repr=False)
     #: How torch's kernels round the group's dtype, which the plan and its programs follow.
     rounding: _dispatch.Rounding | None = field(default=None, repr=False)
+    #: Without a plan, or after a step the plan could not run: why, in words.
+    reason: str = ""
+    #: The compiled form of the loaded program (its ``ready`` says whether steps run it).
+    kernel_slot: Any = field(default=None, repr=False)
 
     def unchanged(self, group: dict[str, Any], optimizer: Any) -> bool:
         """Whether an entry without a plan still describes ``group``."""
@@ -106,40 +110,83 @@ def eligible(group: dict[str, Any]) -> bool:
     return group.get("foreach") is None and group.get("fused") is None
 
 
+def ineligible_reason(group: dict[str, Any]) -> str:
+    """Why :func:`eligible` says no to ``group``, in words."""
+    if group.get("differentiable"):
+        return "differentiable=True: autograd runs through the step, tensor by tensor"
+    if group.get("capturable"):
+        return "capturable=True: torch's capturable path, tensor by tensor"
+    if group.get("foreach"):
+        return "foreach=True asks for torch's foreach path (leave it unset for the flat kernel)"
+    return "foreach=False asks for the for-loop path (leave it unset for the flat kernel)"
+
+
+def _device_reason(params: list[Tensor]) -> str | None:
+    devices = sorted({p.device.type for p in params if not p.is_cpu})
+    if not devices:
+        return None
+    return (
+        f"parameters on {', '.join(devices)}: the flat kernel runs on the CPU only and polyak "
+        "has no GPU kernel yet, so steps run torch's operations (on GPUs its foreach path, "
+        "fused=True included)"
+    )
+
+
 def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
     params: list[Tensor] = group["params"]
+
+    def unfit(reason: str) -> _Entry:
+        return _Entry(
+            None,
+            params=tuple(params),
+            state=optimizer.state,
+            version=optimizer._state_version,
+            kernel=_native.loaded(),
+            reason=reason,
+        )
+
+    if not params:
+        return unfit("the group has no parameters")
+    # Nothing of the CPU kernel starts for parameters elsewhere.
+    elsewhere = _device_reason(params)
+    if elsewhere is not None:
+        return unfit(elsewhere)
     vm = _native.load()
-    unfit = _Entry(
-        None,
-        params=tuple(params),
-        state=optimizer.state,
-        version=optimizer._state_version,
-        kernel=vm,
-    )
-    if not params or vm is None:
-        return unfit
+    if vm is None:
+        return unfit(f"the flat kernel is {_native.status()}")
     if len({id(p) for p in params}) != len(params):
         # A parameter listed twice is updated twice in turn on the reference path; the kernel
         # would update both copies at once.
-        return unfit
+        return unfit("a parameter is listed twice in the group, and is stepped twice in turn")
     dtype = params[0].dtype
     allowed = _FLOATS + _HALVES if group.get("fused") else _FLOATS
-    if dtype not in allowed or any(p.dtype != dtype or not p.is_cpu for p in params):
-        return unfit
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
+    if len(dtypes) > 1:
+        return unfit(f"the group mixes {' and '.join(dtypes)} parameters")
+    if dtype not in allowed:
+        name = str(dtype).replace("torch.", "")
+        if dtype in _HALVES:
+            return unfit(
+                f"{name} parameters: the default step keeps torch's per-tensor numbers, which "
+                f"round each operation to {name}, and runs tensor by tensor; fused=True runs "
+                "them flat, computing in float32 as torch's fused kernels do"
+            )
+        return unfit(f"{name} parameters: the flat kernel takes floating dtypes")
     rounding = _dispatch.rounding(dtype)
     if isinstance(rounding, str):
-        return unfit  # torch's kernels round in a way the kernel does not follow
+        return unfit(rounding)
     # Plain tensors are updated in place; distributed ones (every parameter of the group) through
     # the local data each holds, with state of the same placement.
     local: list[Tensor] | None = None
     if any(type(p) not in (Tensor, torch.nn.Parameter) for p in params):
         found_local = [_local_data(p) for p in params]
         if any(t is None for t in found_local):
-            return unfit
+            kinds = sorted({type(p).__name__ for p in params} - {"Tensor", "Parameter"})
+            return unfit(f"parameters of type {', '.join(kinds)}, which the kernel cannot see into")
         local = cast(list[Tensor], found_local)
     state = optimizer.state
     if not isinstance(state, dict):
-        return unfit
+        return unfit("optimizer.state is not a dict")
     # State whose changes are not counted (a mapping assigned as optimizer.state, a plain dict
     # as a parameter's state) is watched: the kernel compares, at every step, each watched
     # parameter's entry and its values (by identity) with what the plan was made from.
@@ -157,7 +204,7 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         if not found:
             continue
         if not all(isinstance(t, Tensor) for t in found):
-            return unfit
+            return unfit(f"the state {key!r} holds something other than a tensor")
         (scalar_keys if found[0].dim() == 0 else vector_keys).append(key)
     empty = torch.empty(0, dtype=dtype)
 
@@ -240,6 +287,7 @@ def _program(
     )
     traced = _programs.setdefault(key, [])
     if traced is None:
+        entry.reason = _UNTRACEABLE
         return None
     for program in traced:
         if program.holds(numbers):
@@ -247,12 +295,19 @@ def _program(
     try:
         program = _trace.trace(update, hyper, entry.vector_keys, entry.scalar_keys)
     except _trace.MissingState:
+        entry.reason = FIRST_STEP
         return None  # the reference path creates the state this step
-    except _trace.TraceError:
+    except _trace.TraceError as error:
         _programs[key] = None
+        entry.reason = f"{_UNTRACEABLE} ({error})"
         return None
     traced.append(program)
     return program
+
+
+#: Why a step ran the reference path where the flat kernel could run the next ones.
+FIRST_STEP = "a parameter had no state yet: its first step makes it on the reference path"
+_UNTRACEABLE = "the update rule with these hyperparameters could not be traced into a program"
 
 
 def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
@@ -261,6 +316,10 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
     hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
     parts = _trace.split(hyper)
     if parts is None:
+        entry.reason = (
+            "a hyperparameter is neither a number nor a flag (a tensor lr or betas, say): "
+            "torch's per-tensor path reads it"
+        )
         return False
     numbers, structure = parts
     # A scheduler changes numbers every step; the program usually still holds for them.
@@ -271,6 +330,14 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
             return False
         vm = _native.load()
         exact_sqrt = bool(group.get("fused"))
+        entry.kernel_slot = _codegen.kernel(
+            vm,
+            program,
+            2 + len(entry.vector_keys),
+            group["params"][0].dtype,
+            exact_sqrt=exact_sqrt,
+            rounding=entry.rounding,
+        )
         entry.plan.load_program(
             program.vcode,
             program.scode,
@@ -278,14 +345,7 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
             program.n_vregs,
             program.stored,
             program.checks,
-            _codegen.kernel(
-                vm,
-                program,
-                2 + len(entry.vector_keys),
-                group["params"][0].dtype,
-                exact_sqrt=exact_sqrt,
-                rounding=entry.rounding,
-            ),
+            entry.kernel_slot,
             exact_sqrt,
         )
         entry.loaded = (structure, program)
@@ -306,6 +366,7 @@ def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
     key = id(group)
     if grad_scale is not None and group.get("fused"):
         if grad_scale.device.type != "cpu" or grad_scale.numel() != 1:
+            cache[key] = _declined("the GradScaler's scale is not one number on the CPU")
             return False
         # The scale travels as one more hyperparameter: the kernel sees a group that holds it.
         group = {**group, GRAD_SCALE: float(grad_scale)}
@@ -330,6 +391,7 @@ def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
                 continue
             grads = _local_grads(params)
             if grads is None:
+                cache[key] = _declined("a gradient is placed unlike its distributed parameter")
                 return False
             done = entry.plan.step(group, optimizer.state, optimizer._state_version, grads)
         if done == _DONE:
@@ -339,8 +401,33 @@ def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
         elif done != _RELOAD or not _load(optimizer, entry, group):
             break
     # This step cannot run flat; look at the group afresh next time.
-    cache.pop(key, None)
+    reason = entry.reason if entry is not None and entry.reason else _REFUSED
+    cache[key] = _declined(reason)
     return False
+
+
+_REFUSED = (
+    "the kernel's check refused the step: a gradient missing its layout, dtype or device, "
+    "a sparse gradient, or state replaced by hand"
+)
+
+
+def _declined(reason: str) -> _Entry:
+    """What the cache keeps for a group whose step could not run flat: its reason, and nothing
+    that describes the group (the next step looks at it afresh)."""
+    return _Entry(None, reason=reason, version=-2)
+
+
+def last_path(optimizer: Any, group: dict[str, Any]) -> tuple[bool, bool, str]:
+    """For ``group``'s last step: whether it ran flat, whether compiled, and if not flat why."""
+    cache: dict[int, _Entry] = optimizer.__dict__.get("_flat_entries") or {}
+    entry = cache.get(id(group))
+    if entry is None:
+        return False, False, ""
+    if entry.plan is None:
+        return False, False, entry.reason
+    slot = entry.kernel_slot
+    return True, bool(slot is not None and slot.ready), ""
 
 
 def forget(optimizer: Any) -> None:
@@ -350,16 +437,19 @@ def forget(optimizer: Any) -> None:
     optimizer.__dict__.pop("_flat_entries", None)
 
 
-def build_ahead() -> tuple[bool, list[str]]:
-    """Build the kernel, and compile the default program of every optimizer polyak exports
-    for float32 and float64, waiting for all of it.
+def build_ahead(tick: Any = None, classes: list[Any] | None = None) -> tuple[bool, list[str]]:
+    """Build the kernel, and compile the default program of each optimizer class for float32
+    and float64, waiting for all of it.
+
+    Args:
+        tick: while the kernel builds, called about once a second with the seconds so far.
+        classes: the optimizer classes whose programs to compile (default: every elementwise
+            :class:`polyak.Optimizer` subclass defined so far).
 
     Returns:
         Whether the kernel is available, and lines saying what was built and where.
     """
-    import polyak
-
-    vm = _native.load(wait=True)
+    vm = _native.load(wait=True, tick=tick)
     if vm is None:
         return False, [f"the flat kernel is unavailable: {_native._failed or 'turned off'}"]
     lines = [f"flat kernel: {vm.__file__}"]
@@ -367,14 +457,9 @@ def build_ahead() -> tuple[bool, list[str]]:
     lines.append(f"numbers {_dispatch.describe()}")
     mode = _codegen.sqrt_mode(vm)
     lines.append(f"sqrt in compiled programs: {_codegen.SQRT_NAMES[mode]}")
-    for name in polyak.__all__:
-        cls: Any = getattr(polyak, name)
-        if (
-            not (isinstance(cls, type) and issubclass(cls, polyak.Optimizer))
-            or cls is polyak.Optimizer
-            or not cls.elementwise  # no program to compile (Adafactor, LBFGS, Muon)
-        ):
-            continue
+    for cls in _optimizer_classes() if classes is None else classes:
+        if not getattr(cls, "elementwise", False):
+            continue  # no program to compile (Adafactor, LBFGS, Muon)
         for dtype in _FLOATS:
             param = torch.zeros(4, dtype=dtype, requires_grad=True)
             try:
@@ -387,3 +472,17 @@ def build_ahead() -> tuple[bool, list[str]]:
     _codegen.wait()
     lines.append(f"programs: {_codegen.cache_dir()}")
     return True, lines
+
+
+def _optimizer_classes() -> list[Any]:
+    """Every concrete optimizer class polyak has loaded: subclasses of the base that the
+    optimizers' module registered (found through ``torch.optim.Optimizer``'s subclass tree,
+    without importing the package from here)."""
+    found: list[Any] = []
+    pending: list[Any] = list(torch.optim.Optimizer.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("polyak.algorithms.") and cls not in found:
+            found.append(cls)
+    return sorted(found, key=lambda c: c.__name__)
