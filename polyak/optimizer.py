@@ -505,26 +505,32 @@ class Optimizer(torch.optim.Optimizer):
         differentiable = bool(self.defaults.get("differentiable", False))
         runs_flat = self.elementwise
         for group in self.param_groups:
+            rest: list[Tensor] | None = None  # the parameters left to step (None: all)
             if runs_flat and flat.eligible(group):
-                if flat.step(self, group, grad_scale):
+                ran = flat.step(self, group, grad_scale)
+                if ran is True:
                     continue
                 _explain.warn_fallback(self, group)
+                rest = ran or None
             enabled = torch.is_grad_enabled()
             if enabled is differentiable:
-                self._step_group(group, grad_scale)
+                self._step_group(group, grad_scale, rest)
                 continue
             # The grad mode's own switch: torch.set_grad_enabled costs three times as much, which
             # a step of one small tensor (optimizer-in-backward) feels.
             torch._C._set_grad_enabled(differentiable)
             try:
-                self._step_group(group, grad_scale)
+                self._step_group(group, grad_scale, rest)
             finally:
                 torch._C._set_grad_enabled(enabled)
         self.__dict__[STEP_COUNT_KEY] += 1  # the count in Python (see _step_count)
         return loss
 
-    def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+    def _step_group(
+        self, group: dict[str, Any], grad_scale: Tensor | None, only: list[Tensor] | None = None
+    ) -> None:
+        """Step the group's parameters that have gradients (of ``only``, where given)."""
+        params = [p for p in (group["params"] if only is None else only) if p.grad is not None]
         if params:
             grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
             self._step_params(group, params, grads, grad_scale)

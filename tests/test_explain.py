@@ -62,9 +62,9 @@ def test_each_fallback_is_reported_with_its_reason(make, strategy: str, words: s
     ("dtypes", "words"),
     [
         ((torch.bfloat16,), "fused=True runs them flat"),
-        ((torch.float32, torch.float64), "mixes float32 and float64"),
+        ((torch.float32, torch.bfloat16), "takes no bfloat16 ones here"),
     ],
-    ids=["bf16", "mixed"],
+    ids=["bf16", "mixed-with-bf16"],
 )
 def test_dtype_fallbacks_say_what_to_do(dtypes: tuple[torch.dtype, ...], words: str) -> None:
     params = [torch.nn.Parameter(torch.randn(5, dtype=d)) for d in dtypes]
@@ -111,3 +111,70 @@ def test_gpu_parameters_start_no_cpu_build(monkeypatch: pytest.MonkeyPatch) -> N
     (group,) = polyak.explain(opt).groups
     assert group.strategy == "loop" and "parameters on meta" in group.reason
     assert "no GPU kernel" in group.reason and "fused=True" in group.reason
+
+
+def _twins(dtypes: list[torch.dtype]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    mine = [
+        torch.nn.Parameter(torch.randn(37, generator=gen, dtype=torch.float64).to(d))
+        for d in dtypes
+    ]
+    return mine, [torch.nn.Parameter(p.detach().clone()) for p in mine]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("name", "kwargs", "dtypes"),
+    [
+        ("SGD", {"lr": 0.1, "momentum": 0.9}, [torch.float32, torch.float64, torch.float32]),
+        ("Adam", {"amsgrad": True}, [torch.float64, torch.float32]),
+        ("AdamW", {"fused": True}, [torch.float32, torch.bfloat16, torch.float16]),
+    ],
+    ids=["sgd", "adam", "adamw-fused"],
+)
+def test_a_group_of_several_dtypes_runs_flat_per_dtype_with_torchs_numbers(
+    name: str, kwargs: dict[str, object], dtypes: list[torch.dtype]
+) -> None:
+    """torch's numbers on the default path; with fused=True, the numbers of one group per
+    dtype (polyak's fused steps are within rounding of torch's)."""
+    mine, theirs = _twins(dtypes)
+    opt = getattr(polyak, name)(mine, **kwargs)
+    if kwargs.get("fused"):
+        ref = getattr(polyak, name)([{"params": [q]} for q in theirs], **kwargs)
+    else:
+        ref = getattr(torch.optim, name)(theirs, **kwargs)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        for p, q in zip(mine, theirs, strict=True):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    (group,) = polyak.explain(opt).groups
+    assert group.flat, group
+    for p, q in zip(mine, theirs, strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(mine, theirs, strict=True):
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+@needs_kernel
+def test_a_bucket_that_cannot_run_leaves_the_others_flat_and_steps_the_rest_once() -> None:
+    """A float64 parameter whose gradient is laid out unlike it: the float32 bucket runs flat,
+    the float64 one by torch's operations, and no parameter is stepped twice."""
+    mine, theirs = _twins([torch.float32, torch.float64])
+    opt = polyak.SGD(mine, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    for k in range(4):
+        for p, q in zip(mine, theirs, strict=True):
+            g = torch.full(p.shape, float(k + 1), dtype=p.dtype)
+            if p.dtype == torch.float64 and k == 3:
+                g = torch.full((2 * p.numel(),), float(k + 1), dtype=p.dtype)[::2]
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    (group,) = polyak.explain(opt).groups
+    assert not group.flat and group.reason.startswith("its float64 parameters")
+    for p, q in zip(mine, theirs, strict=True):
+        assert torch.equal(p, q)

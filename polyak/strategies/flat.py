@@ -60,6 +60,9 @@ class _Entry:
     reason: str = ""
     #: The compiled form of the loaded program (its ``ready`` says whether steps run it).
     kernel_slot: Any = field(default=None, repr=False)
+    #: For a group of several dtypes: each dtype's parameters, in the group's order, with the
+    #: cache of the entry that runs them (under key 0).
+    buckets: list[tuple[list[Tensor], dict[int, _Entry]]] | None = field(default=None, repr=False)
 
     def unchanged(self, group: dict[str, Any], optimizer: Any) -> bool:
         """Whether an entry without a plan still describes ``group``."""
@@ -121,6 +124,37 @@ def ineligible_reason(group: dict[str, Any]) -> str:
     return "foreach=False asks for the for-loop path (leave it unset for the flat kernel)"
 
 
+def _bucketed(optimizer: Any, params: list[Tensor], allowed: Any, unfit: Any) -> _Entry:
+    """The entry of a group whose parameters have several dtypes: one bucket per dtype, each
+    run by a plan of its own (made at its first step)."""
+    buckets: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        buckets.setdefault(p.dtype, []).append(p)
+    names = " and ".join(str(d).replace("torch.", "") for d in buckets)
+    refused = [str(d).replace("torch.", "") for d in buckets if d not in allowed]
+    if refused:
+        return cast(
+            _Entry,
+            unfit(
+                f"the group mixes {names} parameters, and the kernel takes no "
+                f"{' or '.join(refused)} ones here (fused=True takes float16 and bfloat16)"
+            ),
+        )
+    # Parameters of two dtypes on one memory (views of another dtype) would be updated by two
+    # plans, which check overlaps within themselves only.
+    storages = [{p.untyped_storage().data_ptr() for p in b} for b in buckets.values()]
+    if sum(len(s) for s in storages) != len(set().union(*storages)):
+        return cast(_Entry, unfit(f"the group's {names} parameters share memory"))
+    return _Entry(
+        None,
+        params=tuple(params),
+        state=optimizer.state,
+        version=optimizer._state_version,
+        kernel=_native._module,
+        buckets=[(bucket, {}) for bucket in buckets.values()],
+    )
+
+
 def _device_reason(params: list[Tensor]) -> str | None:
     devices = sorted({p.device.type for p in params if not p.is_cpu})
     if not devices:
@@ -160,9 +194,8 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         return unfit("a parameter is listed twice in the group, and is stepped twice in turn")
     dtype = params[0].dtype
     allowed = _FLOATS + _HALVES if group.get("fused") else _FLOATS
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
-    if len(dtypes) > 1:
-        return unfit(f"the group mixes {' and '.join(dtypes)} parameters")
+    if any(p.dtype != dtype for p in params):
+        return _bucketed(optimizer, params, allowed, unfit)
     if dtype not in allowed:
         name = str(dtype).replace("torch.", "")
         if dtype in _HALVES:
@@ -353,8 +386,12 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
     return True
 
 
-def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None) -> bool:
-    """Run one step of ``group`` flat; False where this step must take another strategy.
+def step(
+    optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
+) -> bool | list[Tensor]:
+    """Run one step of ``group`` flat: True where it ran; False where this step must take
+    another strategy; for a group whose parameters the kernel runs in buckets of one dtype,
+    the parameters of the buckets it could not run, which the caller steps another way.
 
     A ``fused=True`` group given ``grad_scale`` (a GradScaler's scale, one number on the CPU)
     divides each gradient by it in the same pass, leaving the unscaled gradient in ``.grad``
@@ -370,11 +407,20 @@ def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
             return False
         # The scale travels as one more hyperparameter: the kernel sees a group that holds it.
         group = {**group, GRAD_SCALE: float(grad_scale)}
+    return _run(optimizer, group, cache, key)
+
+
+def _run(
+    optimizer: Any, group: dict[str, Any], cache: dict[int, _Entry], key: int
+) -> bool | list[Tensor]:
+    """One step of ``group`` by the entry ``cache[key]``, made or made anew where needed."""
     entry = cache.get(key)
     # The kernel checks that its plan still fits the group, so the usual step is one call.
     for _ in range(3):
         if entry is None:
             entry = cache[key] = _build(optimizer, group)
+        if entry.buckets is not None:
+            return _run_buckets(optimizer, group, entry, cache, key)
         if entry.plan is None:
             if entry.unchanged(group, optimizer):
                 return False
@@ -406,6 +452,32 @@ def step(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
     return False
 
 
+def _run_buckets(
+    optimizer: Any, group: dict[str, Any], entry: _Entry, cache: dict[int, _Entry], key: int
+) -> bool | list[Tensor]:
+    """A step of a group of several dtypes: each dtype's parameters in a plan of their own,
+    in the order the group first lists them. Where one bucket cannot run, it and the ones
+    after it are returned for the caller to step."""
+    assert entry.buckets is not None
+    params = group["params"]
+    if (
+        entry.kernel is not _native._module
+        or len(params) != len(entry.params)
+        or not all(map(operator.is_, params, entry.params))
+    ):
+        del cache[key]  # the group changed: made anew next step
+        return False
+    for i, (bucket, sub_cache) in enumerate(entry.buckets):
+        ran = _run(optimizer, {**group, "params": bucket}, sub_cache, 0)
+        if ran is not True:
+            sub = sub_cache.get(0)
+            name = str(bucket[0].dtype).replace("torch.", "")
+            entry.reason = f"its {name} parameters: {sub.reason if sub else _REFUSED}"
+            return False if i == 0 else [p for b, _ in entry.buckets[i:] for p in b]
+    entry.reason = ""
+    return True
+
+
 _REFUSED = (
     "the kernel's check refused the step: a gradient missing its layout, dtype or device, "
     "a sparse gradient, or state replaced by hand"
@@ -424,6 +496,15 @@ def last_path(optimizer: Any, group: dict[str, Any]) -> tuple[bool, bool, str]:
     entry = cache.get(id(group))
     if entry is None:
         return False, False, ""
+    if entry.buckets is not None:
+        if entry.reason:
+            return False, False, entry.reason
+        subs = [sub.get(0) for _, sub in entry.buckets]
+        if any(s is None or s.plan is None for s in subs):
+            return False, False, ""
+        slots = [s.kernel_slot for s in subs if s is not None]
+        ready = all(slot is not None and slot.ready for slot in slots)
+        return True, ready, ""
     if entry.plan is None:
         return False, False, entry.reason
     slot = entry.kernel_slot
