@@ -277,16 +277,16 @@ def _start(wait: bool) -> None:
     if missing is not None:
         _failed = missing
         return
-    folder = _folders()[0]
+    said = f"polyak: building the flat kernel into {_folders()[0]}"
     if wait:
-        said = "building the flat kernel (once per machine, about a minute)"
+        said += " (once per machine, about a minute)"
     else:
-        said = (
-            "building the flat kernel in the background (once per machine, about a minute; "
-            "it finishes even if this process ends); steps run the reference path, with the "
-            "same numbers, until it is ready"
+        said += (
+            " in the background (once per machine, about a minute; it finishes even if this "
+            "process ends); steps run the reference path, with the same numbers, until it is "
+            "ready"
         )
-    print(f"polyak: {said} into {folder}", file=sys.stderr, flush=True)
+    print(said, file=sys.stderr, flush=True)
     launched = _launch()
     _builder = threading.Thread(
         target=_finish, args=(launched,), name="polyak-build-kernel", daemon=True
