@@ -236,6 +236,10 @@ class Optimizer(torch.optim.Optimizer):
     #: Hyperparameters the class fixes, whatever a checkpoint or a pickle says (as torch.optim's
     #: AdamW does for ``decoupled_weight_decay``).
     fixed: ClassVar[dict[str, Any]] = {}
+    #: Hyperparameters that hold None or a string (LBFGS's ``line_search_fn``): a checkpoint may
+    #: hold either where the optimizer holds the other, and its value is taken, as in torch
+    #: (``check_hyperparameters`` still refuses a string no constructor takes).
+    optional_strings: ClassVar[tuple[str, ...]] = ()
     #: The update is elementwise, so the flat kernel may run it; rules with per-tensor norms or
     #: matrix products set False and run on the other strategies.
     elementwise: ClassVar[bool] = True
@@ -1029,8 +1033,13 @@ class Optimizer(torch.optim.Optimizer):
             elif key not in _SET_BY_LOADING:
                 raise KeyError(f"loaded state dict's param_groups[{i}] has no {key!r} entry")
         for key, value in new_group.items():
-            if key in group and key not in ("params", "param_names"):
-                _checks.check_same_kind(f"param_groups[{i}][{key!r}]", group[key], value)
+            if key not in group or key in ("params", "param_names"):
+                continue
+            if key in self.optional_strings and all(
+                v is None or isinstance(v, str) for v in (group[key], value)
+            ):
+                continue
+            _checks.check_same_kind(f"param_groups[{i}][{key!r}]", group[key], value)
         self.check_hyperparameters(new_group)
         new_group["params"] = group["params"]
         if "param_names" in group and "param_names" not in new_group:

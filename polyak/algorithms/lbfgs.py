@@ -86,6 +86,7 @@ class LBFGS(Optimizer, torch.optim.LBFGS):
         2006. https://doi.org/10.1007/978-0-387-40065-5
     """
 
+    optional_strings = ("line_search_fn",)
     elementwise = False
 
     def __init__(

@@ -79,6 +79,7 @@ class Muon(Optimizer, torch.optim.Muon):
 
     state_keys = ("momentum_buffer",)
     param_shaped_state = ("momentum_buffer",)
+    optional_strings = ("adjust_lr_fn",)
     elementwise = False
     foreach_by_default = False
 
