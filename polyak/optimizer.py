@@ -439,6 +439,9 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ steps
 
+    # As torch's: dynamo runs it eagerly rather than tracing it, so that a compiled training
+    # step gets the graphs torch's gets (a traced zero_grad adds one, and guards on each .grad).
+    @torch._disable_dynamo  # type: ignore[misc,attr-defined]
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of all parameters.
 
