@@ -121,6 +121,8 @@ def _with_step_hooks(step: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self: Optimizer = args[0]
         if torch.compiler.is_compiling():
+            if self.eager_under_compile:
+                return _eagerly(run, self, args, kwargs)
             return _apart(run, self, args, kwargs)
         if not torch._C._autograd._profiler_enabled():
             return run(self, args, kwargs)
@@ -151,6 +153,18 @@ def _with_step_hooks(step: _F) -> _F:
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return cast(_F, wrapper)
+
+
+@torch._disable_dynamo  # type: ignore[misc,attr-defined]
+def _eagerly(
+    run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any],
+    self: Optimizer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``run(self, args, kwargs)`` outside dynamo: one graph break, as dynamo makes for the
+    steps of torch's optimizers it cannot trace (SparseAdam's sparse gradients)."""
+    return run(self, args, kwargs)
 
 
 def _apart(
@@ -243,6 +257,9 @@ class Optimizer(torch.optim.Optimizer):
     #: The update is elementwise, so the flat kernel may run it; rules with per-tensor norms or
     #: matrix products set False and run on the other strategies.
     elementwise: ClassVar[bool] = True
+    #: Under torch.compile the step runs eagerly, one graph break, as torch's does where dynamo
+    #: cannot trace it (SparseAdam's sparse gradients).
+    eager_under_compile: ClassVar[bool] = False
     #: Without a ``foreach`` flag, accelerators take the foreach strategy, as torch.optim's
     #: default does; False where the torch twin keeps its per-tensor path (Adafactor, Muon).
     foreach_by_default: ClassVar[bool] = True

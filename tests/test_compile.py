@@ -246,3 +246,34 @@ def test_compiled_step_under_a_grad_scaler() -> None:
     assert ours["recompiles"] == theirs["recompiles"] == 0, (ours, theirs)
     assert not any("item()" in reason for reason in counters["graph_break"]), counters
     torch.testing.assert_close(our_values, their_values)
+
+
+def _compiled_sparse_run(cls: type[torch.optim.Optimizer]) -> tuple[dict[str, int], torch.Tensor]:
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = cls(emb.parameters(), lr=0.01)
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(STEPS):
+            emb(torch.tensor([1, 2, 3 + i % 5])).sum().backward()
+            step()
+            opt.zero_grad()
+    counts = {
+        "graphs": counter.frame_count,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompiles": sum(counters["recompiles"].values()),
+    }
+    return counts, emb.weight.detach().clone()
+
+
+def test_a_compiled_sparse_adam_step_runs_as_torchs() -> None:
+    """dynamo traces no sparse tensor: torch's SparseAdam step runs eagerly behind one graph
+    break, and polyak's did crash in dynamo's handling of its state; now it runs as torch's."""
+    theirs, their_weight = _compiled_sparse_run(torch.optim.SparseAdam)
+    ours, our_weight = _compiled_sparse_run(polyak.SparseAdam)
+    assert ours == theirs
+    assert torch.equal(our_weight, their_weight)
