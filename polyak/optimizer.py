@@ -774,9 +774,10 @@ class Optimizer(torch.optim.Optimizer):
         """
         rehearsed = not group.get("differentiable") and not any(map(_SPARSE, grads))
         if rehearsed:
-            # Gradients are left out: autograd keeps them of their parameter's shape, dtype and
-            # device.
-            layout = (hp_layout, _tensors_layout([*params, *chain.from_iterable(state.values())]))
+            # Gradients are in: autograd keeps them of their parameter's shape, dtype and
+            # device, but ``.grad.data`` may be given anything.
+            tensors = [*params, *grads, *chain.from_iterable(state.values())]
+            layout = (hp_layout, _tensors_layout(tensors))
             done: dict[int, Any] = self.__dict__.setdefault("_rehearsed", {})
             last = done.get(id(group))
             if last is not None and last[0] == layout:

@@ -68,3 +68,61 @@ def test_a_string_no_constructor_takes_is_still_refused() -> None:
     with pytest.raises(ValueError, match="not supported"):
         opt.load_state_dict(saved)
     assert opt.param_groups[0]["adjust_lr_fn"] is None
+
+
+def _snapshot(opt: Any, params: list[torch.Tensor]) -> list[Any]:
+    return [p.detach().clone() for p in params] + [
+        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        for p in params
+    ]
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    def eq(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        return bool(x == y)
+
+    return len(a) == len(b) and all(eq(x, y) for x, y in zip(a, b, strict=True))
+
+
+ELEMENTWISE = ["Adam", "AdamW", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta", "ASGD", "Rprop"]
+ELEMENTWISE += ["Adagrad", "SGD"]
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+@pytest.mark.parametrize("flags", [{}, {"foreach": False}, {"foreach": True}], ids=str)
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_a_step_failing_on_a_later_gradient_changes_nothing(
+    name: str, flags: dict[str, Any], bad: str
+) -> None:
+    """A wrong gradient on the second parameter (set through ``.grad.data``, which autograd
+    does not check): torch's error type, and neither parameter nor any state changed."""
+    kwargs: dict[str, Any] = {"lr": 0.1, **flags} if name == "SGD" else dict(flags)
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    errors = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+        opt = getattr(module, name)(params, **kwargs)
+        for p in params:
+            p.grad = torch.randn(4)
+        opt.step()
+        for p in params:
+            p.grad = torch.randn(4)
+        if bad == "shape":
+            params[1].grad.data = torch.ones(3)  # type: ignore[union-attr]
+        else:
+            params[1].grad.data = torch.ones(4, dtype=torch.float64)  # type: ignore[union-attr]
+        before = _snapshot(opt, params)
+        try:
+            opt.step()
+            errors.append(None)
+        except Exception as error:
+            errors.append(type(error))
+            if module is polyak:
+                assert _same(_snapshot(opt, params), before)
+    assert errors[1] == errors[0]
