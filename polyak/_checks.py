@@ -158,6 +158,9 @@ def _kind(value: Any) -> str | None:
     return "other"
 
 
+#: torch's functional optimizers' error for a ``step`` in the state that is not a tensor.
+STEP_TENSORS = "API has changed, `state_steps` argument must contain a list of singleton tensors"
+
 _UNSET_ACCEPTS = (None, "a bool", "a number or a one-element Tensor")
 
 

@@ -260,6 +260,9 @@ class Optimizer(torch.optim.Optimizer):
     #: Under torch.compile the step runs eagerly, one graph break, as torch's does where dynamo
     #: cannot trace it (SparseAdam's sparse gradients).
     eager_under_compile: ClassVar[bool] = False
+    #: torch's message where a ``step`` in the state is not a tensor (its functional API's
+    #: check, raised before anything changes); None where torch checks nothing.
+    step_tensors_message: ClassVar[str | None] = None
     #: Without a ``foreach`` flag, accelerators take the foreach strategy, as torch.optim's
     #: default does; False where the torch twin keeps its per-tensor path (Adafactor, Muon).
     foreach_by_default: ClassVar[bool] = True
@@ -624,6 +627,11 @@ class Optimizer(torch.optim.Optimizer):
             state: StateLists = {key: [entry.get(key)] for key in self.state_keys}
         else:
             state = {key: [entry.get(key) for entry in entries] for key in self.state_keys}
+        message = self.step_tensors_message
+        if message is not None and not all(
+            isinstance(t, Tensor) for t in state.get("step", ()) if t is not None
+        ):
+            raise RuntimeError(message)
         strategy = self._rehearse(group, params, grads, state, hp, entries, hp_layout)
         # Checked: from here on the step writes.
         if created:

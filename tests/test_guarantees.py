@@ -126,3 +126,32 @@ def test_a_step_failing_on_a_later_gradient_changes_nothing(
             if module is polyak:
                 assert _same(_snapshot(opt, params), before)
     assert errors[1] == errors[0]
+
+
+STEPPED = [*ELEMENTWISE[:-1], "Adafactor"]
+
+
+@pytest.mark.parametrize("name", STEPPED)
+@pytest.mark.parametrize("flags", [{}, {"foreach": False}, {"foreach": True}], ids=str)
+def test_a_step_count_set_to_a_string_raises_torchs_error_and_changes_nothing(
+    name: str, flags: dict[str, Any]
+) -> None:
+    outcomes = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+        opt = getattr(module, name)(params, **flags)
+        for p in params:
+            p.grad = torch.randn(4, 3)
+        opt.step()
+        opt.state[params[1]]["step"] = "3"
+        before = _snapshot(opt, params)
+        with pytest.raises(Exception) as caught:
+            opt.step()
+        # torch's message where it checks on purpose; where a later operation fails on the
+        # string (ASGD), the type of its error.
+        message = str(caught.value) if caught.type is RuntimeError else ""
+        outcomes.append((caught.type, message))
+        if module is polyak:
+            assert _same(_snapshot(opt, params), before)
+    assert outcomes[1] == outcomes[0]

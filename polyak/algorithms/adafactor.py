@@ -79,6 +79,7 @@ class Adafactor(Optimizer, torch.optim.Adafactor):
     """
 
     state_keys = ("step", "row_var", "col_var", "variance")
+    step_tensors_message = "`state_steps` argument must contain a list of singleton tensors"
     param_shaped_state = ("variance",)
     backfill = {"foreach": None}  # noqa: RUF012 - read-only table
     elementwise = False

@@ -61,6 +61,7 @@ class Adagrad(Optimizer, torch.optim.Adagrad):
     """
 
     state_keys = ("step", "sum")
+    step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("sum",)
     backfill = {  # noqa: RUF012 - read-only table
         "foreach": None,

@@ -62,6 +62,7 @@ class Rprop(Optimizer, torch.optim.Rprop):
     """
 
     state_keys = ("step", "prev", "step_size")
+    step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("prev", "step_size")
     backfill = {  # noqa: RUF012 - read-only table
         "foreach": None,

@@ -71,7 +71,12 @@ def _batchable(
         )
         and all(
             t is None
-            or (t.is_floating_point() and (t.dim() == 0 or t.dtype == p.dtype) and _direct(t))
+            or (
+                isinstance(t, Tensor)
+                and t.is_floating_point()
+                and (t.dim() == 0 or t.dtype == p.dtype)
+                and _direct(t)
+            )
             for values in state.values()
             for t, p in zip(values, params, strict=True)
         )
