@@ -6,6 +6,7 @@ tests that match on them keep working. The checks run in torch's order, before a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -156,6 +157,21 @@ def _kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "a str"
     return "other"
+
+
+def check_state_step(step: Any) -> None:
+    """A loaded step count is a real number >= 0 and finite, or a one-element real tensor of
+    one: training makes no other, and torch loads others only to fail or compute nonsense in
+    ``step()``.
+
+    Raises:
+        ValueError: naming the value.
+    """
+    number = isinstance(step, (int, float)) and not isinstance(step, bool)
+    tensor = isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex()
+    if (number or tensor) and math.isfinite(float(step)) and float(step) >= 0:
+        return
+    raise ValueError(f"Invalid step {step!r}: a step count is a finite number >= 0")
 
 
 #: torch's functional optimizers' error for a ``step`` in the state that is not a tensor.

@@ -1008,6 +1008,9 @@ class Optimizer(torch.optim.Optimizer):
             param = id_map[pid]
             group = groups[owner[pid]]
             entry = dict(_checks.check_mapping(f"state for parameter {pid}", value))
+            if "step" in entry and "step" in self.state_keys:
+                # Before an old format's number is made a tensor (a string would be parsed).
+                _checks.check_state_step(entry["step"])
             self.upgrade_state(entry, group, param)
             if entry:
                 # A parameter's state is all or nothing: what init_state makes must be there,

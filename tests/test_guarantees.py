@@ -155,3 +155,37 @@ def test_a_step_count_set_to_a_string_raises_torchs_error_and_changes_nothing(
         if module is polyak:
             assert _same(_snapshot(opt, params), before)
     assert outcomes[1] == outcomes[0]
+
+
+BAD_STEPS = {
+    "string": "3",
+    "complex": torch.tensor(2 + 1j),
+    "negative": torch.tensor(-1.0),
+    "nan": torch.tensor(float("nan")),
+    "inf": float("inf"),
+}
+
+
+@pytest.mark.parametrize("name", [*STEPPED, "SparseAdam"])
+@pytest.mark.parametrize("bad", list(BAD_STEPS))
+def test_a_checkpoint_with_a_step_no_training_makes_is_refused_unchanged(
+    name: str, bad: str
+) -> None:
+    """torch loads these (but a string, for most) and fails or computes nonsense in step();
+    polyak refuses them at load with a ValueError, and the optimizer is as it was."""
+    sparse = name == "SparseAdam"
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = getattr(polyak, name)([p])
+    p.grad = torch.randn(4, 3).to_sparse() if sparse else torch.randn(4, 3)
+    opt.step()
+    saved = opt.state_dict()
+    value = BAD_STEPS[bad]
+    saved["state"][0]["step"] = value.clone() if isinstance(value, torch.Tensor) else value
+    q = torch.nn.Parameter(torch.randn(4, 3))
+    target = getattr(polyak, name)([q])
+    q.grad = torch.randn(4, 3).to_sparse() if sparse else torch.randn(4, 3)
+    target.step()
+    before = _snapshot(target, [q])
+    with pytest.raises(ValueError, match="Invalid step"):
+        target.load_state_dict(saved)
+    assert _same(_snapshot(target, [q]), before)
