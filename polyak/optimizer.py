@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import operator
+import sys
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -153,6 +154,12 @@ def _with_step_hooks(step: _F) -> _F:
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return cast(_F, wrapper)
+
+
+@torch._disable_dynamo  # type: ignore[misc,attr-defined]
+def _outside_dynamo(optimizer: Optimizer, set_to_none: bool) -> None:
+    """:meth:`Optimizer.zero_grad`'s body, run outside dynamo as torch's zero_grad is."""
+    optimizer._zero_grad(set_to_none)
 
 
 @torch._disable_dynamo  # type: ignore[misc,attr-defined]
@@ -459,9 +466,6 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ steps
 
-    # As torch's: dynamo runs it eagerly rather than tracing it, so that a compiled training
-    # step gets the graphs torch's gets (a traced zero_grad adds one, and guards on each .grad).
-    @torch._disable_dynamo  # type: ignore[misc,attr-defined]
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of all parameters.
 
@@ -470,6 +474,15 @@ class Optimizer(torch.optim.Optimizer):
                 saves memory, and a parameter with no gradient is skipped by ``step()``
                 (default: True).
         """
+        if "torch._dynamo" in sys.modules:
+            # torch.compile may be tracing: as torch's, the body runs outside dynamo, so that a
+            # compiled training step gets the graphs torch's gets (a traced zero_grad adds one,
+            # and guards on each .grad). Where nothing loaded dynamo, nothing is compiling, and
+            # the first call does not load it (about a second).
+            return _outside_dynamo(self, set_to_none)
+        return self._zero_grad(set_to_none)
+
+    def _zero_grad(self, set_to_none: bool) -> None:
         batched = bool(self.defaults.get("foreach") or self.defaults.get("fused"))
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         with _recorded(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
