@@ -23,6 +23,15 @@ SCHEDULES = ("none", "float", "tensor")
 STEPS = 4
 
 
+def _counts(counter: CompileCounter) -> dict[str, int]:
+    """The graphs a run compiled, and dynamo's graph breaks and recompiles."""
+    return {
+        "graphs": counter.frame_count,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompiles": sum(counters["recompiles"].values()),
+    }
+
+
 def _compiled_run(
     cls: type[torch.optim.Optimizer],
     config: dict[str, Any],
@@ -182,11 +191,7 @@ def _compiled_training(
         for _ in range(STEPS):
             train(torch.randn(3, 6, generator=gen))
             scheduler.step()
-    counts = {
-        "graphs": counter.frame_count,
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "recompiles": sum(counters["recompiles"].values()),
-    }
+    counts = _counts(counter)
     return counts, [p.detach().clone() for p in model.parameters()]
 
 
@@ -228,11 +233,7 @@ def _compiled_scaled_run(cls: type[torch.optim.Optimizer]) -> tuple[dict[str, in
             scaler.scale(torch.ones(()))
             step()
             scaler.update()
-    counts = {
-        "graphs": counter.frame_count,
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "recompiles": sum(counters["recompiles"].values()),
-    }
+    counts = _counts(counter)
     return counts, [*params, opt.state_dict()["state"]]
 
 
@@ -262,11 +263,7 @@ def _compiled_sparse_run(cls: type[torch.optim.Optimizer]) -> tuple[dict[str, in
             emb(torch.tensor([1, 2, 3 + i % 5])).sum().backward()
             step()
             opt.zero_grad()
-    counts = {
-        "graphs": counter.frame_count,
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "recompiles": sum(counters["recompiles"].values()),
-    }
+    counts = _counts(counter)
     return counts, emb.weight.detach().clone()
 
 
