@@ -174,6 +174,26 @@ def check_state_step(step: Any) -> None:
     raise ValueError(f"Invalid step {step!r}: a step count is a finite number >= 0")
 
 
+#: c10's names of the dtypes, which torch's kernels' messages use.
+_SCALAR_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
+
+
+def check_fused_grads(params: list[Tensor], grads: list[Tensor]) -> None:
+    """torch's fused kernels take gradients of their parameters' dtype only, and raise its
+    error otherwise (here before anything changes; torch's fused kernel raises after stepping
+    the parameters before the one that fails)."""
+    for p, g in zip(params, grads, strict=True):
+        if g.dtype != p.dtype:
+            expected = _SCALAR_NAMES.get(p.dtype, str(p.dtype))
+            found = _SCALAR_NAMES.get(g.dtype, str(g.dtype))
+            raise RuntimeError(f"expected scalar type {expected} but found {found}")
+
+
 #: torch's functional optimizers' error for a ``step`` in the state that is not a tensor.
 STEP_TENSORS = "API has changed, `state_steps` argument must contain a list of singleton tensors"
 

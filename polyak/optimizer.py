@@ -622,6 +622,8 @@ class Optimizer(torch.optim.Optimizer):
         """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
         state of parameters stepped for the first time created and stored."""
         self.check_step(group, params, grads)
+        if group.get("fused"):
+            _checks.check_fused_grads(params, grads)
         hp, hp_layout = self._hyper(group, params)
         # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
         # whose algorithm holds no state (SGD without momentum), and neither does polyak. New

@@ -189,3 +189,27 @@ def test_a_checkpoint_with_a_step_no_training_makes_is_refused_unchanged(
     with pytest.raises(ValueError, match="Invalid step"):
         target.load_state_dict(saved)
     assert _same(_snapshot(target, [q]), before)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "Adam", "AdamW"])
+def test_a_fused_step_refuses_a_gradient_of_another_dtype_as_torchs(name: str) -> None:
+    """torch's fused kernels raise for a float64 gradient of a float32 parameter (after
+    stepping the parameters before it); polyak's fused steps raise the same error before
+    changing anything, where they used to step or raise another message."""
+    kwargs: dict[str, Any] = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {}
+    messages = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+        opt = getattr(module, name)(params, fused=True, **kwargs)
+        for p in params:
+            p.grad = torch.randn(4)
+        opt.step()
+        params[1].grad.data = torch.randn(4, dtype=torch.float64)  # type: ignore[union-attr]
+        before = _snapshot(opt, params)
+        with pytest.raises(RuntimeError) as caught:
+            opt.step()
+        messages.append(str(caught.value))
+        if module is polyak:
+            assert _same(_snapshot(opt, params), before)
+    assert messages[1] == messages[0] == "expected scalar type Float but found Double"
