@@ -142,7 +142,10 @@ def _bucketed(optimizer: Any, params: list[Tensor], allowed: Any, unfit: Any) ->
         )
     # Parameters of two dtypes on one memory (views of another dtype) would be updated by two
     # plans, which check overlaps within themselves only.
-    storages = [{p.untyped_storage().data_ptr() for p in b} for b in buckets.values()]
+    try:
+        storages = [{p.untyped_storage().data_ptr() for p in b} for b in buckets.values()]
+    except (RuntimeError, NotImplementedError):  # a subclass that shows no storage
+        return cast(_Entry, unfit(f"the group mixes {names} parameters of a tensor subclass"))
     if sum(len(s) for s in storages) != len(set().union(*storages)):
         return cast(_Entry, unfit(f"the group's {names} parameters share memory"))
     return _Entry(
@@ -204,7 +207,10 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
                 f"round each operation to {name}, and runs tensor by tensor; fused=True runs "
                 "them flat, computing in float32 as torch's fused kernels do"
             )
-        return unfit(f"{name} parameters: the flat kernel takes floating dtypes")
+        return unfit(
+            f"{name} parameters: the flat kernel takes float32 and float64 (float16 and "
+            "bfloat16 too with fused=True)"
+        )
     rounding = _dispatch.rounding(dtype)
     if isinstance(rounding, str):
         return unfit(rounding)
