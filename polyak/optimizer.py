@@ -845,6 +845,12 @@ class Optimizer(torch.optim.Optimizer):
         loaded group, so that a checkpoint cannot bring in values no constructor takes.
         """
 
+    @staticmethod
+    def check_loaded_group(group: Mapping[str, Any]) -> None:
+        """Raise a ValueError for a loaded group's values that the constructor takes, as
+        torch's does, but with which no step can run (torch loads them and fails in
+        ``step()``), so that ``load_state_dict`` refuses them and changes nothing."""
+
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
         """Bring one parameter's state from an older format to the current one, in place."""
 
@@ -1088,6 +1094,7 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             _checks.check_same_kind(f"param_groups[{i}][{key!r}]", group[key], value)
         self.check_hyperparameters(new_group)
+        self.check_loaded_group(new_group)
         new_group["params"] = group["params"]
         if "param_names" in group and "param_names" not in new_group:
             new_group["param_names"] = group["param_names"]

@@ -213,3 +213,49 @@ def test_a_fused_step_refuses_a_gradient_of_another_dtype_as_torchs(name: str) -
         if module is polyak:
             assert _same(_snapshot(opt, params), before)
     assert messages[1] == messages[0] == "expected scalar type Float but found Double"
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value"),
+    [
+        ("LBFGS", "history_size", -1),
+        ("LBFGS", "history_size", 0),
+        ("LBFGS", "history_size", float("nan")),
+        ("LBFGS", "history_size", float("inf")),
+        ("Muon", "ns_steps", -1.0),
+        ("Muon", "ns_steps", float("nan")),
+        ("Muon", "ns_steps", float("inf")),
+        ("Muon", "ns_steps", torch.tensor(5)),
+        ("Muon", "ns_steps", 100),
+    ],
+    ids=str,
+)
+def test_a_loaded_value_no_step_runs_with_is_refused_unchanged(
+    name: str, key: str, value: Any
+) -> None:
+    """torch's constructor takes these and its step fails on them; polyak's load refuses them
+    with a ValueError, and the optimizer is as it was."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = getattr(polyak, name)([p])
+    saved = opt.state_dict()
+    saved["param_groups"][0][key] = value
+    before = dict(opt.param_groups[0])
+    with pytest.raises(ValueError, match=f"Invalid {key}"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0] == before
+
+
+def test_a_muon_checkpoint_with_negative_ns_steps_runs_as_torchs() -> None:
+    """A negative whole number runs no Newton-Schulz iteration in torch: it loads and steps."""
+    results = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = module.Muon([p])
+        saved = opt.state_dict()
+        saved["param_groups"][0]["ns_steps"] = -1
+        opt.load_state_dict(saved)
+        p.grad = torch.randn(4, 3)
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])

@@ -125,6 +125,14 @@ class LBFGS(Optimizer, torch.optim.LBFGS):
         if not 0.0 <= group["lr"]:
             raise ValueError(f"Invalid learning rate: {group['lr']}")
 
+    @staticmethod
+    def check_loaded_group(group: Mapping[str, Any]) -> None:
+        """A loaded ``history_size`` is a whole number of at least 1: torch's step fails on
+        any other (IndexError, TypeError)."""
+        size = group["history_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"Invalid history_size: {size!r} (expected an int >= 1)")
+
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
         """Check the state a checkpoint gives, before anything is loaded: torch.optim loads any
         and fails in ``step()``. Once an iteration has run (``n_iter`` > 0) the history must be

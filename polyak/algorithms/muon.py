@@ -116,6 +116,15 @@ class Muon(Optimizer, torch.optim.Muon):
                     )
 
     @staticmethod
+    def check_loaded_group(group: Mapping[str, Any]) -> None:
+        """A loaded ``ns_steps`` is a whole number below 100: torch's step fails on any other
+        (a float or a tensor in ``range``, 100 or more by its own check). A negative one runs
+        no iteration, in torch as here."""
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps >= 100:
+            raise ValueError(f"Invalid ns_steps: {steps!r} (expected an int below 100)")
+
+    @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
         """Muon's checks of its numbers, in torch.optim's order and wording."""
         lr = group["lr"]
