@@ -139,3 +139,22 @@ def test_an_unknown_rounding_declines_the_flat_path(monkeypatch: pytest.MonkeyPa
     assert all(e.plan is None for e in opt.__dict__.get("_flat_entries", {}).values())
     for p, q in zip(params, ref_params, strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_probe_that_fails_declines_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch's kernels cannot be asked (an operation raising in some build), the answer
+    is a reason, not an exception in the step."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(_dispatch, "_fma", broken)
+    _dispatch._rounding.cache_clear()
+    try:
+        found = _dispatch.rounding(torch.float32)
+        assert isinstance(found, str) and "could not be asked" in found
+        assert "no kernel for this" in found
+    finally:
+        monkeypatch.undo()
+        _dispatch._rounding.cache_clear()
+    assert isinstance(_dispatch.rounding(torch.float32), _dispatch.Rounding)
