@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -28,13 +27,11 @@ def upgrade_step(entry: dict[str, Any], param: Tensor, on_device: bool) -> None:
     """Turn a step counter kept as a Python number (older torch checkpoints) into a tensor.
 
     Raises:
-        ValueError: the step is negative or not finite, which no training makes.
+        ValueError: a step no training makes (see :func:`polyak._checks.check_state_step`).
     """
     step = entry.get("step")
-    if isinstance(step, (int, float)) or (torch.is_tensor(step) and step.numel() == 1):
-        value = float(step)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"Invalid step {value}: a step count is a finite number >= 0")
+    if step is not None:
+        _checks.check_state_step(step)
     if step is not None and not torch.is_tensor(step):
         entry["step"] = torch.tensor(
             float(step), dtype=scalar_dtype(), device=param.device if on_device else None

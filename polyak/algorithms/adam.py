@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -156,17 +155,12 @@ class Adam(Optimizer, torch.optim.Adam):
         """Checkpoints of old torch versions kept the step as a Python number.
 
         Raises:
-            ValueError: the step is negative or not finite, which no training makes; torch.optim
-                loads it and fails in ``step()``.
+            ValueError: a step no training makes (see :func:`polyak._checks.check_state_step`);
+                torch.optim loads it and fails in ``step()``.
         """
         step = entry.get("step")
-        if isinstance(step, str):
-            # torch.optim reads a string as a sequence of characters, which no number is.
-            raise ValueError(f"Invalid step {step!r}: a step count is a finite number >= 0")
-        if isinstance(step, (int, float)) or (torch.is_tensor(step) and step.numel() == 1):
-            value = float(step)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"Invalid step {value}: a step count is a finite number >= 0")
+        if step is not None:
+            _checks.check_state_step(step)
         if step is not None and not torch.is_tensor(step):
             on_device = group["capturable"] or group["fused"]
             entry["step"] = torch.tensor(
