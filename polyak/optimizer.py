@@ -487,8 +487,8 @@ class Optimizer(torch.optim.Optimizer):
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         with _recorded(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
             # Only a kernel loaded already: clearing gradients starts no build (on a GPU, none
-            # is needed).
-            vm = _native.loaded() if set_to_none and not torch.compiler.is_compiling() else None
+            # is needed). This body never runs traced (see zero_grad).
+            vm = _native.loaded() if set_to_none else None
             if vm is not None and not torch._C._is_torch_function_mode_enabled():
                 # One call clears plain tensors' gradients, at a few nanoseconds each rather
                 # than the Python setter's hundred or so.

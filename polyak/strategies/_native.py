@@ -20,7 +20,6 @@ the kernel cannot be had, one warning names the cause and the fix. ``POLYAK_NATI
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -32,7 +31,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +99,6 @@ def _import(library: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold ``path`` locked against other processes; the lock dies with its holder."""
-    with open(path, "a+b") as handle:
-        try:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # no flock (Windows): builds may race, each renames its result
-            pass
-        yield
 
 
 #: Builds the kernel ``name`` from ``source`` into ``folder`` (argv[1:4]) with the flags after.
@@ -273,11 +259,11 @@ def _start(wait: bool) -> None:
     global _builder, _failed
     if _builder is not None:
         return
-    missing = missing_tools()
-    if missing is not None:
-        _failed = missing
+    launched = _launch()
+    if isinstance(launched, str):  # no compiler, no ninja, no writable folder: nothing started
+        _failed = launched
         return
-    said = f"polyak: building the flat kernel into {_folders()[0]}"
+    said = f"polyak: building the flat kernel into {launched[1]}"
     if wait:
         said += " (once per machine, about a minute)"
     else:
@@ -287,7 +273,6 @@ def _start(wait: bool) -> None:
             "ready"
         )
     print(said, file=sys.stderr, flush=True)
-    launched = _launch()
     _builder = threading.Thread(
         target=_finish, args=(launched,), name="polyak-build-kernel", daemon=True
     )

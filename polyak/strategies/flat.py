@@ -524,14 +524,12 @@ def forget(optimizer: Any) -> None:
     optimizer.__dict__.pop("_flat_entries", None)
 
 
-def build_ahead(tick: Any = None, classes: list[Any] | None = None) -> tuple[bool, list[str]]:
-    """Build the kernel, and compile the default program of each optimizer class for float32
-    and float64, waiting for all of it.
+def build_ahead(tick: Any = None) -> tuple[bool, list[str]]:
+    """Build the kernel, and compile the default program of every elementwise optimizer class
+    polyak has loaded for float32 and float64, waiting for all of it.
 
     Args:
         tick: while the kernel builds, called about once a second with the seconds so far.
-        classes: the optimizer classes whose programs to compile (default: every elementwise
-            :class:`polyak.Optimizer` subclass defined so far).
 
     Returns:
         Whether the kernel is available, and lines saying what was built and where.
@@ -544,7 +542,7 @@ def build_ahead(tick: Any = None, classes: list[Any] | None = None) -> tuple[boo
     lines.append(f"numbers {_dispatch.describe()}")
     mode = _codegen.sqrt_mode(vm)
     lines.append(f"sqrt in compiled programs: {_codegen.SQRT_NAMES[mode]}")
-    for cls in _optimizer_classes() if classes is None else classes:
+    for cls in _optimizer_classes():
         if not getattr(cls, "elementwise", False):
             continue  # no program to compile (Adafactor, LBFGS, Muon)
         for dtype in _FLOATS:
