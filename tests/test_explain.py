@@ -178,3 +178,34 @@ def test_a_bucket_that_cannot_run_leaves_the_others_flat_and_steps_the_rest_once
     assert not group.flat and group.reason.startswith("its float64 parameters")
     for p, q in zip(mine, theirs, strict=True):
         assert torch.equal(p, q)
+
+
+@needs_kernel
+def test_a_group_on_two_devices_runs_its_cpu_parameters_flat() -> None:
+    """A group holding CPU parameters and parameters elsewhere (meta here, as CUDA ones): the
+    CPU bucket runs flat with torch's numbers, the other is stepped by torch's operations, and
+    explain names it."""
+    gen = torch.Generator().manual_seed(5)
+    cpu = [torch.nn.Parameter(torch.randn(37, generator=gen)) for _ in range(2)]
+    elsewhere = torch.nn.Parameter(torch.randn(37, device="meta"))
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in cpu]
+    opt = polyak.Adam([cpu[0], elsewhere, cpu[1]], amsgrad=True)
+    ref = torch.optim.Adam(twins, amsgrad=True)
+    for _ in range(4):
+        for p, q in zip(cpu, twins, strict=True):
+            g = torch.randn(37, generator=gen)
+            p.grad, q.grad = g, g.clone()
+        elsewhere.grad = torch.ones(37, device="meta")
+        opt.step()
+        ref.step()
+    for p, q in zip(cpu, twins, strict=True):
+        assert torch.equal(p, q)
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    assert set(opt.state[elsewhere]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    entry = opt._flat_entries[id(opt.param_groups[0])]  # type: ignore[attr-defined]
+    (cpu_bucket, cpu_cache), (other, _) = entry.buckets
+    assert [id(p) for p in cpu_bucket] == [id(p) for p in cpu]
+    assert [id(p) for p in other] == [id(elsewhere)] and cpu_cache[0].plan is not None
+    (group,) = polyak.explain(opt).groups
+    assert not group.flat and group.reason.startswith("its meta float32 parameters: parameters")

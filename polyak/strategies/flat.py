@@ -124,14 +124,23 @@ def ineligible_reason(group: dict[str, Any]) -> str:
     return "foreach=False asks for the for-loop path (leave it unset for the flat kernel)"
 
 
+def _bucket_name(p: Tensor) -> str:
+    """A bucket's name in reasons: its dtype, and its device where that is not the CPU."""
+    dtype = str(p.dtype).replace("torch.", "")
+    return dtype if p.is_cpu else f"{p.device.type} {dtype}"
+
+
 def _bucketed(optimizer: Any, params: list[Tensor], allowed: Any, unfit: Any) -> _Entry:
-    """The entry of a group whose parameters have several dtypes: one bucket per dtype, each
-    run by a plan of its own (made at its first step)."""
-    buckets: dict[torch.dtype, list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault(p.dtype, []).append(p)
-    names = " and ".join(str(d).replace("torch.", "") for d in buckets)
-    refused = [str(d).replace("torch.", "") for d in buckets if d not in allowed]
+    """The entry of a group whose parameters have several dtypes or devices: one bucket per
+    (device, dtype), as torch's foreach and fused paths bucket, each run by a plan of its own
+    (made at its first step). The CPU's buckets come first; the others decline the kernel and
+    are stepped by torch's operations after them."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in sorted(params, key=lambda p: not p.is_cpu):  # stable: the group's order within
+        buckets.setdefault((p.device, p.dtype), []).append(p)
+    on_cpu = [b for b in buckets.values() if b[0].is_cpu]
+    names = " and ".join(_bucket_name(b[0]) for b in buckets.values())
+    refused = [_bucket_name(b[0]) for b in on_cpu if b[0].dtype not in allowed]
     if refused:
         return cast(
             _Entry,
@@ -143,7 +152,7 @@ def _bucketed(optimizer: Any, params: list[Tensor], allowed: Any, unfit: Any) ->
     # Parameters of two dtypes on one memory (views of another dtype) would be updated by two
     # plans, which check overlaps within themselves only.
     try:
-        storages = [{p.untyped_storage().data_ptr() for p in b} for b in buckets.values()]
+        storages = [{p.untyped_storage().data_ptr() for p in b} for b in on_cpu]
     except (RuntimeError, NotImplementedError):  # a subclass that shows no storage
         return cast(_Entry, unfit(f"the group mixes {names} parameters of a tensor subclass"))
     if sum(len(s) for s in storages) != len(set().union(*storages)):
@@ -186,7 +195,7 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         return unfit("the group has no parameters")
     # Nothing of the CPU kernel starts for parameters elsewhere.
     elsewhere = _device_reason(params)
-    if elsewhere is not None:
+    if elsewhere is not None and not any(p.is_cpu for p in params):
         return unfit(elsewhere)
     vm = _native.load()
     if vm is None:
@@ -197,7 +206,7 @@ def _build(optimizer: Any, group: dict[str, Any]) -> _Entry:
         return unfit("a parameter is listed twice in the group, and is stepped twice in turn")
     dtype = params[0].dtype
     allowed = _FLOATS + _HALVES if group.get("fused") else _FLOATS
-    if any(p.dtype != dtype for p in params):
+    if elsewhere is not None or any(p.dtype != dtype for p in params):
         return _bucketed(optimizer, params, allowed, unfit)
     if dtype not in allowed:
         name = str(dtype).replace("torch.", "")
@@ -477,8 +486,8 @@ def _run_buckets(
         ran = _run(optimizer, {**group, "params": bucket}, sub_cache, 0)
         if ran is not True:
             sub = sub_cache.get(0)
-            name = str(bucket[0].dtype).replace("torch.", "")
-            entry.reason = f"its {name} parameters: {sub.reason if sub else _REFUSED}"
+            reason = sub.reason if sub else _REFUSED
+            entry.reason = f"its {_bucket_name(bucket[0])} parameters: {reason}"
             return False if i == 0 else [p for b, _ in entry.buckets[i:] for p in b]
     entry.reason = ""
     return True
