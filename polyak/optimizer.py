@@ -548,6 +548,11 @@ class Optimizer(torch.optim.Optimizer):
             rest: list[Tensor] | None = None  # the parameters left to step (None: all)
             if runs_flat and flat.eligible(group):
                 ran = flat.step(self, group, grad_scale)
+                if ran is False and group.get("fused") and flat.awaits_state(self, group):
+                    # torch's fused kernels round as the flat kernel does, not as the reference
+                    # path: the first step, too, runs flat, on the state made for it here.
+                    self._make_state(group)
+                    ran = flat.step(self, group, grad_scale)
                 if ran is True:
                     continue
                 _explain.warn_fallback(self, group)
@@ -574,6 +579,13 @@ class Optimizer(torch.optim.Optimizer):
         if params:
             grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
             self._step_params(group, params, grads, grad_scale)
+
+    def _make_state(self, group: dict[str, Any]) -> None:
+        """Check a step of ``group`` and create the state of its parameters stepped for the
+        first time, as the step would, without updating anything."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            self._gather(group, params, [p.grad for p in params])  # type: ignore[misc]
 
     def _step_params(
         self,

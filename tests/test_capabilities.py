@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CAPABILITIES = ("default", "avx2", "avx512", "sve256")
 #: The bit-exactness tests against torch.
 EXACTNESS = "bit_identical or nan_bits or the_inline_sqrt"
-_TESTS = ("tests/test_compiled.py", "-k", EXACTNESS)
+_TESTS = ("tests/test_compiled.py", "tests/test_fused.py", "-k", EXACTNESS)
 
 
 @functools.cache

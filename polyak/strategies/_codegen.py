@@ -60,7 +60,9 @@ from polyak.strategies._trace import (
     V_FILL,
     V_LERP,
     V_MAX,
+    V_MAXF,
     V_MUL,
+    V_MULADD,
     V_MULV,
     V_NEG,
     V_RECIP,
@@ -78,7 +80,7 @@ SQRT_NAMES = {
     SQRT_MKL_CALL: "MKL, called per block",
 }
 #: Bumped whenever the generated code changes meaning, so that old builds are not reused.
-_VERSION = 6
+_VERSION = 7
 # The kernel's flags (every rounding the one written), for a plain shared library.
 _FLAGS = [*_native.FLAGS, "-fno-trapping-math", "-fPIC", "-shared"]
 #: Whether an element lies in the scalar tail of torch's chunk (see _vm.cpp's Work).
@@ -106,6 +108,11 @@ _STATEMENTS = {
     # of its chunks (which also keeps the first of two equal values).
     V_MAX: "(({a} != {a}) | ({b} != {b})) ? (" + _TAIL_TEST + " ? pk_qnan : {body_nan}) "
     ": (" + _TAIL_TEST + " ? ({a} < {b} ? {b} : {a}) : ({a} > {b} ? {a} : {b}))",
+    # torch's fused kernels (see _trace.fused_form): the body's rounding of a * s + b * c,
+    # and past the tail what the compiler made of its scalar C++; maximum there is std::max.
+    V_MULADD: "(" + _TAIL_TEST + " ? {fma}({a}, {s}, {b} * {c}) : {fma}({b}, {c}, {a} * {s}))",
+    V_MAXF: "(" + _TAIL_TEST + " ? ({a} < {b} ? {b} : {a}) : ((({a} != {a}) | ({b} != {b})) "
+    "? {body_nan} : ({a} > {b} ? {a} : {b})))",
     V_COPY: "{a}",
     V_MULV: "{a} * {b}",
     V_DIVV: "{a} / {b}",

@@ -197,6 +197,72 @@ def _zeros_split_at(dtype: torch.dtype, n: int, body: int) -> bool:
     return True
 
 
+def fused_width(dtype: torch.dtype) -> int | str:
+    """Elements per step of the vector body of torch's fused CPU kernels (``fused=True``) for
+    ``dtype``: the scalar tail is the last ``numel % width`` elements of each tensor. A reason
+    where it cannot be told, or their tail rounds in a way the kernel does not know."""
+    return _fused_width(capability(), dtype)
+
+
+@functools.cache
+def _fused_width(cap: str, dtype: torch.dtype) -> int | str:
+    try:
+        with torch.no_grad(), _one_thread():
+            return _fused_adam_width(dtype)
+    except Exception as error:  # a build of torch without these kernels, or other ones
+        return f"torch's {cap} fused kernels could not be asked how they round ({error})"
+
+
+def _fused_adam_width(dtype: torch.dtype) -> int | str:
+    """One AMSGrad step of torch's fused Adam on NaN gradients: its vector body's maximum
+    writes NaN, its scalar tail's ``std::max`` keeps the old maximum (1). And one on numbers,
+    whose tail must round ``v * beta2 + (1 - beta2) * g * g`` as ``fma(v, beta2, ...)`` where
+    torch's kernels fuse (else both products apart), as :func:`polyak.strategies._trace.
+    fused_form` has it."""
+    n = 127  # one less than a power of two: the tail is one less than the width
+    zeros = [torch.zeros(n, dtype=dtype) for _ in range(3)]
+    maxima = torch.ones(n, dtype=dtype)
+    torch._fused_adam_(
+        [zeros[0]], [torch.full((n,), float("nan"), dtype=dtype)], [zeros[1]], [zeros[2]],
+        [maxima], [torch.ones((), dtype=torch.float32)], lr=0.1, beta1=0.9, beta2=0.99,
+        weight_decay=0.0, eps=1e-8, amsgrad=True, maximize=False,
+    )  # fmt: skip
+    kept = maxima == 1
+    body = int((~kept).sum())
+    unknown = f"torch's {capability()} fused kernels split their body and tail in an unknown way"
+    if not bool(kept[body:].all()) or not bool(maxima[:body].isnan().all()):
+        return unknown
+    width = n - body + 1
+    if width & (width - 1) or width > n:
+        return unknown
+    # The tail's rounding, on one tail's worth of numbers (the whole tensor is tail).
+    found = rounding(dtype)
+    if isinstance(found, str):
+        return found
+    gen = torch.Generator().manual_seed(0)
+    m = width - 1
+    g, v = (torch.randn(m, generator=gen, dtype=torch.float64) for _ in range(2))
+    g, v = g.to(dtype), (v * v).to(dtype)
+    out = v.clone()
+    torch._fused_adam_(
+        [torch.zeros(m, dtype=dtype)], [g.clone()], [torch.zeros(m, dtype=dtype)], [out], [],
+        [torch.ones((), dtype=torch.float32)], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0,
+        eps=1e-8, amsgrad=False, maximize=False,
+    )  # fmt: skip
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    beta2, coefficient = torch.tensor(0.99, dtype=compute), torch.tensor(1 - 0.99, dtype=compute)
+    g, v = g.to(compute), v.to(compute)
+    added = (coefficient * g) * g
+    if found.fma and compute == torch.float32:
+        # The float64 product of two floats is exact; its sum rounds twice at worst.
+        expected = (v.double() * beta2.double() + added.double()).float()
+        if int((expected.to(dtype) != out).sum()) > 1:
+            return unknown.replace("split their body and tail", "round their tail")
+    elif not found.fma and not torch.equal((v * beta2 + added).to(dtype), out):
+        return unknown.replace("split their body and tail", "round their tail")
+    return width
+
+
 def describe(dtype: torch.dtype = torch.float32) -> str:
     """How torch's kernels round ``dtype`` here, in words, as the flat kernel follows it."""
     found = rounding(dtype)

@@ -41,6 +41,10 @@ V_LT, V_LE, V_GT, V_GE, V_EQ, V_NE = range(17, 23)
 #: ``d = c ? b : a`` with ``c`` a mask (``b`` or the scalar); ``d = s ? b : a`` with ``s`` a
 #: per-tensor condition of the scalar program; ``d = s``.
 V_SELECT, V_SELS, V_FILL = 23, 24, 25
+#: The forms of torch's fused kernels (see :func:`fused_form`): ``d = a * s + b * c``, rounded
+#: as their vector body rounds it and, past ``tail``, as their scalar tail does; and maximum,
+#: which their scalar tail takes as ``std::max``.
+V_MULADD, V_MAXF = 26, 27
 S_CONST, S_ADD, S_SUB, S_MUL, S_DIV, S_POW, S_NEG, S_LOAD, S_STORE = range(9)
 #: ``d = a`` rounded to float32; ``d = a`` rounded to the dtype of scalar state ``b``.
 S_F32, S_ROUND = 9, 10
@@ -662,6 +666,92 @@ def trace(
         stored=sorted({ins[1] for ins in code.vcode if ins[1] < n_bound}),
         guards=code.guards,
     )
+
+
+def fused_form(program: Program) -> Program:
+    """``program`` as torch's fused CPU kernels (``fused=True``) round it.
+
+    Their vector body rounds as torch's per-tensor kernels do, but their scalar tail, the last
+    ``numel % width`` elements of each tensor, is plain C++ that the compiler contracts on its
+    own: ``x = x * s1; x = x + y * s2`` there becomes ``fma(x, s1, y * s2)``, the first product
+    fused where the body fuses the second; and ``maximum`` there is ``std::max``, which keeps
+    its first operand where the other is NaN. A multiply by a number whose result is only
+    added to by the next instruction that touches it becomes one :data:`V_MULADD` (the added
+    product's number spread over a register of its own where it is a number), and each
+    maximum a :data:`V_MAXF`; the kernel rounds each as the body or as the tail by where the
+    element lies.
+    """
+    vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
+    n_vregs = program.n_vregs
+    out: list[tuple[int, ...]] = []
+    k = 0
+    while k < len(vcode):
+        ins = vcode[k]
+        if ins[0] == V_MAX:
+            out.append((V_MAXF, *ins[1:]))
+            k += 1
+            continue
+        fused = _mul_then_add(vcode, k, program.stored)
+        if fused is None or n_vregs >= MAX_VREGS:
+            out.append(ins)
+            k += 1
+            continue
+        later, between = fused
+        _, _, a, _, _, s1 = ins
+        op2, d2, _, b2, c2, s2 = vcode[later]
+        spare = n_vregs
+        n_vregs += 1
+        out.extend(between)
+        if op2 == V_ADD:  # d1 + b2 * s2
+            out.append((V_FILL, spare, -1, -1, -1, s2))
+            out.append((V_MULADD, d2, a, b2, spare, s1))
+        else:  # V_ADDCMUL: d1 + (s2 * b2) * c2
+            out.append((V_MUL, spare, b2, -1, -1, s2))
+            out.append((V_MULADD, d2, a, spare, c2, s1))
+        k = later + 1
+    return Program(
+        vcode=torch.tensor(out, dtype=torch.int64).reshape(-1, 6),
+        scode=program.scode,
+        n_sregs=program.n_sregs,
+        n_vregs=n_vregs,
+        stored=program.stored,
+        guards=program.guards,
+    )
+
+
+def _mul_then_add(
+    vcode: list[tuple[int, ...]], k: int, stored: list[int]
+) -> tuple[int, list[tuple[int, ...]]] | None:
+    """Where ``vcode[k]`` multiplies by a number a value that the next instruction touching
+    its result adds a product to (``V_ADD`` or ``V_ADDCMUL``, which read nothing else of it),
+    that instruction's index and the instructions in between (which neither read nor write
+    the product or its operand); else None. A product kept in memory (its register stored,
+    unless the addition writes it again) is left as it is."""
+    op, d1, a1, _, _, _ = vcode[k]
+    if op != V_MUL:
+        return None
+    between: list[tuple[int, ...]] = []
+    for later in range(k + 1, len(vcode)):
+        ins = vcode[later]
+        reads = [r for r in ins[2:5] if r >= 0]
+        if d1 in reads or ins[1] == d1:
+            if ins[0] not in (V_ADD, V_ADDCMUL) or ins[2] != d1 or d1 in ins[3:5]:
+                return None
+            if ins[1] != d1:
+                if d1 in stored:
+                    return None
+                # The product is read again after the addition, before anything replaces it:
+                # it must stay.
+                for rest in vcode[later + 1 :]:
+                    if d1 in rest[2:5]:
+                        return None
+                    if rest[1] == d1:
+                        break
+            return later, between
+        if ins[1] == a1:
+            return None
+        between.append(ins)
+    return None
 
 
 def _explore(run: Callable[[list[bool]], _Code], decisions: list[bool], n_bound: int) -> _Code:

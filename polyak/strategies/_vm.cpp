@@ -111,6 +111,11 @@ enum VOp : int64_t {
   V_SELECT = 23,  // d = c ? (b or s) : a      masked_fill, where
   V_SELS = 24,    // d = s ? b : a             s a per-tensor condition of the scalar program
   V_FILL = 25,    // d = s
+  // torch's fused kernels (see fused_form in _trace.py): d = a * s + b * c, rounded as their
+  // vector body (fma(b, c, a * s)) or, in their scalar tail, as the compiler contracts it
+  // (fma(a, s, b * c)); and maximum, std::max in their tail.
+  V_MULADD = 26,
+  V_MAXF = 27,
 };
 
 // Scalar opcodes, double precision.
@@ -230,6 +235,23 @@ void run_block(const int64_t* code, int64_t n_code, T* const* reg, const double*
           } else {
             d[j] = in_tail ? (a[j] < b[j] ? b[j] : a[j]) : (a[j] > b[j] ? a[j] : b[j]);
           }
+        }
+        break;
+      case V_MAXF:
+        for (int64_t j = 0; j < len; ++j) {
+          if (first + j >= tail) {
+            d[j] = a[j] < b[j] ? b[j] : a[j];
+          } else if (a[j] != a[j] || b[j] != b[j]) {
+            d[j] = rounding.max_keep ? (a[j] != a[j] ? a[j] : b[j]) : all_ones<T>();
+          } else {
+            d[j] = a[j] > b[j] ? a[j] : b[j];
+          }
+        }
+        break;
+      case V_MULADD:
+        for (int64_t j = 0; j < len; ++j) {
+          d[j] = first + j >= tail ? mad(a[j], s, b[j] * c[j], fma)
+                                   : mad(b[j], c[j], a[j] * s, fma);
         }
         break;
       case V_COPY:
@@ -363,6 +385,10 @@ struct Plan {
   // apart, and how its kernels round (see Rounding).
   int64_t vector_bytes = 64;
   Rounding rounding;
+  // Whether the scalar tail is the last numel % width elements of each whole tensor, as in
+  // torch's fused kernels (whose threads split tensors at multiples of their vector width),
+  // rather than of each of its thread's chunks, as in torch's per-tensor kernels.
+  bool whole_tail = false;
 };
 
 // Return codes of step().
@@ -751,7 +777,8 @@ const std::vector<Work>& work_items(Plan& plan, int64_t torch_threads, int64_t w
     int64_t chunk_start = 0;
     do {
       const int64_t chunk_end = std::min(numel, chunk_start + span);
-      const int64_t tail = chunk_end - (chunk_end - chunk_start) % width;
+      const int64_t tail = plan.whole_tail ? numel - numel % width
+                                           : chunk_end - (chunk_end - chunk_start) % width;
       int64_t start = chunk_start;
       do {
         work.push_back({i, start, std::min(chunk_end, start + kChunk), tail});
@@ -883,6 +910,8 @@ int64_t step_typed(Plan& plan) {
 // program can be loaded for are compared by value; anything else is the same only if it is
 // the same object.
 bool same_value(PyObject* a, PyObject* b) {
+  // A tensor (a fused step's lr) may have changed in place: its number is read again.
+  if (THPVariable_Check(a)) return false;
   if (a == b) return true;
   if (Py_TYPE(a) != Py_TYPE(b)) return false;
   if (PyFloat_CheckExact(a)) {
@@ -916,6 +945,17 @@ bool renumber(PyObject* now, PyObject* before, std::vector<double>& out) {
       return false;
     }
     out.push_back(v);
+    return true;
+  }
+  if (THPVariable_Check(before)) {
+    // A one-element tensor of a fused step, which torch's fused kernels read as a number.
+    if (!THPVariable_Check(now)) return false;
+    const at::Tensor& t = THPVariable_Unpack(now);
+    if (!t.device().is_cpu() || t.numel() != 1 || !at::isFloatingType(t.scalar_type()) ||
+        t.requires_grad() || t.is_sparse()) {
+      return false;
+    }
+    out.push_back(t.item<double>());
     return true;
   }
   if (PyTuple_CheckExact(before)) {
@@ -1105,7 +1145,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,
               std::optional<std::vector<std::tuple<int64_t, int64_t, double, bool>>> checks,
-              std::shared_ptr<Kernel> kernel, bool exact_sqrt) {
+              std::shared_ptr<Kernel> kernel, bool exact_sqrt, int64_t vector_bytes,
+              bool whole_tail) {
              TORCH_CHECK(n_vregs <= kMaxRegs, "update rule needs too many registers");
              plan.guards.reset();
              if (checks) {
@@ -1130,7 +1171,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.disjoint_numel.clear();
              plan.kernel = std::move(kernel);
              plan.exact_sqrt = exact_sqrt;
-           })
+             plan.vector_bytes = vector_bytes;
+             plan.whole_tail = whole_tail;
+           },
+           pybind11::arg("vcode"), pybind11::arg("scode"), pybind11::arg("n_sregs"),
+           pybind11::arg("n_vregs"), pybind11::arg("stored"), pybind11::arg("checks"),
+           pybind11::arg("kernel"), pybind11::arg("exact_sqrt"), pybind11::arg("vector_bytes"),
+           pybind11::arg("whole_tail") = false)
       .def("load_numbers",
            [](Plan& plan, pybind11::dict group, std::vector<double> numbers) {
              plan.hyper_items.clear();

@@ -349,6 +349,8 @@ def _program(
         _programs[key] = None
         entry.reason = f"{_UNTRACEABLE} ({error})"
         return None
+    if hyper.get("fused"):
+        program = _trace.fused_form(program)
     traced.append(program)
     return program
 
@@ -362,6 +364,8 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
     """Load the group's hyperparameters into its plan, and the program for them where the one
     loaded does not serve them; False if no program can run them."""
     hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
+    if group.get("fused"):
+        hyper = {k: _as_number(v) for k, v in hyper.items()}
     parts = _trace.split(hyper)
     if parts is None:
         entry.reason = (
@@ -378,6 +382,16 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
             return False
         vm = _native.load()
         exact_sqrt = bool(group.get("fused"))
+        dtype = group["params"][0].dtype
+        assert entry.rounding is not None
+        vector_bytes = entry.rounding.width * dtype.itemsize
+        if exact_sqrt:
+            # torch's fused kernels: a vector body of their own width, and a tail per tensor.
+            width = _dispatch.fused_width(dtype)
+            if isinstance(width, str):
+                entry.reason = width
+                return False
+            vector_bytes = width * dtype.itemsize
         entry.kernel_slot = _codegen.kernel(
             vm,
             program,
@@ -395,10 +409,30 @@ def _load(optimizer: Any, entry: _Entry, group: dict[str, Any]) -> bool:
             program.checks,
             entry.kernel_slot,
             exact_sqrt,
+            vector_bytes,
+            exact_sqrt,
         )
         entry.loaded = (structure, program)
     entry.plan.load_numbers(group, numbers)
     return True
+
+
+def _as_number(value: Any) -> Any:
+    """A one-element floating-point tensor on the CPU as the number it holds, which torch's
+    fused CPU kernels take it as (``lr.item()``); tuples of them likewise; anything else as
+    it is."""
+    if isinstance(value, tuple):
+        return tuple(_as_number(v) for v in value)
+    if (
+        type(value) is Tensor
+        and value.device.type == "cpu"
+        and value.numel() == 1
+        and value.is_floating_point()
+        and not value.requires_grad
+        and not value.is_sparse
+    ):
+        return value.item()
+    return value
 
 
 def step(
@@ -524,6 +558,14 @@ def last_path(optimizer: Any, group: dict[str, Any]) -> tuple[bool, bool, str]:
         return False, False, entry.reason
     slot = entry.kernel_slot
     return True, bool(slot is not None and slot.ready), ""
+
+
+def awaits_state(optimizer: Any, group: dict[str, Any]) -> bool:
+    """Whether ``group``'s last step could not run flat only because parameters had no state
+    yet (see :data:`FIRST_STEP`)."""
+    cache: dict[int, _Entry] = optimizer.__dict__.get("_flat_entries") or {}
+    entry = cache.get(id(group))
+    return entry is not None and entry.reason == FIRST_STEP
 
 
 def forget(optimizer: Any) -> None:
