@@ -18,9 +18,10 @@ which autograd cannot see through.
 from __future__ import annotations
 
 import contextvars
+import sys
 from collections.abc import Callable, Iterator
 from itertools import repeat
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -206,7 +207,10 @@ def _operand(x: Tensor, s: Scale) -> Scale:
     if held is None:
         if torch.is_grad_enabled():
             return s
-        held = _OPERANDS[key] = torch.tensor(s, dtype=dtype)
+        # Made unseen by dispatch modes: it outlives the step, and a mode that watches one
+        # (MemTracker) would file it as the optimizer's state, which torch's step lacks.
+        with torch._C._DisableTorchDispatch():
+            held = _OPERANDS[key] = torch.tensor(s, dtype=dtype)
     elif held is _ABSENT:
         if len(_OPERANDS) >= _MOST_OPERANDS:
             _OPERANDS.clear()
@@ -272,10 +276,71 @@ def measured(xs: list[Tensor]) -> list[Any]:
         return list(xs)
     if any(x.is_meta for x in xs):
         return [0.0 if x.is_meta else x.item() for x in xs]
-    if len(xs) > 1 and not torch.is_grad_enabled():
+    if len(xs) > 1 and not torch.is_grad_enabled() and all(map(_plain, xs)):
         # One copy and one conversion for the whole list: stacking widens at most, exactly.
         return torch.stack(xs).tolist()  # type: ignore[no-any-return]
-    return [x.item() for x in xs]
+    # One at a time: a tensor subclass has no ``tolist``; a distributed one is made whole.
+    return [x.item() if _plain(x) else _whole(x).item() for x in xs]
+
+
+def _plain(x: Tensor) -> bool:
+    return type(x) is Tensor or type(x) is torch.nn.Parameter
+
+
+def whole(xs: list[Tensor]) -> list[Tensor]:
+    """Each x, a distributed tensor (DTensor) that holds a reduction not yet made across its
+    shards (a ``Partial`` placement: a norm or mean over a sharded dimension) made whole
+    (``Replicate``) on the dimensions of the mesh it is partial on; any other as it is.
+
+    A rule reduces over a parameter's dimensions and goes on in place (Adafactor's factors):
+    DTensor refuses in-place operations on a partial tensor, and reading a number from one
+    makes the reduction first. Across one rank the reduction is the value itself, which is
+    taken as it is: DTensor's own would round a norm's (its square, summed, and its root).
+    """
+    return [x if _plain(x) else _whole(x) for x in xs]
+
+
+def placed_like(xs: list[Tensor], likes: list[Tensor]) -> list[Tensor]:
+    """Each x, a distributed tensor placed unlike the distributed tensor at its place in
+    ``likes``, redistributed to that one's placements; any other as it is.
+
+    A rule that computes a parameter's update from tensors of other layouts (Adafactor's
+    factors) may get it replicated where the parameter is sharded along a dimension smaller
+    than the mesh, which DTensor cannot add in place: it is laid out as the parameter first,
+    each rank keeping its own part (no communication).
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return xs
+    out = []
+    for x, like in zip(xs, likes, strict=True):
+        if (
+            isinstance(x, module.DTensor)
+            and isinstance(like, module.DTensor)
+            and x.placements != like.placements
+        ):
+            x = x.redistribute(like.device_mesh, like.placements)
+        out.append(x)
+    return out
+
+
+def _whole(x: Tensor) -> Tensor:
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor: Any = x
+    if module is None or not isinstance(dtensor, module.DTensor):
+        return x  # no DTensor exists where the module was never loaded
+    placements = dtensor.placements
+    if not any(p.is_partial() for p in placements):
+        return x
+    mesh = dtensor.device_mesh
+    made = [module.Replicate() if p.is_partial() else p for p in placements]
+    if x.is_meta or all(mesh.size(i) == 1 for i, p in enumerate(placements) if p.is_partial()):
+        # Across one rank (or on a stand-in, which holds nothing) the value is the reduction.
+        made_whole = module.DTensor.from_local(
+            dtensor.to_local(), mesh, made, run_check=False, shape=x.shape, stride=x.stride()
+        )
+        return cast(Tensor, made_whole)
+    return cast(Tensor, dtensor.redistribute(mesh, made))
 
 
 def _traced_condition(condition: Any) -> TypeGuard[Tensor]:

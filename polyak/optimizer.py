@@ -156,6 +156,38 @@ def _with_step_hooks(step: _F) -> _F:
     return cast(_F, wrapper)
 
 
+def _run_eagerly_under_compile(step: _F) -> _F:
+    """Wrap a hooked ``step`` (see :func:`_with_step_hooks`) of a class whose step dynamo
+    cannot trace (:attr:`Optimizer.eager_under_compile`) so that ``torch.compile`` treats it
+    as it treats torch's such steps, which it wraps in ``torch.compiler.disable``: one graph
+    break where a compiled function calls it, and the step, hooks and closure included, run
+    eagerly.
+
+    Breaking inside the hooked wrapper is not enough: dynamo breaks the caller's graph at the
+    call, then compiles the wrapper's own frame when the call runs, a second break. Here the
+    traced body skips its frame, which dynamo does without counting a break and remembers for
+    this code object (so the code of :func:`_with_step_hooks`'s wrapper, shared by every step,
+    is never skipped). The frame then runs as Python, and hands the step to :func:`_eagerly`
+    wherever dynamo is loaded, so that nothing inside it is compiled; where it is not, nothing
+    compiles, and the step does not load it (about a second).
+    """
+
+    def run(self: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return step(*args, **kwargs)
+
+    @functools.wraps(step)
+    def outside_dynamo(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            torch._dynamo.skip_frame()
+        if "torch._dynamo" in sys.modules:
+            return _eagerly(run, args[0], args, kwargs)
+        return step(*args, **kwargs)
+
+    outside_dynamo.hooked = True  # type: ignore[attr-defined]
+    outside_dynamo.outside_dynamo = True  # type: ignore[attr-defined]
+    return cast(_F, outside_dynamo)
+
+
 @torch._disable_dynamo  # type: ignore[misc,attr-defined]
 def _outside_dynamo(optimizer: Optimizer, set_to_none: bool) -> None:
     """:meth:`Optimizer.zero_grad`'s body, run outside dynamo as torch's zero_grad is."""
@@ -315,6 +347,8 @@ class Optimizer(torch.optim.Optimizer):
         own_step = cls.__dict__.get("step")
         if own_step is not None and not getattr(own_step, "hooked", False):
             cls.step = _with_step_hooks(own_step)  # type: ignore[method-assign]
+        if cls.eager_under_compile and not getattr(cls.step, "outside_dynamo", False):
+            cls.step = _run_eagerly_under_compile(cls.step)  # type: ignore[method-assign]
 
     def _init_hooks(self) -> None:
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -543,7 +577,9 @@ class Optimizer(torch.optim.Optimizer):
         # Groups are stepped in order (state may be shared across groups); those the flat
         # kernel steps need neither autograd's mode nor the machinery below.
         differentiable = bool(self.defaults.get("differentiable", False))
-        runs_flat = self.elementwise
+        # Under a dispatch mode (MemTracker, FlopCounterMode, DebugMode) the step runs torch's
+        # operations, which the mode sees, and not the kernel, which it does not.
+        runs_flat = self.elementwise and not torch._C._len_torch_dispatch_stack()
         for group in self.param_groups:
             rest: list[Tensor] | None = None  # the parameters left to step (None: all)
             if runs_flat and flat.eligible(group):
@@ -831,7 +867,8 @@ class Optimizer(torch.optim.Optimizer):
         for p, entry in zip(params, entries, strict=True):
             kind = (p.shape, p.dtype, p.device)
             if kind not in needed:
-                needed[kind] = list(self.init_state(_key_template(p), hp))
+                with _unseen([p]):
+                    needed[kind] = list(self.init_state(_key_template(p), hp))
             for key in needed[kind]:
                 if key not in entry:
                     raise KeyError(key)
@@ -839,11 +876,11 @@ class Optimizer(torch.optim.Optimizer):
             return strategy
         update = type(self).update
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _unseen(tensors):
                 kinds = _one_of_each_kind(params, grads, state)
                 _run(strategy.run, update, *_stand_ins(kinds, _stand_in), hp)
         except Exception:
-            with torch.no_grad():
+            with torch.no_grad(), _unseen(tensors):
                 _run(strategy.run, update, *_stand_ins((params, grads, state), _copy), hp)
             raise
         done[id(group)] = (layout, strategy)
@@ -1275,13 +1312,34 @@ def _kind(value: Any) -> Any:
 StandIn: TypeAlias = dict[int, int] | str | None
 
 
+def _unseen(tensors: list[Any]) -> contextlib.AbstractContextManager[Any]:
+    """Where a rehearsal of a step over ``tensors`` runs unseen by the dispatch modes active,
+    and the state templates that tell which keys a parameter's state needs are made.
+
+    These are polyak's own checks, which torch's step does not make: a mode that watches
+    a step (MemTracker, which files what the step allocates as optimizer state; FlopCounterMode;
+    DebugMode) would count its stand-ins and their operations as the step's. Where every tensor
+    is a plain one, the modes are set aside while it runs; their stand-ins are plain too, and
+    nothing of them outlives it. Tensor subclasses (DTensor, fake tensors) dispatch through the
+    modes' key, which must stay: they are rehearsed as they are.
+    """
+    if not torch._C._len_torch_dispatch_stack():
+        return contextlib.nullcontext()
+    if not all(type(t) in _PLAIN_TENSORS for t in tensors if isinstance(t, Tensor)):
+        return contextlib.nullcontext()
+    return torch._C._DisableTorchDispatch()
+
+
 def _stand_in(t: Tensor, how: StandIn) -> Tensor:
     """A tensor like ``t`` to rehearse a step on; per-parameter counters, which the update
     reads as numbers, are copied. Tensors of small parameters are real ones of their shapes,
     as in :func:`_state_template`; those of large plain ones real ones of shapes shrunk by
     :func:`_shrinking`; anything else a meta tensor, which allocates nothing but whose Python
     kernels import torch's reference operations and sympy on first use (over a second)."""
-    if t.dim() == 0 or t.numel() == 1:
+    if t.dim() == 0 or (t.numel() == 1 and type(t) in _PLAIN_TENSORS):
+        # Counters are plain (a DTensor parameter's too); a one-element DTensor is state of
+        # its parameter's layout (Adafactor's factors of an n x 1 matrix), stood in for as
+        # the parameter's other tensors are.
         return t.detach().clone()
     if how is None and _small(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)

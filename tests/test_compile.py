@@ -12,7 +12,7 @@ import torch
 import torch._dynamo
 from conftest import make_params, twin
 from registry import REGISTRY, Entry, ids
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import polyak
@@ -272,5 +272,70 @@ def test_a_compiled_sparse_adam_step_runs_as_torchs() -> None:
     break, and polyak's did crash in dynamo's handling of its state; now it runs as torch's."""
     theirs, their_weight = _compiled_sparse_run(torch.optim.SparseAdam)
     ours, our_weight = _compiled_sparse_run(polyak.SparseAdam)
-    assert ours == theirs
+    # torch's step frame breaks once where its step hook wrapper is outside the disabled step
+    # (see test_compiled_lbfgs_training_step_runs_as_torchs); polyak's frame is skipped.
+    assert ours["graph_breaks"] <= theirs["graph_breaks"], (ours, theirs)
+    assert ours["graphs"] == theirs["graphs"], (ours, theirs)
+    assert ours["recompiles"] == theirs["recompiles"], (ours, theirs)
     assert torch.equal(our_weight, their_weight)
+
+
+def _compiled_lbfgs_training(
+    cls: type[torch.optim.Optimizer], line_search_fn: str | None, backend: str = "eager"
+) -> tuple[dict[str, int], list[torch.Tensor]]:
+    """STEPS training steps compiled by ``backend`` that build a closure and step ``cls``
+    (LBFGS) with it, with work on either side of the step, its step hooks firing at each; the
+    counts and the parameters after them."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = cls(model.parameters(), lr=0.5, max_iter=4, line_search_fn=line_search_fn)
+    hook_calls: list[int] = []
+    opt.register_step_post_hook(lambda *_: hook_calls.append(1))
+    counter = CompileCounter() if backend == "eager" else CompileCounterWithBackend(backend)
+
+    @torch.compile(backend=counter)
+    def train(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        inputs = x * 2
+        loss = opt.step(closure)
+        return loss.detach() + inputs.sum()
+
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(STEPS):
+            train(torch.randn(5, 6, generator=gen), torch.randn(5, 2, generator=gen))
+    assert len(hook_calls) == STEPS
+    return _counts(counter), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)], ids=str
+)
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_compiled_lbfgs_training_step_runs_as_torchs(
+    line_search_fn: str | None, backend: str
+) -> None:
+    """dynamo does not trace torch's LBFGS step: it wraps it in ``torch.compiler.disable``, so
+    that it runs eagerly, closure and all, behind one graph break, between the caller's two
+    graphs. polyak's was traced, line search and closure included, into many graphs and
+    breaks, and inductor's code for them computed other numbers (5.8e-7 apart); now it runs as
+    torch's, and the parameters are torch's, bit for bit.
+
+    torch's own count depends on the order of events in the process: where an LBFGS was first
+    made after dynamo wrapped the class's step, torch.optim's step hook wrapper lands outside
+    the disabled step, and dynamo breaks twice (in the caller, then in the wrapper's frame).
+    polyak's is the single break every time, never more than torch's."""
+    theirs, their_params = _compiled_lbfgs_training(torch.optim.LBFGS, line_search_fn, backend)
+    ours, our_params = _compiled_lbfgs_training(polyak.LBFGS, line_search_fn, backend)
+    assert ours == {"graphs": 2, "graph_breaks": 1, "recompiles": 0}, ours
+    assert all(ours[key] <= theirs[key] for key in ours), (ours, theirs)
+    for a, b in zip(our_params, their_params, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()

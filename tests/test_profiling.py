@@ -83,3 +83,54 @@ def test_mem_tracker_shows_optimizer_state(warm_up: int) -> None:
     opt_key = next(k for k in theirs if k.endswith("OPT"))
     assert theirs[opt_key] > 0
     assert ours == theirs
+
+
+def _tracked_steps(optimizer_cls: Any, config: dict[str, Any]) -> tuple[list[Any], dict[str, int]]:
+    """MemTracker's bytes by category after each of three steps of a small MLP taken inside
+    it, the first making the state, and its peak over them."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    def by_category(snapshot: dict[Any, int]) -> dict[str, int]:
+        return {str(kind): size for kind, size in snapshot.items()}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = optimizer_cls(model.parameters(), **config)
+    x = torch.randn(8, 16)
+    after_steps = []
+    with MemTracker() as tracker:
+        tracker.track_external(model, opt)
+        for _ in range(3):
+            model(x).sum().backward()
+            opt.step()
+            after_steps.append(by_category(tracker.get_tracker_snapshot()[torch.device("cpu")]))
+            opt.zero_grad()
+            tracker.reset_mod_stats()
+        peak = by_category(tracker.get_tracker_snapshot("peak")[torch.device("cpu")])
+    return after_steps, peak
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("Adam", {"lr": 1e-3}),
+        ("AdamW", {"lr": 1e-3, "weight_decay": 0.1}),
+        ("SGD", {"lr": 0.1, "momentum": 0.9}),
+        ("Adam", {"lr": torch.tensor(1e-3)}),
+    ],
+    ids=["Adam", "AdamW", "SGD-momentum", "Adam-tensor-lr"],
+)
+def test_mem_tracker_counts_steps_as_torchs(name: str, config: dict[str, Any]) -> None:
+    """MemTracker files what a step allocates while it runs as optimizer state. polyak's step
+    also made what torch's does not: stand-ins to rehearse its first step on, the flat kernel's
+    programs and probes, cached operands; MemTracker filed them as optimizer state, the
+    programs and operands still held after the step. Under a dispatch mode polyak now steps
+    by torch's operations, and rehearses unseen: after every step each category holds
+    torch's bytes, and no step's peak exceeds torch's."""
+    theirs, their_peak = _tracked_steps(getattr(torch.optim, name), config)
+    ours, our_peak = _tracked_steps(getattr(polyak, name), config)
+    opt_key = next(k for k in theirs[0] if k.endswith("OPT"))
+    assert theirs[0][opt_key] > 0
+    assert ours == theirs
+    assert our_peak[opt_key] <= their_peak[opt_key], (our_peak, their_peak)
+    assert our_peak["Total"] <= their_peak["Total"], (our_peak, their_peak)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,7 +59,9 @@ class Adafactor(Optimizer, torch.optim.Adafactor):
         clipping (a tensor ``lr`` makes them float32 tensors, as in torch.optim). Complex
         parameters and sparse gradients are refused. Row and column means, norms and the outer
         product run as torch operations, tensor by tensor; the elementwise steps run one
-        operation at a time over all tensors.
+        operation at a time over all tensors. Distributed parameters (DTensor) are stepped
+        sharded too (FSDP2's ``Shard(0)``, where torch's step fails): a norm or mean over a
+        sharded dimension is reduced across the ranks before the step goes on.
 
     Args:
         params: the parameters to optimize: tensors, ``(name, tensor)`` pairs, or dicts
@@ -155,8 +158,8 @@ class Adafactor(Optimizer, torch.optim.Adafactor):
             rows[-1], cols[-2] = 1, 1
             return {
                 "step": step,
-                "row_var": param.new_zeros(rows),
-                "col_var": param.new_zeros(cols),
+                "row_var": _factor(param, rows, param.dim() - 1),
+                "col_var": _factor(param, cols, param.dim() - 2),
             }
         return {"step": step, "variance": _common.zeros_like(param)}
 
@@ -177,6 +180,29 @@ class Adafactor(Optimizer, torch.optim.Adafactor):
                 {key: [values[i] for i in idx] for key, values in state.items()},
                 hp,
             )
+
+
+def _factor(param: Tensor, shape: list[int], reduced: int) -> Tensor:
+    """A zero factor of ``param``'s second moment: ``param``'s shape with its dimension
+    ``reduced`` made 1 (``shape``).
+
+    A distributed parameter's (DTensor) factor is placed as the parameter, but replicated
+    along ``reduced`` where the parameter is sharded along it: the row factor of a parameter
+    sharded by rows (FSDP2's ``Shard(0)``) keeps each rank's rows, so that the outer product of
+    the factors, as large as the parameter, holds each rank's rows only. ``new_zeros`` would
+    replicate the factor whole where its shape differs from the parameter's (the outer product
+    then as large as the whole parameter on every rank), and where the shapes agree keep a
+    sharding along a dimension of size 1, which DTensor cannot update in place from another
+    placement. A replicated parameter's factors are replicated, as torch's are.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or not isinstance(param, module.DTensor):
+        return param.new_zeros(shape)
+    placements = [module.Replicate() if p.is_shard(reduced) else p for p in param.placements]
+    zeros: Tensor = module.zeros(
+        shape, dtype=param.dtype, device_mesh=param.device_mesh, placements=placements
+    )
+    return zeros
 
 
 def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
@@ -211,7 +237,8 @@ def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hy
         # The squared gradient's means over columns and rows, as torch computes them: the
         # square of the norm, over the count (torch.norm over a dimension is this function).
         for factors, dim in ((row_vars, -1), (col_vars, -2)):
-            means = _ops.norms_over(gm, dim)
+            # Made whole where a distributed gradient is sharded along ``dim``.
+            means = _ops.whole(_ops.norms_over(gm, dim))
             _ops.mul_tensors_(means, means)
             _ops.div_(means, [x.size(dim) for x in gm])
             _ops.lerp_(factors, means, weights)
@@ -220,7 +247,7 @@ def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hy
         # (several times so for the batched matmul of stacked factors). The factors are means
         # of squares, so no product is a zero of the other sign.
         products = [r * c for r, c in zip(row_vars, col_vars, strict=True)]
-        floors = [r.mean(dim=-2, keepdim=True) for r in row_vars]
+        floors = _ops.whole([r.mean(dim=-2, keepdim=True) for r in row_vars])
         _ops.clamp_min_(floors, eps1)
         _ops.div_tensors_(products, floors)
         _ops.clamp_min_(products, eps1 * eps1)
@@ -236,6 +263,7 @@ def _update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hy
     updates = estimates
     _ops.rsqrt_(updates)
     _ops.mul_tensors_(updates, g)
+    updates = _ops.placed_like(updates, params)
     clipped = [
         _ops.where(x > 1.0, x, 1.0)
         for x in (

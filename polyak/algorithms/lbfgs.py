@@ -88,6 +88,10 @@ class LBFGS(Optimizer, torch.optim.LBFGS):
 
     optional_strings = ("line_search_fn",)
     elementwise = False
+    #: dynamo does not trace torch's step (it cannot trace the closure's backward, and the
+    #: step reads numbers back at every iteration): under torch.compile it runs eagerly, as
+    #: torch's does, so that the graphs and the numbers are torch's.
+    eager_under_compile = True
 
     def __init__(
         self,
