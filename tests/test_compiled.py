@@ -3,7 +3,9 @@ machine."""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,28 @@ needs_compiler = pytest.mark.skipif(
     vm is None or _codegen._compiler() is None or not _codegen.enabled(),
     reason="the flat kernel or a C++ compiler is unavailable",
 )
+#: For the bit-exactness tests, which compare the paths that remain where the kernel is off
+#: (see :func:`_or_without_the_kernel`): skipped only where it runs but cannot be compiled.
+needs_compiler_where_on = pytest.mark.skipif(
+    vm is not None and (_codegen._compiler() is None or not _codegen.enabled()),
+    reason="a C++ compiler is unavailable",
+)
+
+
+def _or_without_the_kernel(fallback: Callable[..., None]) -> Callable[..., Any]:
+    """The decorated test where the flat kernel runs; where it is off (``POLYAK_NATIVE=0``) or
+    cannot be had, ``fallback`` called with the test's arguments in its place: the comparison
+    with torch of the paths that steps then take (defined after the tests)."""
+
+    def decorate(test: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(test)
+        def run(**kwargs: Any) -> None:
+            (test if vm is not None else fallback)(**kwargs)
+
+        return run
+
+    return decorate
+
 
 # Odd sizes, sizes past a block and a tensor without elements: every tail is taken.
 SHAPES = [(3, 4), (5,), (300,), (2, 2, 2), (1000,), (0,), (67, 3)]
@@ -73,9 +97,10 @@ def _run(
             assert _codegen.wait(timeout=300)
 
 
-@needs_compiler
+@needs_compiler_where_on
 @pytest.mark.parametrize(("entry", "config"), _cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@_or_without_the_kernel(lambda **kw: _remaining_path_is_torchs(**kw))
 def test_compiled_kernel_is_bit_identical_to_torch(
     entry: Entry, config: dict[str, Any], dtype: torch.dtype
 ) -> None:
@@ -92,8 +117,8 @@ def test_compiled_kernel_is_bit_identical_to_torch(
     assert_same(_bits(opt.state_dict()["state"]), _bits(ref.state_dict()["state"]))
 
 
-@pytest.mark.skipif(vm is None, reason="the flat kernel is unavailable")
 @pytest.mark.parametrize(("entry", "config"), _cases())
+@_or_without_the_kernel(lambda **kw: _remaining_path_is_torchs(**kw, other_strategy=True))
 def test_interpreted_programs_are_bit_identical_to_torch(
     entry: Entry, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,9 +149,10 @@ def _bits(value: Any) -> Any:
     return value
 
 
-@needs_compiler
+@needs_compiler_where_on
 @pytest.mark.parametrize(("entry", "config"), _cases(fused=True))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@_or_without_the_kernel(lambda **kw: _remaining_fused_path_is_torchs(**kw))
 def test_compiled_fused_steps_equal_the_interpreter_bit_for_bit(
     entry: Entry, config: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -145,7 +171,8 @@ def test_compiled_fused_steps_equal_the_interpreter_bit_for_bit(
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@needs_compiler
+@needs_compiler_where_on
+@_or_without_the_kernel(lambda **kw: _remaining_momentum_path_is_torchs())
 def test_steps_run_before_the_build_is_done_and_switch_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -313,7 +340,7 @@ def test_an_unwritable_cache_falls_back_and_a_dead_build_is_cleaned(
     assert _codegen._built(source, "program") == built
 
 
-@needs_compiler
+@needs_compiler_where_on
 @pytest.mark.parametrize("numel", [4, 31, 100, 70_001], ids=str)
 @pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"{t}threads")
 def test_amsgrad_nan_bits_are_torchs_in_body_and_tail(numel: int, threads: int) -> None:
@@ -346,3 +373,93 @@ def test_amsgrad_nan_bits_are_torchs_in_body_and_tail(numel: int, threads: int) 
             assert torch.equal(mine, theirs)
     finally:
         torch.set_num_threads(before)
+
+
+# Where the flat kernel is off (POLYAK_NATIVE=0) or cannot be had, steps take the reference
+# strategies, per tensor and foreach: the bit-exactness tests above compare those with torch.
+
+
+def _remaining_path_is_torchs(
+    entry: Entry,
+    config: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    other_strategy: bool = False,
+    **_: Any,
+) -> None:
+    """Without the kernel, the step of ``config`` (with ``other_strategy``, of the other
+    strategy: ``foreach=True`` where it leaves ``foreach`` unset or False) is torch's of the same
+    flags, bit for bit, on the inputs of the kernel's tests, NaNs included."""
+    if other_strategy:
+        config = {**config, "foreach": not config.get("foreach", False)}
+    params = make_params(SHAPES, dtype=dtype)
+    ref_params = twin(params)
+    opt = entry.cls(params, **clone_kwargs(config))
+    ref = entry.reference(ref_params, **clone_kwargs(config))
+    _run(opt, params, 6, torch.Generator().manual_seed(1), wait_after=-1, nan_last=True)
+    _run(ref, ref_params, 6, torch.Generator().manual_seed(1), wait_after=-1, nan_last=True)
+    assert not _plans(opt)
+    assert_same(_bits(params), _bits(ref_params))
+    assert_same(_bits(opt.state_dict()["state"]), _bits(ref.state_dict()["state"]))
+
+
+def _remaining_fused_path_is_torchs(
+    entry: Entry, config: dict[str, Any], dtype: torch.dtype, **_: Any
+) -> None:
+    """Without the kernel, a ``fused=True`` step is torch's foreach step computed in float32
+    and stored in the parameters' dtype, as fused kernels compute and store: for each step,
+    float32 copies of the parameters, their state and gradients step by torch's foreach
+    path, and are rounded back. Bit for bit, NaNs included."""
+    params = make_params(SHAPES, dtype=dtype)
+    ref_params = twin(params)
+    opt = entry.cls(params, fused=True, **clone_kwargs(config))
+    gen, ref_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    state: dict[str, Any] | None = None
+    for k in range(5):
+        nan = k == 4
+        for p, g in zip(params, _grads(params, gen, nan), strict=True):
+            p.grad = g
+        opt.step()
+        wide = [p.detach().float().requires_grad_() for p in ref_params]
+        ref = entry.reference(wide, foreach=True, **clone_kwargs(config))
+        # The state as the parameters' dtype holds it (torch's Adagrad makes it at once).
+        held = _cast_state(state or ref.state_dict(), dtype)
+        ref.load_state_dict(_cast_state(held, torch.float32))
+        for w, g in zip(wide, _grads(ref_params, ref_gen, nan), strict=True):
+            w.grad = g.float()
+        ref.step()
+        with torch.no_grad():
+            for p, w in zip(ref_params, wide, strict=True):
+                p.copy_(w)
+        state = _cast_state(ref.state_dict(), dtype)
+    assert not _plans(opt)
+    assert_same(_bits(params), _bits(ref_params))
+    assert state is not None
+    assert_same(_bits(opt.state_dict()["state"]), _bits(state["state"]))
+
+
+def _cast_state(state_dict: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``state_dict`` with its floating-point state (not its step counters) cast to ``dtype``."""
+    return {
+        **state_dict,
+        "state": {
+            i: {
+                key: value.to(dtype)
+                if isinstance(value, torch.Tensor) and key != "step" and value.is_floating_point()
+                else value
+                for key, value in entry.items()
+            }
+            for i, entry in state_dict["state"].items()
+        },
+    }
+
+
+def _remaining_momentum_path_is_torchs() -> None:
+    """Without the kernel, SGD with momentum steps as torch's, bit for bit."""
+    params = make_params(SHAPES)
+    ref_params = twin(params)
+    opt = polyak.SGD(params, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+    _run(opt, params, 5, torch.Generator().manual_seed(3), wait_after=-1)
+    _run(ref, ref_params, 5, torch.Generator().manual_seed(3), wait_after=-1)
+    assert not _plans(opt)
+    assert_same(params, ref_params)
