@@ -20,7 +20,7 @@ from polyak.algorithms.sparse_adam import SparseAdam
 from polyak.optimizer import Optimizer, required
 
 # Functional counterparts for torch.distributed, entered in torch's map when it is loaded.
-functional.watch()
+functional.watch(Optimizer)
 
 __all__ = [
     "ASGD",

@@ -23,13 +23,10 @@ import importlib.util
 import sys
 from collections.abc import Iterable, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from polyak.optimizer import Optimizer
 
 #: The module that holds torch's map from optimizer classes to functional ones.
 MAP_MODULE = "torch.distributed.optim.utils"
@@ -57,7 +54,7 @@ class FunctionalOptimizer:
     """
 
     #: The optimizer whose update rule this class runs.
-    optimizer_class: ClassVar[type[Optimizer]]
+    optimizer_class: ClassVar[type[Any]]
 
     def __init__(
         self,
@@ -131,7 +128,7 @@ def _check_gradient(param: Tensor, grad: Tensor) -> None:
 _made: dict[type, type[FunctionalOptimizer]] = {}
 
 
-def functional(optimizer_class: type[Optimizer]) -> type[FunctionalOptimizer]:
+def functional(optimizer_class: type[Any]) -> type[FunctionalOptimizer]:
     """The functional counterpart of ``optimizer_class``, made once per class."""
     made = _made.get(optimizer_class)
     if made is None:
@@ -163,7 +160,7 @@ def _enter(utils: ModuleType, classes: Iterable[type]) -> None:
             utils.register_functional_optim(cls, functional(cls))
 
 
-def register(optimizer_class: type[Optimizer]) -> None:
+def register(optimizer_class: type[Any]) -> None:
     """Enter ``optimizer_class`` in torch's map, where the map is loaded (when it is loaded
     later, every class is entered then)."""
     utils = sys.modules.get(MAP_MODULE)
@@ -171,10 +168,13 @@ def register(optimizer_class: type[Optimizer]) -> None:
         _enter(utils, [optimizer_class])
 
 
-def _register_all(utils: ModuleType) -> None:
-    from polyak.optimizer import Optimizer
+#: The classes whose subclasses are entered in torch's map (see :func:`watch`).
+_roots: list[type] = []
 
-    _enter(utils, _subclasses(Optimizer))
+
+def _register_all(utils: ModuleType) -> None:
+    for root in _roots:
+        _enter(utils, _subclasses(root))
 
 
 class _Loader(importlib.abc.Loader):
@@ -208,8 +208,12 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def watch() -> None:
-    """Enter every class in torch's map now if it is loaded, or when it is first imported."""
+def watch(root: type) -> None:
+    """Enter every subclass of ``root`` (polyak's :class:`~polyak.Optimizer`) in torch's map
+    now if it is loaded, or when it is first imported; later subclasses are entered by
+    :func:`register` as they are made."""
+    if root not in _roots:
+        _roots.append(root)
     utils = sys.modules.get(MAP_MODULE)
     if utils is not None:
         _register_all(utils)
