@@ -82,7 +82,8 @@ class FunctionalOptimizer:
     @property
     def defaults(self) -> dict[str, Any]:
         """The hyperparameters given to the constructor."""
-        return self._optimizer.defaults
+        defaults: dict[str, Any] = self._optimizer.defaults
+        return defaults
 
     def step_param(self, param: Tensor, grad: Tensor | None) -> None:
         """Update one parameter with ``grad``; nothing happens for a None gradient."""

@@ -1,0 +1,229 @@
+"""One group's step off the flat path: gather the state, rehearse, run the strategy, store."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.optim
+from torch import Tensor
+
+from polyak import _checks, _explain, _ops
+from polyak._checkpoint import STEP_COUNT_KEY
+from polyak._hooks import _recorded
+from polyak._hyper import _NUMBERS, _PLAIN_TENSORS, Hyper
+from polyak._rehearsal import _fixed, _hyper_layout
+from polyak._runner import _run
+from polyak._state import StateEntry
+from polyak.strategies import StateLists, Strategy, _native, flat
+
+
+def step(opt: Any, closure: Callable[[], Any] | None) -> Any:
+    """One step over every group: the flat kernel for the groups it takes, the chosen
+    strategy for the others."""
+    if torch.compiler.is_compiling():
+        return opt._traced_step(closure)
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    # GradScaler hands optimizers that unscale in their step (``fused=True``, as in torch)
+    # the scale and the inf flag as attributes; a step with infs is skipped whole.
+    grad_scale: Tensor | None = opt.__dict__.get("grad_scale")
+    found_inf: Tensor | None = opt.__dict__.get("found_inf")
+    if found_inf is not None and bool(found_inf.item()):
+        return loss
+    # Groups are stepped in order (state may be shared across groups); those the flat
+    # kernel steps need neither autograd's mode nor the machinery below.
+    differentiable = bool(opt.defaults.get("differentiable", False))
+    # Under a dispatch mode (MemTracker, FlopCounterMode, DebugMode) the step runs torch's
+    # operations, which the mode sees, and not the kernel, which it does not.
+    runs_flat = opt.elementwise and not torch._C._len_torch_dispatch_stack()
+    for group in opt.param_groups:
+        rest: list[Tensor] | None = None  # the parameters left to step (None: all)
+        if runs_flat and flat.eligible(group):
+            ran = flat.step(opt, group, grad_scale)
+            if ran is False and group.get("fused") and flat.awaits_state(opt, group):
+                # torch's fused kernels round as the flat kernel does, not as the reference
+                # path: the first step, too, runs flat, on the state made for it here.
+                opt._make_state(group)
+                ran = flat.step(opt, group, grad_scale)
+            if ran is True:
+                continue
+            _explain.warn_fallback(opt, group)
+            rest = ran or None
+        enabled = torch.is_grad_enabled()
+        if enabled is differentiable:
+            opt._step_group(group, grad_scale, rest)
+            continue
+        # The grad mode's own switch: torch.set_grad_enabled costs three times as much, which
+        # a step of one small tensor (optimizer-in-backward) feels.
+        torch._C._set_grad_enabled(differentiable)
+        try:
+            opt._step_group(group, grad_scale, rest)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+    opt.__dict__[STEP_COUNT_KEY] += 1  # the count in Python (see _step_count)
+    return loss
+
+
+def zero_grad(opt: Any, set_to_none: bool) -> None:
+    batched = bool(opt.defaults.get("foreach") or opt.defaults.get("fused"))
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    with _recorded(f"Optimizer.zero_grad#{type(opt).__name__}.zero_grad"):
+        # Only a kernel loaded already: clearing gradients starts no build (on a GPU, none
+        # is needed). This body never runs traced (see zero_grad).
+        vm = _native.loaded() if set_to_none else None
+        if vm is not None and not torch._C._is_torch_function_mode_enabled():
+            # One call clears plain tensors' gradients, at a few nanoseconds each rather
+            # than the Python setter's hundred or so.
+            for group in opt.param_groups:
+                for p in vm.clear_grads(group["params"], _PLAIN_TENSORS):
+                    p.grad = None
+            return
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                    continue
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                if batched and not p.grad.is_sparse:
+                    buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+                else:
+                    p.grad.zero_()
+        for grads in buckets.values():
+            _ops.zero_(grads)
+
+
+def step_group(
+    opt: Any, group: dict[str, Any], grad_scale: Tensor | None, only: list[Tensor] | None = None
+) -> None:
+    """Step the group's parameters that have gradients (of ``only``, where given)."""
+    params = [p for p in (group["params"] if only is None else only) if p.grad is not None]
+    if params:
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        opt._step_params(group, params, grads, grad_scale)
+
+
+def make_state(opt: Any, group: dict[str, Any]) -> None:
+    """Check a step of ``group`` and create the state of its parameters stepped for the
+    first time, as the step would, without updating anything."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if params:
+        opt._gather(group, params, [p.grad for p in params])  # type: ignore[misc]
+
+
+def step_params(
+    opt: Any,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    grad_scale: Tensor | None = None,
+) -> None:
+    """Step ``params`` with ``grads`` under the hyperparameters of ``group``."""
+    state, hp, strategy, entries = opt._gather(group, params, grads)
+    if grad_scale is None or not group.get("fused"):
+        _run(strategy.run, type(opt).update, params, grads, state, hp)
+    elif len({id(g) for g in grads}) == len(grads):
+        # Unscaled in place, as torch's fused kernels leave ``.grad``.
+        _ops.div_(grads, grad_scale.to(grads[0].device))
+        _run(strategy.run, type(opt).update, params, grads, state, hp)
+    else:
+        # torch's fused kernels unscale and update parameter by parameter: a gradient that
+        # several parameters hold is divided again for each, and each reads it as divided
+        # so far.
+        scale = grad_scale.to(grads[0].device)
+        for i in range(len(params)):
+            one = {key: values[i : i + 1] for key, values in state.items()}
+            _ops.div_(grads[i : i + 1], scale)
+            _run(strategy.run, type(opt).update, params[i : i + 1], grads[i : i + 1], one, hp)
+            for key, values in one.items():
+                state[key][i] = values[0]
+    # State the update made (SGD's first momentum buffer) or replaced is stored.
+    for key, values in state.items():
+        for i, value in enumerate(values):
+            old = entries[i].get(key)
+            if value is None or old is value:
+                continue
+            entry = entries[i] or opt.state[params[i]]
+            if type(entry) is StateEntry and type(old) in _NUMBERS and type(value) in _NUMBERS:
+                # A count kept as a Python number (SparseAdam's step) changes no tensor,
+                # so the state's version, which tells strategies that keep a group's
+                # tensors to look at them again, stays.
+                dict.__setitem__(entry, key, value)
+            else:
+                entry[key] = value
+
+
+def gather(
+    opt: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]]]:
+    """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
+    state of parameters stepped for the first time created and stored."""
+    opt.check_step(group, params, grads)
+    if group.get("fused"):
+        _checks.check_fused_grads(params, grads)
+    hp, hp_layout = opt._hyper(group, params)
+    # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
+    # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
+    # entries are stored once the step is known to run.
+    entries: list[dict[str, Any]] = []
+    created: dict[Tensor, dict[str, Any]] = {}
+    for p in params:
+        entry = opt.state.get(p) or created.get(p)
+        if not entry:
+            entry = opt.init_state(p, hp)
+            if entry:
+                created[p] = entry
+        entries.append(entry)
+    if len(entries) == 1:  # one parameter per optimizer, as in optimizer-in-backward
+        entry = entries[0]
+        state: StateLists = {key: [entry.get(key)] for key in opt.state_keys}
+    else:
+        state = {key: [entry.get(key) for entry in entries] for key in opt.state_keys}
+    message = opt.step_tensors_message
+    if message is not None and not all(
+        isinstance(t, Tensor) for t in state.get("step", ()) if t is not None
+    ):
+        raise RuntimeError(message)
+    strategy = opt._rehearse(group, params, grads, state, hp, entries, hp_layout)
+    # Checked: from here on the step writes.
+    if created:
+        for p in created:
+            opt.state[p] = StateEntry(created[p])
+        entries = [
+            opt.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
+        ]
+    return state, hp, strategy, entries
+
+
+def hyper(opt: Any, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper, list[Any]]:
+    """``group``'s :class:`Hyper` for ``params`` and the layout of its values (see
+    :func:`_layout`).
+
+    Both are kept from the group's last step while its keys and values are the same
+    objects (no scheduler changed a number) and all of them are numbers, flags or strings
+    (or tuples of them), whose value an object fixes; a tensor may change in place. A class
+    whose hyperparameters depend on the parameters (:meth:`hyperparameters` overridden)
+    makes them afresh at every step.
+    """
+    keys, values = tuple(group), tuple(group.values())
+    kept: dict[int, Any] = opt.__dict__.setdefault("_hypers", {})
+    last = kept.get(id(group))
+    if last is not None and last[0] == keys and all(map(operator.is_, last[1], values)):
+        return last[2], last[3]
+    hp = opt.hyperparameters(group, params)
+    layout = _hyper_layout(vars(hp))
+    own = type(opt)._base_hyperparameters
+    if own and all(map(_fixed, vars(hp).values())):
+        kept[id(group)] = (keys, values, hp, layout)
+    else:
+        kept.pop(id(group), None)
+    return hp, layout
