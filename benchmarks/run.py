@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/run.py [--optimizers sgd,adam,adamw] [--cases small,mlp,convnet,gpt2]
-        [--rounds N] [--threads N] [--quick] [--markdown] [--no-peers]
+        [--rounds N] [--threads N] [--quick] [--markdown] [--no-peers] [--out FILE]
 """
 
 from __future__ import annotations

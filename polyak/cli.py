@@ -1,8 +1,10 @@
-"""The ``polyak`` command line: ``polyak demo`` (also ``python -m polyak demo``)."""
+"""The ``polyak`` command line: ``polyak demo``, ``polyak bench`` and ``polyak build`` (also
+``python -m polyak ...``)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -194,6 +196,15 @@ def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--no-peers", dest="peers", action="store_false", help="leave the peer libraries out"
     )
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help=(
+            "also write the run as a Markdown page to FILE: a header with this command line, "
+            "the date, the versions and the machine, the summary table, the cases and every "
+            "contender's table (docs/benchmarks.md is such a page)"
+        ),
+    )
     parser.set_defaults(handler=_run_bench)
 
 
@@ -203,6 +214,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"polyak bench: {line}", file=sys.stderr, flush=True)
 
+    environment = None
     cases = []
     for item in bench.iter_benchmark(
         args.optimizers,
@@ -216,6 +228,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         progress=progress,
     ):
         if isinstance(item, bench.Environment):
+            environment = item
             text = bench.format_environment(item, markdown=args.markdown)
         else:
             cases.append(item)
@@ -224,6 +237,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     if cases:
         print("Summary\n", flush=True)
         print(bench.format_summary(cases, markdown=args.markdown) + "\n", flush=True)
+    if args.out is not None and environment is not None:
+        command = shlex.join(["polyak", *args.argv])
+        page = bench.format_page(bench.BenchResult(environment, tuple(cases)), command=command)
+        with open(args.out, "w", encoding="utf-8") as out:
+            out.write(page)
+        progress(f"wrote {args.out}")
     return 0
 
 
@@ -356,5 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0 on success, 1 if the command could not run.
     """
     args = build_parser().parse_args(argv)
+    # The command line as given, for the report that shows it.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler: Handler = args.handler
     return handler(args)

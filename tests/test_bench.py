@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shlex
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,7 +272,7 @@ def test_grad_scaler_dtensor_and_channels_last_cases_step_every_contender(varian
 
 
 def test_a_channels_last_case_lays_out_its_convolution_weights_so() -> None:
-    tensors = bench._tensors(bench.CASES["convnet-cl"], seed=0)
+    tensors = bench.cases.tensors(bench.CASES["convnet-cl"], seed=0)
     weights = [t for t in tensors if t.dim() == 4]
     assert len(weights) == 16
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in weights)
@@ -319,3 +322,49 @@ def test_a_case_without_matrices_is_said_so_for_muon() -> None:
         ["muon"], [vectors], rounds=1, warmup=1, threads=1, peers=False, bandwidth_mib=(4,)
     )
     assert all("2-D tensors" in (row.error or "") for row in ran.cases[0].rows)
+
+
+def test_the_markdown_page_has_its_command_machine_and_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "benchmarks.md"
+    argv = ["bench", "--quick", "--cases", "in-backward", "--optimizers", "sgd,rprop"]
+    argv += ["--rounds", "1", "--threads", "1", "--no-peers", "--markdown", "--out", str(page)]
+    assert main(argv) == 0
+    text = page.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# Benchmarks"
+    assert f"- command: `polyak {shlex.join(argv)}`" in lines
+    assert any(re.fullmatch(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", line) for line in lines)
+    assert f"torch {torch.__version__}, polyak {polyak.__version__}, threads 1 " in text
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert f"- torch's CPU capability: {capability}" in lines
+    assert any(line.startswith("- threads: every case at 1 ") for line in lines)
+    assert any(line.startswith("- CPU: ") for line in lines)
+    assert f"`{bench.MEMORY}`: `a.add_(b, alpha=0.5)`" in text
+    headings = [line for line in lines if line.startswith("#")]
+    assert headings[1:4] == ["## Summary", "## Cases and optimizers", "## Every contender"]
+    assert [h.split(":")[0] for h in headings[4:]] == [
+        "### sgd / in-backward",
+        "### rprop / in-backward",
+    ]
+    # Every table: a header, its alignment row, then rows of as many cells.
+    tables: list[list[str]] = []
+    for previous, line in zip(["", *lines[:-1]], lines, strict=True):
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(line)
+    assert len(tables) == 3
+    summary = tables[0]
+    assert summary[0].startswith("| optimizer / case | threads | in-place add, same bytes |")
+    assert "best peer" not in summary[0]
+    names = [row.split(" | ")[0].split(" (busy")[0] for row in summary[2:]]
+    assert names == ["| sgd / in-backward", "| rprop / in-backward"]
+    for table in tables:
+        assert set(table[1]) <= set("|:-")
+        assert len({row.count("|") for row in table}) == 1, table
+    assert "`in-backward`: 40 tensors, 83.2k parameters, 20 Linear(64, 64)" in text
+    assert "- `sgd`: SGD(lr=0.001, momentum=0.9)" in lines
+    assert "n/a torch fused=True: torch has no fused CPU step for Rprop" in text
+    assert capsys.readouterr().out.startswith("- CPU: ")
