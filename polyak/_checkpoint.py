@@ -15,15 +15,10 @@ from torch import Tensor
 from polyak import _checks
 from polyak._hyper import Hyper
 from polyak._rehearsal import _state_template
-from polyak._state import OptimizerState, StateEntry
+from polyak._state import STEP_COUNT, OptimizerState, StateEntry
 from polyak.strategies import flat
 
 StateDict: TypeAlias = dict[str, Any]
-
-
-#: The top-level key under which checkpoints of earlier polyak versions saved the number of
-#: completed ``step()`` calls. ``state_dict()`` writes torch's keys only; loading still reads it.
-STEP_COUNT_KEY = "_step_count"
 
 
 #: Defaults that loading a state_dict (or unpickling) gives an optimizer that has none, as
@@ -231,8 +226,8 @@ def read_state_dict(
             if shared:
                 copies[id(item)] = (item, state[param][key])
 
-    if STEP_COUNT_KEY in state_dict:
-        step_count = _checks.check_step_count(state_dict[STEP_COUNT_KEY])
+    if STEP_COUNT in state_dict:
+        step_count = _checks.check_step_count(state_dict[STEP_COUNT])
     else:
         # A torch.optim state_dict has no step count; per-parameter ``step`` state, where
         # the algorithm keeps one, tells how many steps were taken.

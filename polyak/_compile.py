@@ -24,7 +24,7 @@ def traced_step(opt: Any, closure: Callable[[], Any] | None) -> Any:
     ``item()`` and no guard on the step count or on a scheduled ``lr``. The checks, the
     rehearsal and the creation of state run in :meth:`_init_group`, which dynamo runs as
     Python; the groups are read here, so that dynamo knows where each comes from. The
-    step is counted by :func:`_apart`, which runs as Python around it.
+    step is counted by :func:`_step_in_own_graph`, which runs as Python around it.
 
     A GradScaler's step with infs (``found_inf`` set) is skipped without reading the flag
     back, which would break the graph: what the step writes is put back where it is set.
@@ -78,7 +78,7 @@ def init_group(opt: Any, *args: Any, **kwargs: Any) -> Any:
     """
     _ops.trace_as_python()
     if "_compiled_steps" not in opt.__dict__:
-        # Where the graph counts a step that it compiles whole (see _apart), on the
+        # Where the graph counts a step that it compiles whole (see _step_in_own_graph), on the
         # parameters' device; a static address, as dynamo makes the state's, so that CUDA
         # graphs take it.
         first = next(chain.from_iterable(g["params"] for g in opt.param_groups), None)

@@ -11,12 +11,11 @@ import torch.optim
 from torch import Tensor
 
 from polyak import _checks, _explain, _ops
-from polyak._checkpoint import STEP_COUNT_KEY
 from polyak._hooks import _recorded
 from polyak._hyper import _NUMBERS, _PLAIN_TENSORS, Hyper
-from polyak._rehearsal import _fixed, _hyper_layout
+from polyak._rehearsal import _hyper_layout, _immutable
 from polyak._runner import _run
-from polyak._state import StateEntry
+from polyak._state import STEP_COUNT, StateEntry
 from polyak.strategies import StateLists, Strategy, _native, flat
 
 
@@ -65,7 +64,7 @@ def step(opt: Any, closure: Callable[[], Any] | None) -> Any:
             opt._step_group(group, grad_scale, rest)
         finally:
             torch._C._set_grad_enabled(enabled)
-    opt.__dict__[STEP_COUNT_KEY] += 1  # the count in Python (see _step_count)
+    opt.__dict__[STEP_COUNT] += 1  # the count in Python (see _step_count)
     return loss
 
 
@@ -222,7 +221,7 @@ def hyper(opt: Any, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper,
     hp = opt.hyperparameters(group, params)
     layout = _hyper_layout(vars(hp))
     own = type(opt)._base_hyperparameters
-    if own and all(map(_fixed, vars(hp).values())):
+    if own and all(map(_immutable, vars(hp).values())):
         kept[id(group)] = (keys, values, hp, layout)
     else:
         kept.pop(id(group), None)

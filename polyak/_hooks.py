@@ -49,7 +49,7 @@ def _with_step_hooks(step: _F) -> _F:
         if torch.compiler.is_compiling():
             if self.eager_under_compile:
                 return _eagerly(run, self, args, kwargs)
-            return _apart(run, self, args, kwargs)
+            return _step_in_own_graph(run, self, args, kwargs)
         if not torch._C._autograd._profiler_enabled():
             return run(self, args, kwargs)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
@@ -131,7 +131,7 @@ def _eagerly(
     return run(self, args, kwargs)
 
 
-def _apart(
+def _step_in_own_graph(
     run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any],
     self: Any,
     args: tuple[Any, ...],

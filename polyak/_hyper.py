@@ -36,7 +36,7 @@ _NUMBERS = frozenset({int, float})
 
 
 #: Hyperparameter types taken as they are (tested first, by exact type: this runs per step).
-_PLAIN = frozenset({float, int, bool, str, type(None)})
+_IMMUTABLE_TYPES = frozenset({float, int, bool, str, type(None)})
 
 
 #: Tensors of torch's own types (no subclass): their ``.grad`` setter is torch's, which the
@@ -54,7 +54,7 @@ class Hyper:
     def __init__(self, group: Mapping[str, Any], as_numbers: bool = False) -> None:
         values = self.__dict__
         for key, value in group.items():
-            if type(value) in _PLAIN:
+            if type(value) in _IMMUTABLE_TYPES:
                 values[key] = value
             elif key not in ("params", "param_names"):
                 values[key] = _resolve(value, as_numbers)

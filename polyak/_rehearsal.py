@@ -8,13 +8,13 @@ import functools
 import operator
 from collections.abc import Callable
 from itertools import chain
-from typing import Any, TypeAlias, cast
+from typing import Any, Final, Literal, TypeAlias, cast
 
 import torch
 import torch.optim
 from torch import Tensor
 
-from polyak._hyper import _PLAIN, _PLAIN_TENSORS, Hyper
+from polyak._hyper import _IMMUTABLE_TYPES, _PLAIN_TENSORS, Hyper
 from polyak._runner import _run
 from polyak.strategies import StateLists, Strategy, choose
 
@@ -99,10 +99,13 @@ def _tensors_layout(values: list[Any]) -> Any:
         return _layout(values)
 
 
-def _fixed(value: Any) -> bool:
-    """Whether ``value`` is fixed by its object: a number, flag or string, or a tuple of them."""
+def _immutable(value: Any) -> bool:
+    """Whether ``value`` cannot change while its object stays: a number, flag or string, or a
+    tuple of them (a tensor may change in place)."""
     kind = type(value)
-    return kind in _PLAIN or (kind is tuple and all(type(v) in _PLAIN for v in value))
+    return kind in _IMMUTABLE_TYPES or (
+        kind is tuple and all(type(v) in _IMMUTABLE_TYPES for v in value)
+    )
 
 
 def _one_of_each_kind(
@@ -116,7 +119,7 @@ def _one_of_each_kind(
     columns = list(state.values())
     first: dict[Any, int] = {}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        kind = (_layout(p), _layout(g), *[_kind(column[i]) for column in columns])
+        kind = (_layout(p), _layout(g), *[_state_kind(column[i]) for column in columns])
         first.setdefault(kind, i)
     if len(first) == len(params):
         return params, grads, state
@@ -128,7 +131,7 @@ def _one_of_each_kind(
     )
 
 
-def _kind(value: Any) -> Any:
+def _state_kind(value: Any) -> Any:
     """What of a state value tells its parameter's kind: its layout, and a counter's value,
     which rules branch on."""
     if type(value) is Tensor and value.dim() == 0 and not value.is_meta:
@@ -136,9 +139,12 @@ def _kind(value: Any) -> Any:
     return _layout(value)
 
 
-#: How a parameter's tensors are stood in for: ``None`` by real tensors of their shapes, a map
-#: of dimension sizes by real tensors of the mapped (small) shapes, ``"meta"`` by meta tensors.
-StandIn: TypeAlias = dict[int, int] | str | None
+#: How a parameter's tensors are stood in for: by real tensors of their own shapes
+#: (:data:`OWN_SHAPES`), by real tensors of shapes whose dimension sizes a map makes small, or
+#: by meta tensors (:data:`META`).
+OWN_SHAPES: Final = "own shapes"
+META: Final = "meta"
+StandIn: TypeAlias = dict[int, int] | Literal["own shapes", "meta"]
 
 
 def _unseen(tensors: list[Any]) -> contextlib.AbstractContextManager[Any]:
@@ -170,7 +176,7 @@ def _stand_in(t: Tensor, how: StandIn) -> Tensor:
         # its parameter's layout (Adafactor's factors of an n x 1 matrix), stood in for as
         # the parameter's other tensors are.
         return t.detach().clone()
-    if how is None and _small(t):
+    if how == OWN_SHAPES and _small(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     if isinstance(how, dict) and type(t) in _PLAIN_TENSORS:
         return torch.empty([how[n] for n in t.shape], dtype=t.dtype, device=t.device)
@@ -192,7 +198,7 @@ def _shrinking(tensors: list[Any]) -> StandIn:
     for t in tensors:
         if isinstance(t, Tensor):
             if type(t) not in _PLAIN_TENSORS:
-                return "meta"
+                return META
             sizes.update(t.shape)
     larger = sorted(n for n in sizes if n > 1)
     return {0: 0, 1: 1, **{n: k + 2 for k, n in enumerate(larger)}}
@@ -211,7 +217,7 @@ def _stand_ins(
     params, grads, state = lists
     columns = list(state.values())
     hows: list[StandIn] = [
-        None if _small(p) else _shrinking([p, g, *[column[i] for column in columns]])
+        OWN_SHAPES if _small(p) else _shrinking([p, g, *[column[i] for column in columns]])
         for i, (p, g) in enumerate(zip(params, grads, strict=True))
     ]
     return (

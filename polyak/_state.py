@@ -17,6 +17,12 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+#: The name of the number of completed ``step()`` calls, in two places: the optimizer's
+#: ``__dict__`` slot that holds the count made in Python (behind its ``_step_count`` property,
+#: as torch names it), and the top-level key under which checkpoints of earlier polyak versions
+#: saved the count (``state_dict()`` now writes torch's keys only; loading still reads it).
+STEP_COUNT = "_step_count"
+
 
 class StateEntry(dict[str, Any]):
     """One parameter's state; each change adds one to its optimizer state's version."""

@@ -25,10 +25,10 @@ from polyak import (
     _rehearsal,
     functional,
 )
-from polyak._checkpoint import _SET_BY_LOADING, STEP_COUNT_KEY, StateDict
+from polyak._checkpoint import _SET_BY_LOADING, StateDict
 from polyak._hooks import _outside_dynamo, _register, _run_eagerly_under_compile, _with_step_hooks
 from polyak._hyper import Hyper, required
-from polyak._state import OptimizerState
+from polyak._state import STEP_COUNT, OptimizerState
 from polyak.strategies import StateLists, Strategy
 
 # What algorithms take from the base, all from here.
@@ -60,7 +60,7 @@ class Optimizer(torch.optim.Optimizer):
     the values of hyperparameters that old checkpoints lack.
     """
 
-    #: Steps that compiled graphs counted (see :func:`_apart`), once one is traced.
+    #: Steps that compiled graphs counted (see :func:`_step_in_own_graph`), once one is traced.
     _compiled_steps: Tensor
     state_keys: ClassVar[tuple[str, ...]] = ()
     param_shaped_state: ClassVar[tuple[str, ...]] = ()
@@ -102,14 +102,14 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def _step_count(self) -> int:
         """The number of completed ``step()`` calls: those counted in Python and those that
-        a compiled graph counted (see :func:`_apart`)."""
-        counted: int = self.__dict__[STEP_COUNT_KEY]
+        a compiled graph counted (see :func:`_step_in_own_graph`)."""
+        counted: int = self.__dict__[STEP_COUNT]
         compiled: Tensor | None = self.__dict__.get("_compiled_steps")
         return counted if compiled is None else counted + int(compiled)
 
     @_step_count.setter
     def _step_count(self, value: int) -> None:
-        self.__dict__[STEP_COUNT_KEY] = value
+        self.__dict__[STEP_COUNT] = value
         compiled: Tensor | None = self.__dict__.get("_compiled_steps")
         if compiled is not None:
             compiled.zero_()
@@ -157,12 +157,12 @@ class Optimizer(torch.optim.Optimizer):
             "defaults": self.defaults,
             "state": self.state,
             "param_groups": self.param_groups,
-            STEP_COUNT_KEY: self._step_count,
+            STEP_COUNT: self._step_count,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault(STEP_COUNT_KEY, 0)
+        self.__dict__.setdefault(STEP_COUNT, 0)
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
         self._init_hooks()
