@@ -16,7 +16,7 @@ from polyak._hyper import _NUMBERS, _PLAIN_TENSORS, Hyper
 from polyak._rehearsal import _hyper_layout, _immutable
 from polyak._runner import _run
 from polyak._state import STEP_COUNT, StateEntry
-from polyak.strategies import StateLists, Strategy, _native, flat
+from polyak.strategies import StateLists, Strategy, flat
 
 
 def step(opt: Any, closure: Callable[[], Any] | None) -> Any:
@@ -74,12 +74,12 @@ def zero_grad(opt: Any, set_to_none: bool) -> None:
     with _recorded(f"Optimizer.zero_grad#{type(opt).__name__}.zero_grad"):
         # Only a kernel loaded already: clearing gradients starts no build (on a GPU, none
         # is needed). This body never runs traced (see zero_grad).
-        vm = _native.loaded() if set_to_none else None
-        if vm is not None and not torch._C._is_torch_function_mode_enabled():
+        kernel = flat.loaded_kernel() if set_to_none else None
+        if kernel is not None and not torch._C._is_torch_function_mode_enabled():
             # One call clears plain tensors' gradients, at a few nanoseconds each rather
             # than the Python setter's hundred or so.
             for group in opt.param_groups:
-                for p in vm.clear_grads(group["params"], _PLAIN_TENSORS):
+                for p in kernel.clear_grads(group["params"], _PLAIN_TENSORS):
                     p.grad = None
             return
         for group in opt.param_groups:

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from polyak.strategies import _codegen, _native, choose, flat
+from polyak.strategies import choose, flat
 
 #: Where this variable is set (to anything but 0, false, off, no), fallbacks warn once per group.
 WARN_VARIABLE = "POLYAK_WARN_FALLBACK"
@@ -90,7 +90,7 @@ def explain(optimizer: Any) -> Explanation:
     for index, group in enumerate(optimizer.param_groups):
         strategy, reason = _path(optimizer, group)
         groups.append(GroupPath(index, len(group["params"]), strategy, reason))
-    return Explanation(type(optimizer).__name__, tuple(groups), _native.status())
+    return Explanation(type(optimizer).__name__, tuple(groups), flat.status())
 
 
 def _path(optimizer: Any, group: dict[str, Any]) -> tuple[str, str]:
@@ -109,7 +109,7 @@ def _path(optimizer: Any, group: dict[str, Any]) -> tuple[str, str]:
     if ran:
         if compiled:
             return "flat, compiled", ""
-        if not _codegen.enabled():
+        if not flat.compiles():
             return "flat, interpreted", "POLYAK_COMPILE=0 keeps programs interpreted"
         return "flat, interpreted", (
             "the program's compiled form is being built (or cannot be): steps interpret the "

@@ -322,9 +322,14 @@ def _add_build(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    import polyak
     from polyak.strategies import flat
 
-    ok, lines = flat.build_ahead(tick=_elapsed_line())
+    classes = [getattr(polyak, name) for name in polyak.__all__]
+    ok, lines = flat.build_ahead(
+        [c for c in classes if isinstance(c, type) and issubclass(c, polyak.Optimizer)],
+        tick=_elapsed_line(),
+    )
     if sys.stderr.isatty():
         print(file=sys.stderr)
     for line in lines:

@@ -218,11 +218,11 @@ def prepare_kernel(make_optimizer: OptimizerFactory, model: nn.Module, progress:
     torch rather than the path steps take while a build runs."""
     from tqdm import tqdm
 
-    from polyak.strategies import _codegen, _native
+    from polyak.strategies import flat
 
-    if _native._built() is not None or not _native.enabled():
-        _native.load()
-    elif _native.loaded() is None:
+    if not flat.needs_build():
+        flat.kernel()
+    else:
         with tqdm(
             total=None,
             desc="building the flat kernel (once per machine)",
@@ -235,14 +235,14 @@ def prepare_kernel(make_optimizer: OptimizerFactory, model: nn.Module, progress:
             def tick(seconds: float) -> None:
                 bar.update(seconds - bar.n)
 
-            _native.load(wait=True, tick=tick)
+            flat.kernel(wait=True, tick=tick)
     scratch = copy.deepcopy(model)
     optimizer = make_optimizer(list(scratch.parameters()))
     for _ in range(2):  # the first makes the state, the second asks for the program
         for p in scratch.parameters():
             p.grad = torch.ones_like(p)
         optimizer.step()
-    _codegen.wait(timeout=120)
+    flat.wait(timeout=120)
 
 
 def train(

@@ -29,10 +29,25 @@ from polyak._checkpoint import _SET_BY_LOADING, StateDict
 from polyak._hooks import _outside_dynamo, _register, _run_eagerly_under_compile, _with_step_hooks
 from polyak._hyper import Hyper, required
 from polyak._state import STEP_COUNT, OptimizerState
-from polyak.strategies import StateLists, Strategy
+from polyak.strategies import StateLists, Strategy, choose
 
 # What algorithms take from the base, all from here.
-__all__ = ["Hyper", "Optimizer", "ParamsT", "StateDict", "StateLists", "required"]
+__all__ = [
+    "Hyper",
+    "Optimizer",
+    "ParamsT",
+    "StateDict",
+    "StateLists",
+    "required",
+    "runs_foreach",
+]
+
+
+def runs_foreach(group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether a step of ``params`` under ``group``'s flags runs the foreach strategy, whose
+    checks and messages some of torch's differ by (``capturable``'s, for one)."""
+    return choose(group, params, grads) is Strategy.FOREACH
+
 
 ParamsT: TypeAlias = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 

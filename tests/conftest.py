@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from polyak.strategies import _native
+from polyak.strategies import flat
 
 # The kernel builds in the background on first use; the tests run with it from the first step,
 # so that which path a step takes does not depend on how long the build takes.
-_native.load(wait=True)
+flat.kernel(wait=True)
 
 
 def has_tensor(config: dict[str, Any]) -> bool:

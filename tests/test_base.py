@@ -19,7 +19,7 @@ from torch.optim.optimizer import (
 )
 
 import polyak
-from polyak.strategies import _native
+from polyak.strategies import flat
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_zero_grad_sets_every_kind_of_parameters_gradient_to_none_as_torch_does(
             self.setters += getattr(func, "__name__", "") == "__set__"
             return func(*args, **(kwargs or {}))
 
-    _native.load(wait=True)
+    flat.kernel(wait=True)
     plain = [torch.zeros(3, requires_grad=True), torch.nn.Parameter(torch.zeros(2, 2))]
     watched = Watched(torch.zeros(4))
     never = torch.nn.Parameter(torch.zeros(1))  # no gradient: left alone

@@ -2,7 +2,7 @@
 
 torch picks the kernels it runs by the CPU and by ``ATEN_CPU_CAPABILITY``, and the capabilities
 round differently (fused multiply-adds or not, maximum's NaN, where a vector body ends; see
-``polyak.strategies._dispatch``). This run covers the capability it was started at; here the
+``polyak.strategies.flat._dispatch``). This run covers the capability it was started at; here the
 bit-exactness tests of ``test_compiled.py`` run again in a process for each other capability
 the CPU supports, and once with MKL held to an older code path.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyak.strategies import _dispatch, _native
+from polyak.strategies.flat import _dispatch, _kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The values of ATEN_CPU_CAPABILITY torch knows, by architecture.
@@ -60,7 +60,7 @@ def _summary(done: subprocess.CompletedProcess[str]) -> str:
 
 
 needs_kernel = pytest.mark.skipif(
-    not _native.enabled() or _native.load(wait=True) is None,
+    not _kernel.enabled() or _kernel.load(wait=True) is None,
     reason="the flat kernel is unavailable (turned off, or no compiler)",
 )
 

@@ -15,17 +15,17 @@ from conftest import assert_same, clone_kwargs, has_tensor, make_params, twin
 from registry import REGISTRY, Entry, ids
 
 import polyak
-from polyak.strategies import _codegen, _native
+from polyak.strategies.flat import _codegen, _compiled, _kernel, _program, _toolchain
 
-vm = _native.load(wait=True)
+vm = _kernel.load(wait=True)
 needs_compiler = pytest.mark.skipif(
-    vm is None or _codegen._compiler() is None or not _codegen.enabled(),
+    vm is None or _toolchain.compiler() is None or not _compiled.compiles(),
     reason="the flat kernel or a C++ compiler is unavailable",
 )
 #: For the bit-exactness tests, which compare the paths that remain where the kernel is off
 #: (see :func:`_or_without_the_kernel`): skipped only where it runs but cannot be compiled.
 needs_compiler_where_on = pytest.mark.skipif(
-    vm is not None and (_codegen._compiler() is None or not _codegen.enabled()),
+    vm is not None and (_toolchain.compiler() is None or not _compiled.compiles()),
     reason="a C++ compiler is unavailable",
 )
 
@@ -94,7 +94,7 @@ def _run(
             p.grad = g
         opt.step()
         if k + 1 == wait_after:
-            assert _codegen.wait(timeout=300)
+            assert _compiled.wait(timeout=300)
 
 
 @needs_compiler_where_on
@@ -124,7 +124,7 @@ def test_interpreted_programs_are_bit_identical_to_torch(
 ) -> None:
     """Steps interpret a program until its build is done (always, with POLYAK_COMPILE=0):
     torch's bits there too, selects and per-tensor branches included."""
-    monkeypatch.setattr(_codegen, "_kernels", {})
+    monkeypatch.setattr(_compiled, "_slots", {})
     monkeypatch.setenv("POLYAK_COMPILE", "0")
     params = make_params(SHAPES)
     ref_params = twin(params)
@@ -162,7 +162,7 @@ def test_compiled_fused_steps_equal_the_interpreter_bit_for_bit(
     opt = entry.cls(params, fused=True, **clone_kwargs(config))
     _run(opt, params, 5, torch.Generator().manual_seed(2), nan_last=True)
     assert all(plan.compiled_steps >= 3 for plan in _plans(opt))
-    monkeypatch.setattr(_codegen, "_kernels", {})
+    monkeypatch.setattr(_compiled, "_slots", {})
     monkeypatch.setenv("POLYAK_COMPILE", "0")
     slow = entry.cls(other, fused=True, **clone_kwargs(config))
     _run(slow, other, 5, torch.Generator().manual_seed(2), nan_last=True)
@@ -179,7 +179,7 @@ def test_steps_run_before_the_build_is_done_and_switch_after(
     """With an empty cache the first steps interpret the program, with the same numbers, and
     the build lands in the cache for later processes."""
     monkeypatch.setenv("POLYAK_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_codegen, "_kernels", {})
+    monkeypatch.setattr(_compiled, "_slots", {})
     entry = next(e for e in REGISTRY if e.cls.__name__ == "SGD")
     params = make_params(SHAPES)
     ref_params = twin(params)
@@ -189,7 +189,7 @@ def test_steps_run_before_the_build_is_done_and_switch_after(
     _run(opt, params, 2, gen, wait_after=-1)
     _run(ref, ref_params, 2, ref_gen)
     assert [plan.compiled_steps for plan in _plans(opt)] == [0]
-    assert _codegen.wait(timeout=300)
+    assert _compiled.wait(timeout=300)
     _run(opt, params, 3, gen, wait_after=-1)
     _run(ref, ref_params, 3, ref_gen)
     assert [plan.compiled_steps for plan in _plans(opt)] == [3]
@@ -199,13 +199,13 @@ def test_steps_run_before_the_build_is_done_and_switch_after(
 
 def test_the_cache_is_keyed_by_cpu_type(monkeypatch: pytest.MonkeyPatch) -> None:
     """Code built with -march=native never loads on another CPU type sharing the cache."""
-    if _codegen._compiler() is None:
+    if _toolchain.compiler() is None:
         pytest.skip("no C++ compiler")
-    root = _codegen.cache_dir()
-    here = _codegen._target("int x;", "program", root)
-    monkeypatch.setattr(_codegen, "_machine_keys", {})
-    monkeypatch.setattr(_codegen, "_cpu_signature", lambda: "x86_64|another CPU|sse2")
-    there = _codegen._target("int x;", "program", root)
+    root = _toolchain.cache_dir()
+    here = _compiled.target("int x;", "program", root)
+    monkeypatch.setattr(_toolchain, "_machine_keys", {})
+    monkeypatch.setattr(_toolchain, "cpu_signature", lambda: "x86_64|another CPU|sse2")
+    there = _compiled.target("int x;", "program", root)
     assert here is not None and there is not None
     assert here.name == there.name and here.parent != there.parent
 
@@ -216,11 +216,11 @@ def test_the_inline_sqrt_is_mkl_on_every_input() -> None:
     MKL function torch calls (every non-negative float32, the negative range sampled, and
     the special values) finds no difference; and it is needed, as MKL is not correctly
     rounded there."""
-    mode = _codegen.sqrt_mode(vm)
+    mode = _compiled.sqrt_mode(vm)
     if mode != _codegen.SQRT_MKL_INLINE:
         pytest.skip(f"this machine's programs do not compute sqrt inline (mode {mode})")
-    assert _codegen.probe_sqrt(vm, 0) == 0
-    assert _codegen.probe_sqrt(vm, 1) > 0
+    assert _compiled.probe_sqrt(vm, 0) == 0
+    assert _compiled.probe_sqrt(vm, 1) > 0
 
 
 @needs_compiler
@@ -230,22 +230,22 @@ def test_the_eight_lane_inline_sqrt_is_mkl_too(tmp_path: Path) -> None:
     import ctypes
     import subprocess
 
-    if "avx512f" not in _codegen._cpu_signature().split() or (
-        _codegen.sqrt_mode(vm) != _codegen.SQRT_MKL_INLINE
+    if "avx512f" not in _toolchain.cpu_signature().split() or (
+        _compiled.sqrt_mode(vm) != _codegen.SQRT_MKL_INLINE
     ):
         pytest.skip("needs AVX-512 (to build the other width) and the inline sqrt")
     source = tmp_path / "probe.cpp"
     source.write_text(
-        _codegen._PRELUDE + _codegen._PROBE + 'extern "C" int width() { return PK_W; }\n'
+        _toolchain.source("sqrt_probe.cpp") + 'extern "C" int width() { return PK_W; }\n'
     )
     library = tmp_path / "probe.so"
-    cxx = _codegen._compiler()
+    cxx = _toolchain.compiler()
     assert cxx is not None
-    flags = [*_codegen._FLAGS, "-mno-avx512f"]
+    flags = [*_toolchain.PROGRAM_FLAGS, "-mno-avx512f"]
     subprocess.run([cxx, *flags, "-o", str(library), str(source)], check=True, timeout=300)
     probe = ctypes.CDLL(str(library))
     assert probe.width() == 8
-    assert _codegen.run_probe(probe, vm, 0) == 0
+    assert _compiled.run_probe(probe, vm, 0) == 0
 
 
 def test_generated_code_keeps_each_element_in_registers() -> None:
@@ -253,7 +253,7 @@ def test_generated_code_keeps_each_element_in_registers() -> None:
     once per vector, sqrt inline (correctly rounded or MKL's algorithm); without vectors, or
     where sqrt is a call, one statement per element, the call splitting the loop and handing
     values over through block arrays."""
-    from polyak.strategies import _trace
+    from polyak.strategies.flat import _trace
 
     entry = next(e for e in REGISTRY if e.cls.__name__ == "Adam")
     opt = entry.cls([torch.zeros(3, requires_grad=True)], lr=1e-3)
@@ -294,13 +294,13 @@ def test_a_branch_on_a_per_tensor_number_copies_the_loop_per_outcome() -> None:
     """RAdam's rectification (``rho_t > 5``) is traced both ways and the parameter selected per
     tensor; the generated code runs one copy of the element loop per outcome, each computing
     its own continuation only."""
-    from polyak.strategies import _trace
+    from polyak.strategies.flat import _trace
 
     opt = polyak.RAdam([torch.zeros(3, requires_grad=True)])
     hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
     program = _trace.trace(polyak.RAdam.update, hyper, ["exp_avg", "exp_avg_sq"], ["step"])
     vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
-    assert [row[1] for row in vcode if row[0] == _trace.V_SELS] == [0]
+    assert [row[1] for row in vcode if row[0] == _program.V_SELS] == [0]
     source = _codegen.generate(vcode, 4, program.stored, torch.float32, _codegen.SQRT_EXACT)
     source = source[source.index('extern "C" void polyak_run') :]
     vector, scalar = source[: source.index("#else")], source[source.index("#else") :]
@@ -324,20 +324,20 @@ def test_an_unwritable_cache_falls_back_and_a_dead_build_is_cleaned(
     blocked.write_text("")
     fallback = tmp_path / "fallback"
     monkeypatch.setenv("POLYAK_CACHE_DIR", str(blocked))
-    monkeypatch.setattr(_codegen, "_roots", lambda: [blocked, fallback])
-    source = _codegen._PRELUDE + 'extern "C" int polyak_probe_value() { return 7; }\n'
-    cxx = _codegen._compiler()
+    monkeypatch.setattr(_toolchain, "roots", lambda: [blocked, fallback])
+    source = _codegen.PRELUDE + 'extern "C" int polyak_probe_value() { return 7; }\n'
+    cxx = _toolchain.compiler()
     assert cxx is not None
-    folder = fallback / _codegen._machine_key(cxx)
+    folder = fallback / _toolchain.machine_key(cxx)
     dead = folder / ".build-dead"
     dead.mkdir(parents=True)
     (dead / "program.cpp").write_text("half written")
     os.utime(dead, (0, 0))
-    built = _codegen._build(source, "program")
+    built = _compiled.build(source, "program")
     assert built is not None and built.parent == folder
-    assert _codegen._open(built).polyak_probe_value() == 7
+    assert _compiled._open(built).polyak_probe_value() == 7
     assert not dead.exists()
-    assert _codegen._built(source, "program") == built
+    assert _compiled.cached(source, "program") == built
 
 
 @needs_compiler_where_on
@@ -362,7 +362,7 @@ def test_amsgrad_nan_bits_are_torchs_in_body_and_tail(numel: int, threads: int) 
                 p.grad = g
                 opt.step()
                 if k == 1:
-                    assert _codegen.wait(timeout=300)
+                    assert _compiled.wait(timeout=300)
             results.append(
                 [
                     t.detach().view(torch.int32 if t.dtype == torch.float32 else torch.int64)

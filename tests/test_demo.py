@@ -10,7 +10,7 @@ import pytest
 
 from polyak.cli import format_demo, main
 from polyak.demo import DemoResult, run_demo
-from polyak.strategies import _native
+from polyak.strategies.flat import _kernel
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -57,7 +57,7 @@ def test_states_the_strategy_that_ran(result: DemoResult) -> None:
     steps = len(run.step_times)
     assert result.torch_run.flat_steps == 0
     assert result.torch_run.strategy == "for-loop"
-    if _native.load() is None:
+    if _kernel.load() is None:
         assert run.flat_steps == 0
         assert run.strategy == "for-loop: the flat kernel is not available"
     else:
@@ -73,9 +73,9 @@ def test_without_the_kernel_the_summary_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The demo says the kernel is unavailable and why (no compiler here)."""
-    monkeypatch.setattr(_native, "_module", None)
-    monkeypatch.setattr(_native, "_failed", "no C++ compiler was found: install g++")
-    monkeypatch.setattr(_native, "_warned", True)
+    monkeypatch.setattr(_kernel, "_module", None)
+    monkeypatch.setattr(_kernel, "_failed", "no C++ compiler was found: install g++")
+    monkeypatch.setattr(_kernel, "_warned", True)
     result = run_demo(epochs=1, out=tmp_path / "x.png", progress=False)
     assert result.polyak_run.flat_steps == 0
     assert result.polyak_run.strategy == (

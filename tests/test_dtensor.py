@@ -12,7 +12,7 @@ import torch.distributed as dist
 from conftest import assert_same, clone_kwargs, has_tensor
 from registry import DENSE, Entry
 
-from polyak.strategies import _native
+from polyak.strategies import flat
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 #: The tests of the flat kernel's steps of local data; the others run without it too.
 needs_kernel = pytest.mark.skipif(
-    _native.load(wait=True) is None, reason="the flat kernel is unavailable"
+    flat.kernel(wait=True) is None, reason="the flat kernel is unavailable"
 )
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import polyak
-from polyak.strategies import _native
+from polyak.strategies.flat import _kernel
 
 needs_kernel = pytest.mark.skipif(
-    _native.load(wait=True) is None, reason="the flat kernel is unavailable"
+    _kernel.load(wait=True) is None, reason="the flat kernel is unavailable"
 )
 
 
@@ -95,19 +95,19 @@ def test_the_fallback_warning_is_opt_in_and_once_per_group(
 def test_gpu_parameters_start_no_cpu_build(monkeypatch: pytest.MonkeyPatch) -> None:
     """zero_grad and steps of parameters off the CPU (meta here, as CUDA ones) neither load
     nor build the CPU kernel, and explain says what runs instead."""
-    monkeypatch.setattr(_native, "_module", None)
-    monkeypatch.setattr(_native, "_builder", None)
-    monkeypatch.setattr(_native, "_failed", None)
+    monkeypatch.setattr(_kernel, "_module", None)
+    monkeypatch.setattr(_kernel, "_builder", None)
+    monkeypatch.setattr(_kernel, "_failed", None)
     started: list[bool] = []
-    monkeypatch.setattr(_native, "_start", lambda wait: started.append(wait))
-    monkeypatch.setattr(_native, "_built", lambda: None)
+    monkeypatch.setattr(_kernel, "_start", lambda wait: started.append(wait))
+    monkeypatch.setattr(_kernel, "_built", lambda: None)
     p = torch.nn.Parameter(torch.randn(8, device="meta"))
     opt = polyak.AdamW([p])
     for _ in range(2):
         opt.zero_grad()
         p.grad = torch.ones_like(p)
         opt.step()
-    assert started == [] and _native.loaded() is None
+    assert started == [] and _kernel.loaded() is None
     (group,) = polyak.explain(opt).groups
     assert group.strategy == "loop" and "parameters on meta" in group.reason
     assert "no GPU kernel" in group.reason and "fused=True" in group.reason

@@ -10,12 +10,12 @@ import torch
 from conftest import assert_same, clone_kwargs, make_params, twin
 from registry import REGISTRY, Entry, ids
 
-from polyak.strategies import _codegen, _native
+from polyak.strategies.flat import _compiled, _kernel, _toolchain
 
-vm = _native.load(wait=True)
+vm = _kernel.load(wait=True)
 needs_kernel = pytest.mark.skipif(vm is None, reason="the flat kernel is unavailable")
 needs_compiler = pytest.mark.skipif(
-    vm is None or _codegen._compiler() is None or not _codegen.enabled(),
+    vm is None or _toolchain.compiler() is None or not _compiled.compiles(),
     reason="the flat kernel or a C++ compiler is unavailable",
 )
 
@@ -69,7 +69,7 @@ def _run(opt: Any, params: list[torch.Tensor], steps: int, wait: bool, nan: bool
             p.grad = g
         opt.step()
         if wait and k == 1:
-            assert _codegen.wait(timeout=300)
+            assert _compiled.wait(timeout=300)
 
 
 def _plans(opt: Any) -> list[Any]:
@@ -119,7 +119,7 @@ def test_compiled_fused_steps_are_bit_identical_to_torch_fused(
 def test_interpreted_fused_steps_are_bit_identical_to_torch_fused(
     entry: Entry, config: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_codegen, "_kernels", {})
+    monkeypatch.setattr(_compiled, "_slots", {})
     monkeypatch.setenv("POLYAK_COMPILE", "0")
     _compare(entry, config, dtype, compiled=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 import sys
@@ -93,3 +94,22 @@ def test_license_is_declared_and_shipped() -> None:
         text = (ROOT / name).read_text()
         assert "BSD 3-Clause License" in text
         assert "the polyak authors" in text
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is new in Python 3.11")
+def test_the_kernels_cpp_files_ship_in_the_wheel() -> None:
+    """Every C and C++ file of the package (the kernel, the prelude of compiled programs, the
+    sqrt probe), which the builds read from the installed package, is package data."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = tool["package-data"]["polyak"]
+    package = ROOT / "polyak"
+    sources = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*")
+        if p.suffix in (".c", ".cc", ".cpp", ".h", ".hpp")
+    ]
+    assert "strategies/flat/kernel/kernel.cpp" in sources
+    unshipped = [s for s in sources if not any(fnmatch.fnmatch(s, p) for p in patterns)]
+    assert not unshipped, f"add them to [tool.setuptools.package-data]: {unshipped}"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import polyak
-from polyak.strategies import _codegen, _native, _trace
+from polyak.strategies.flat import _codegen, _kernel, _toolchain, _trace
 
 CROSS = "aarch64-linux-gnu-g++"
 needs_cross = pytest.mark.skipif(
@@ -28,7 +28,7 @@ needs_cross = pytest.mark.skipif(
 ARM_FLAGS = [
     "-O3",
     "-march=armv8-a",
-    *(f for f in _codegen._FLAGS if not f.startswith(("-march", "-mprefer", "-O"))),
+    *(f for f in _toolchain.PROGRAM_FLAGS if not f.startswith(("-march", "-mprefer", "-O"))),
 ]
 
 
@@ -88,13 +88,13 @@ def test_programs_of_other_dtypes_build_for_arm(dtype: torch.dtype, tmp_path: Pa
 @pytest.mark.slow
 @needs_cross
 def test_the_kernel_builds_for_arm(tmp_path: Path) -> None:
-    """``_vm.cpp``, against this torch's headers: it names no x86 instruction."""
+    """``kernel/kernel.cpp``, against this torch's headers: it names no x86 instruction."""
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     includes.append(f"-I{sysconfig.get_paths()['include']}")
-    flags = [f for f in _native._FLAGS if not f.startswith(("-march", "-mprefer"))]
-    source, target = str(_native._SOURCE), str(tmp_path / "kernel.o")
+    flags = [f for f in _toolchain.KERNEL_FLAGS if not f.startswith(("-march", "-mprefer"))]
+    source, target = str(_kernel._SOURCE), str(tmp_path / "kernel.o")
     command = [CROSS, "-std=c++20", "-march=armv8-a", *flags, "-fPIC", *includes, "-w"]
     command += ["-DTORCH_EXTENSION_NAME=polyak_kernel", "-c", source, "-o", target]
     done = subprocess.run(

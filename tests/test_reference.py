@@ -20,7 +20,7 @@ from conftest import step as step_once
 from registry import REGISTRY, Entry, ids, takes
 
 import polyak
-from polyak.strategies import _native
+from polyak.strategies import flat
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 FLAGS: list[dict[str, Any]] = [{}, {"foreach": False}, {"foreach": True}]
@@ -89,7 +89,7 @@ def test_fused_matches_torch_fused(
     """``fused=True`` is torch's fused kernel bit for bit where the flat kernel runs it (and
     within rounding where it cannot be built). torch's fused SGD does not step its vector body
     in the half types, and its Adagrad there keeps its sum unrounded: within rounding there."""
-    exact = _native.load(wait=True) is not None and not (
+    exact = flat.kernel(wait=True) is not None and not (
         dtype.itemsize == 2 and entry.cls in (polyak.SGD, polyak.Adagrad)
     )
     atol = 0.0 if exact else entry.fused_tolerances[dtype]

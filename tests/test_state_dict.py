@@ -24,7 +24,7 @@ from conftest import (
 from registry import REGISTRY, Entry, ids
 
 import polyak
-from polyak.strategies import _native
+from polyak.strategies import flat
 
 
 def _trained(entry: Entry, config: dict[str, Any], steps: int = 3) -> tuple[Any, Any, Any, Any]:
@@ -236,7 +236,7 @@ def test_loading_releases_the_state_it_replaces_as_torch_does(entry: Entry) -> N
     """After ``load_state_dict`` the replaced state tensors are freed at once, as torch frees
     them: a training loop that rolls back to a checkpoint holds one copy of the state, not
     two until its next step."""
-    _native.load(wait=True)
+    flat.kernel(wait=True)
     released = []
     for cls in (entry.reference, entry.cls):
         params = params_for(entry)

@@ -24,10 +24,11 @@ from conftest import step as step_once
 from registry import REGISTRY, Entry, ids, takes
 
 import polyak
-from polyak.strategies import _native, flat
+from polyak.strategies import flat
+from polyak.strategies.flat import _kernel, _plan
 
 needs_kernel = pytest.mark.skipif(
-    _native.load(wait=True) is None, reason="the flat kernel is unavailable"
+    _kernel.load(wait=True) is None, reason="the flat kernel is unavailable"
 )
 
 
@@ -365,9 +366,9 @@ def test_flat_falls_back_for_odd_gradients(flat_steps: list[bool]) -> None:
 def test_no_kernel_means_one_warning_at_the_users_line_and_the_same_numbers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_native, "_module", None)
-    monkeypatch.setattr(_native, "_failed", "no C++ compiler was found: install g++")
-    monkeypatch.setattr(_native, "_warned", False)
+    monkeypatch.setattr(_kernel, "_module", None)
+    monkeypatch.setattr(_kernel, "_failed", "no C++ compiler was found: install g++")
+    monkeypatch.setattr(_kernel, "_warned", False)
     params = make_params()
     ref_params = twin(params)
     opt = polyak.Adam(params, lr=0.1)
@@ -385,11 +386,11 @@ def test_no_kernel_means_one_warning_at_the_users_line_and_the_same_numbers(
 @pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
 def test_polyak_native_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("POLYAK_NATIVE", value)
-    monkeypatch.setattr(_native, "_module", None)
-    monkeypatch.setattr(_native, "_failed", None)
+    monkeypatch.setattr(_kernel, "_module", None)
+    monkeypatch.setattr(_kernel, "_failed", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _native.load() is None
+        assert _kernel.load() is None
 
 
 @needs_kernel
@@ -530,13 +531,13 @@ def test_new_numbers_from_a_scheduler_are_taken_by_the_kernel(
     """OneCycleLR changes lr and betas every step: while the program's branches stay the same,
     the kernel takes the new numbers itself, and a branch that flips loads a new program."""
     loads: list[int] = []  # the step count at each load
-    real = flat._load
+    real = _plan.load
 
     def spy(optimizer: Any, entry: Any, group: dict[str, Any]) -> bool:
         loads.append(optimizer._step_count)
         return real(optimizer, entry, group)
 
-    monkeypatch.setattr(flat, "_load", spy)
+    monkeypatch.setattr(_plan, "load", spy)
     params = make_params()
     ref_params = twin(params)
     opt = polyak.AdamW(params, lr=0.1, weight_decay=0.0)
@@ -565,13 +566,13 @@ def test_the_kernel_takes_new_bounds_and_loads_another_program_for_a_nan_one(
     """Rprop's step-size bounds are compared with each other (torch fills NaN where one is
     NaN): new finite bounds are taken by the kernel, a NaN one loads the program that fills."""
     loads: list[int] = []
-    real = flat._load
+    real = _plan.load
 
     def spy(optimizer: Any, entry: Any, group: dict[str, Any]) -> bool:
         loads.append(optimizer._step_count)
         return real(optimizer, entry, group)
 
-    monkeypatch.setattr(flat, "_load", spy)
+    monkeypatch.setattr(_plan, "load", spy)
     params = make_params([(300,), (5,)])
     ref_params = twin(params)
     opt = polyak.Rprop(params, lr=0.01)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
-from polyak.strategies import Strategy, choose
+from polyak.optimizer import runs_foreach
 
 
 def scalar_dtype() -> torch.dtype:
@@ -52,7 +52,7 @@ def zeros_like(param: Tensor) -> Tensor:
 def torch_foreach_path(hp: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
     """Whether torch.optim steps this group on its foreach path, which orders some operations
     differently from its per-tensor path: a rule that copies each path's order asks here."""
-    return choose(vars(hp), params, grads) is Strategy.FOREACH
+    return runs_foreach(vars(hp), params, grads)
 
 
 def decay_as_real(
@@ -89,7 +89,7 @@ def check_capturable(
     its device list names ``xla``."""
     if not group["capturable"]:
         return
-    what, xla = foreach if choose(group, params, grads) is Strategy.FOREACH else loop
+    what, xla = foreach if runs_foreach(group, params, grads) else loop
     for p in params:
         entry = state.get(p)
         _checks.check_capturable_param(p, entry["step"] if entry else p, what, xla)

@@ -11,8 +11,7 @@ from torch import Tensor
 
 from polyak import _checks, _ops
 from polyak.algorithms import _common
-from polyak.optimizer import Hyper, Optimizer, ParamsT
-from polyak.strategies import StateLists
+from polyak.optimizer import Hyper, Optimizer, ParamsT, StateLists
 
 #: The quintic Newton–Schulz coefficients (a, b, c) of Jordan et al. (2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from polyak import _checks, _ops
-from polyak.optimizer import Hyper, Optimizer, ParamsT
-from polyak.strategies import StateLists
+from polyak.optimizer import Hyper, Optimizer, ParamsT, StateLists
 
 
 class SGD(Optimizer, torch.optim.SGD):

@@ -11,8 +11,7 @@ from torch import Tensor
 
 from polyak import _checks
 from polyak.algorithms import _common
-from polyak.optimizer import Hyper, Optimizer, ParamsT
-from polyak.strategies import StateLists
+from polyak.optimizer import Hyper, Optimizer, ParamsT, StateLists
 
 
 class SparseAdam(Optimizer, torch.optim.SparseAdam):

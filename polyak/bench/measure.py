@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyak.strategies import _codegen
-from polyak.strategies import _native as native
+from polyak.strategies import flat
 
 _MIB = 2**20
 
@@ -174,13 +173,13 @@ def keep_busy(ms: float = BUSY_MS) -> None:
 def load_kernel() -> None:
     """Load polyak's flat kernel, building it first where this machine has none, so that no
     timed step runs while it builds."""
-    native.load(wait=True)
+    flat.kernel(wait=True)
 
 
 def wait_for_programs(timeout: float = 600) -> None:
     """Wait for the compiled programs that the steps so far asked for (built in the
     background), so that the timed steps run them."""
-    _codegen.wait(timeout=timeout)
+    flat.wait(timeout=timeout)
 
 
 def default_threads() -> tuple[int, ...]:
@@ -220,9 +219,7 @@ def cpu_description() -> str:
 def kernel_description() -> str:
     """What polyak's compiled programs run on and whose numbers they give, e.g.
     ``-march=native: AVX-512 vectors, 16 floats; as torch's AVX2 kernels round: ...``."""
-    from polyak.strategies import _dispatch
-
-    return f"{_codegen.vector_target()}; {_dispatch.describe(torch.float32)}"
+    return f"{flat.vector_target()}; {flat.describe_rounding(torch.float32)}"
 
 
 def load_average() -> float | None:

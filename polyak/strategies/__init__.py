@@ -2,15 +2,17 @@
 
 The update rule is written once. A strategy decides how it runs:
 
-- ``flat`` (``flat.py``) traces it into a program that a compiled kernel runs over the whole
-  group in one pass; it takes the default and ``fused=True`` steps wherever it can, with
-  torch's per-tensor numbers on the default path.
+- ``flat`` (the package ``flat/``) traces it into a program that a compiled kernel runs over
+  the whole group in one pass; it takes the default and ``fused=True`` steps wherever it can,
+  with torch's per-tensor numbers on the default path.
 - ``loop`` calls it with primitives that run one tensor at a time, which computes exactly what
   torch.optim's per-tensor path computes (``foreach=False``, and the fallback).
 - ``foreach`` calls it once per (device, dtype) bucket, so each primitive is one
   ``torch._foreach_*`` call over the bucket (``foreach=True``).
 
-:func:`flat.eligible` and :func:`choose` are the places the choice is made.
+:func:`flat.eligible` and :func:`choose` are the places the choice is made. Where ``flat`` does
+not take a step, it runs the *reference path*: ``loop`` or ``foreach``, as :func:`choose` picks,
+which compute torch.optim's numbers by torch's own operations.
 """
 
 from __future__ import annotations

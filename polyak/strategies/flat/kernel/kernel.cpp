@@ -1,6 +1,8 @@
-// The flat strategy's kernel: one pass over a parameter group, running a traced update rule.
+// The kernel of the flat strategy: one pass over a parameter group, running a traced update
+// rule. It is built and loaded by _kernel.py; compiled programs (_compiled.py, with
+// prelude.h) plug into it.
 //
-// An update rule written over lists of tensors is traced once (polyak/strategies/_trace.py)
+// An update rule written over lists of tensors is traced once (polyak/strategies/flat/_trace.py)
 // into two small programs: a scalar program, run once per tensor in double precision (bias
 // corrections, step counters), and a vector program, run over each tensor's elements in blocks
 // that stay in L1 cache. The parameters, gradients and state are read and written in place, in
@@ -75,10 +77,10 @@ const Ctx kCtx = {vmsSqrt != nullptr ? vmsSqrt : static_cast<void (*)(int, const
 // elements [start, end) of one tensor's streams with every element's update in registers, and
 // prefetches ahead into the next work item. Filled in when the background build is done;
 // until then steps interpret the program.
-using KernelFn = void (*)(void* const* bound, const double* sregs, int64_t start, int64_t end,
-                          void* const* next, int64_t nstart, int64_t tail, const Ctx* ctx);
-struct Kernel {
-  std::atomic<KernelFn> fn{nullptr};
+using CompiledFn = void (*)(void* const* bound, const double* sregs, int64_t start, int64_t end,
+                            void* const* next, int64_t nstart, int64_t tail, const Ctx* ctx);
+struct Compiled {
+  std::atomic<CompiledFn> fn{nullptr};
 };
 
 constexpr int64_t kBlock = 128;
@@ -86,7 +88,7 @@ constexpr int64_t kBlock = 128;
 constexpr int64_t kAhead = 4;
 constexpr int kMaxRegs = 24;
 
-// Vector opcodes; keep in sync with _trace.py.
+// Vector opcodes, as _program.py numbers them (tests/test_native.py checks the two agree).
 enum VOp : int64_t {
   V_NEG = 0,      // d = -a
   V_ADD = 1,      // d = fma(b, s, a)          a.add(b, alpha=s)
@@ -111,7 +113,7 @@ enum VOp : int64_t {
   V_SELECT = 23,  // d = c ? (b or s) : a      masked_fill, where
   V_SELS = 24,    // d = s ? b : a             s a per-tensor condition of the scalar program
   V_FILL = 25,    // d = s
-  // torch's fused kernels (see fused_form in _trace.py): d = a * s + b * c, rounded as their
+  // torch's fused kernels (see fused_form in _program.py): d = a * s + b * c, rounded as their
   // vector body (fma(b, c, a * s)) or, in their scalar tail, as the compiler contracts it
   // (fma(a, s, b * c)); and maximum, std::max in their tail.
   V_MULADD = 26,
@@ -165,8 +167,8 @@ inline T mad(T x, T y, T z, bool fma) {
   return fma ? std::fma(x, y, z) : x * y + z;
 }
 
-// How torch's kernels round, as polyak/strategies/_dispatch.py found them: whether they fuse
-// multiply-adds, and whether maximum's vector body keeps a NaN operand (else: all ones).
+// How torch's kernels round, as polyak/strategies/flat/_dispatch.py found them: whether they
+// fuse multiply-adds, and whether maximum's vector body keeps a NaN operand (else: all ones).
 struct Rounding {
   bool fma = true;
   bool max_keep = false;
@@ -347,7 +349,7 @@ struct Plan {
   std::vector<Work> work;
   std::vector<int64_t> work_numel;
   int64_t work_threads = -1, work_width = -1;
-  // The program to run (see _trace.py): vector and scalar code, the hyperparameter registers'
+  // The program to run (see _program.py): vector and scalar code, the hyperparameter registers'
   // values, the scalar register count, and the bound registers the vector code writes.
   at::Tensor vcode, scode;
   std::vector<double> hyper;
@@ -359,7 +361,7 @@ struct Plan {
   int64_t version = 0;
   std::vector<std::pair<pybind11::object, pybind11::object>> hyper_items;
   Py_ssize_t group_size = -1;
-  // The program's guards: (slot, comparison, number, expected); see _trace.GUARD_OPS. Without
+  // The program's guards: (slot, comparison, number, expected); see _program.GUARD_OPS. Without
   // them (a guard compares with something not a number) new numbers go through Python.
   struct Guard {
     int64_t slot, op;
@@ -376,7 +378,7 @@ struct Plan {
   };
   std::vector<Watched> watched;
   // The compiled form of the program, when built; and how many steps ran it.
-  std::shared_ptr<Kernel> kernel;
+  std::shared_ptr<Compiled> compiled;
   int64_t compiled_steps = 0;
   // Whether sqrt is the correctly rounded one (fused steps, as torch's fused kernels), or
   // the one torch's per-tensor path calls.
@@ -393,7 +395,7 @@ struct Plan {
 
 // Return codes of step().
 constexpr int64_t kDone = 0;
-constexpr int64_t kFallback = 1;  // something this step cannot do: run the reference path
+constexpr int64_t kFallback = 1;  // something this step cannot do: another strategy runs it
 constexpr int64_t kStale = 2;     // the group's parameters or the state changed: build anew
 constexpr int64_t kReload = 3;    // the hyperparameters changed: load a program for them
 
@@ -827,7 +829,7 @@ int64_t step_typed(Plan& plan) {
       if (used[b]) read.push_back(b);
   }
   S* const* ptr = reinterpret_cast<S* const*>(plan.ptr.data());
-  const KernelFn compiled = plan.kernel ? plan.kernel->fn.load(std::memory_order_acquire) : nullptr;
+  const CompiledFn compiled = plan.compiled ? plan.compiled->fn.load(std::memory_order_acquire) : nullptr;
   if (compiled != nullptr) {
     ++plan.compiled_steps;
     void* const* vptr = plan.ptr.data();
@@ -932,7 +934,7 @@ bool same_value(PyObject* a, PyObject* b) {
   return false;
 }
 
-// Appends the numbers of a hyperparameter value to ``out`` as _trace.split does, where ``now``
+// Appends the numbers of a hyperparameter value to ``out`` as _program.split does, where ``now``
 // has the structure of ``before`` (the same flags, strings and tuple lengths, numbers where it
 // had numbers); returns false otherwise.
 bool renumber(PyObject* now, PyObject* before, std::vector<double>& out) {
@@ -1077,12 +1079,12 @@ int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t v
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Kernel, std::shared_ptr<Kernel>>(m, "Kernel")
+  pybind11::class_<Compiled, std::shared_ptr<Compiled>>(m, "Compiled")
       .def(pybind11::init<>())
-      .def("set", [](Kernel& k, uintptr_t address) {
-        k.fn.store(reinterpret_cast<KernelFn>(address), std::memory_order_release);
+      .def("set", [](Compiled& k, uintptr_t address) {
+        k.fn.store(reinterpret_cast<CompiledFn>(address), std::memory_order_release);
       })
-      .def_property_readonly("ready", [](const Kernel& k) { return k.fn.load() != nullptr; });
+      .def_property_readonly("ready", [](const Compiled& k) { return k.fn.load() != nullptr; });
   m.def("ctx_address", []() { return reinterpret_cast<uintptr_t>(&kCtx); });
   m.def("has_mkl_sqrt", []() { return vmsSqrt != nullptr; });
   // Sets ``.grad`` to None on every tensor of ``params`` whose type is one of ``plain``, as
@@ -1145,7 +1147,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,
               std::optional<std::vector<std::tuple<int64_t, int64_t, double, bool>>> checks,
-              std::shared_ptr<Kernel> kernel, bool exact_sqrt, int64_t vector_bytes,
+              std::shared_ptr<Compiled> compiled, bool exact_sqrt, int64_t vector_bytes,
               bool whole_tail) {
              TORCH_CHECK(n_vregs <= kMaxRegs, "update rule needs too many registers");
              plan.guards.reset();
@@ -1169,14 +1171,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.disjoint_ptr.clear();
              plan.disjoint_sptr.clear();
              plan.disjoint_numel.clear();
-             plan.kernel = std::move(kernel);
+             plan.compiled = std::move(compiled);
              plan.exact_sqrt = exact_sqrt;
              plan.vector_bytes = vector_bytes;
              plan.whole_tail = whole_tail;
            },
            pybind11::arg("vcode"), pybind11::arg("scode"), pybind11::arg("n_sregs"),
            pybind11::arg("n_vregs"), pybind11::arg("stored"), pybind11::arg("checks"),
-           pybind11::arg("kernel"), pybind11::arg("exact_sqrt"), pybind11::arg("vector_bytes"),
+           pybind11::arg("compiled"), pybind11::arg("exact_sqrt"), pybind11::arg("vector_bytes"),
            pybind11::arg("whole_tail") = false)
       .def("load_numbers",
            [](Plan& plan, pybind11::dict group, std::vector<double> numbers) {

@@ -217,8 +217,7 @@ def _fused_adam_width(dtype: torch.dtype) -> int | str:
     """One AMSGrad step of torch's fused Adam on NaN gradients: its vector body's maximum
     writes NaN, its scalar tail's ``std::max`` keeps the old maximum (1). And one on numbers,
     whose tail must round ``v * beta2 + (1 - beta2) * g * g`` as ``fma(v, beta2, ...)`` where
-    torch's kernels fuse (else both products apart), as :func:`polyak.strategies._trace.
-    fused_form` has it."""
+    torch's kernels fuse (else both products apart), as ``_program.fused_form`` has it."""
     n = 127  # one less than a power of two: the tail is one less than the width
     zeros = [torch.zeros(n, dtype=dtype) for _ in range(3)]
     maxima = torch.ones(n, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Building and loading the flat strategy's kernel (``_vm.cpp``).
+"""Building and loading the kernel: the C++ extension (``kernel/kernel.cpp``) that runs plans.
 
 No step waits for a compiler. Where the kernel is built already (by this machine, for this CPU
 type, source, flags and torch version) it loads at once, from the cache folder or its per-user
@@ -7,15 +7,12 @@ in the background (one line on stderr says so and where it goes) and runs the re
 with the same numbers, until the kernel is ready; ``polyak build`` builds ahead, as does
 ``POLYAK_BUILD=eager`` at import.
 
-The build runs torch's C++ extension tooling in a process of its own session, detached from the
-one that started it: a script that ends before the build (a short run, a test, a demo) leaves
-it to finish, and the next process finds the kernel built. It builds in a scratch folder under
-a lock that the operating system releases when its holder dies, and renames the finished
-library into place, so a library is there whole or not at all: a build killed midway (the OOM
-killer, a reboot) leaves neither a hung lock nor a half-built library, and the next build
-removes its scratch folder. Two processes share one build; each build has a time limit. Where
-the kernel cannot be had, one warning names the cause and the fix. ``POLYAK_NATIVE=0`` (or
-``false``, ``off``, ``no``) turns the kernel off.
+The build runs torch's C++ extension tooling through the toolchain's detached, locked build
+(see ``_toolchain.py``): a script that ends before the build (a short run, a test, a demo)
+leaves it to finish, and the next process finds the kernel built; a build killed midway (the
+OOM killer, a reboot) leaves neither a hung lock nor a half-built library. Two processes share
+one build; each build has a time limit. Where the kernel cannot be had, one warning names the
+cause and the fix. ``POLYAK_NATIVE=0`` (or ``false``, ``off``, ``no``) turns the kernel off.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import functools
 import hashlib
 import importlib.util
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,27 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_SOURCE = Path(__file__).with_name("_vm.cpp")
+from polyak.strategies.flat import _toolchain
 
-
-def _march() -> str:
-    """The CPU the kernel and programs are built for: this one, or ``POLYAK_MARCH`` (a GCC
-    ``-march`` value, such as ``x86-64-v3`` for every AVX2 machine of a cluster)."""
-    return os.environ.get("POLYAK_MARCH", "").strip() or "native"
-
-
-# fp-contract off: every rounding is the one written, so results match torch's kernels.
-# no-math-errno: lets sqrt and fma vectorize; it changes no value.
-FLAGS = ["-O3", f"-march={_march()}", "-ffp-contract=off"]
-if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
-    # Whole 512-bit vectors where the CPU has them (GCC otherwise prefers 256 on some).
-    FLAGS.append("-mprefer-vector-width=512")
-FLAGS += ["-fno-math-errno"]
-# fopenmp: at::parallel_for is a header template over OpenMP; without it, it runs serially.
-_FLAGS = [*FLAGS, "-fopenmp"]
+_SOURCE = _toolchain.KERNEL_DIR / "kernel.cpp"
 #: Seconds a build may take before it is given up.
 BUILD_TIMEOUT = 900.0
-_FALSE = ("0", "false", "off", "no")
 
 _lock = threading.Lock()
 _module: Any = None
@@ -66,22 +46,21 @@ _builder: threading.Thread | None = None
 
 def enabled() -> bool:
     """Whether the kernel may be used (``POLYAK_NATIVE`` is not one of 0, false, off, no)."""
-    return os.environ.get("POLYAK_NATIVE", "1").strip().lower() not in _FALSE
+    return _toolchain.switch("POLYAK_NATIVE", True)
 
 
 @functools.cache
 def _name() -> str:
-    """The kernel module's name: a digest of its source and flags, read once per process."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-    return f"polyak_vm_{digest}"
+    """The kernel module's name: a digest of its source (every file it includes inlined) and
+    flags, read once per process."""
+    text = _toolchain.source(_SOURCE.name) + " ".join(_toolchain.KERNEL_FLAGS)
+    return f"polyak_kernel_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def _folders() -> list[Path]:
     """The kernel's build folder in each cache root, in order."""
-    from polyak.strategies import _codegen
-
-    cxx = _codegen._compiler() or "c++"
-    return [root / _codegen._machine_key(cxx) / _name() for root in _codegen._roots()]
+    cxx = _toolchain.compiler() or "c++"
+    return [root / _toolchain.machine_key(cxx) / _name() for root in _toolchain.roots()]
 
 
 def _built() -> Path | None:
@@ -112,46 +91,6 @@ cpp_extension.load(name=name, sources=[source], extra_cflags=flags, extra_ldflag
                    build_directory=folder, verbose=False)
 """
 
-#: The detached build (argv: the build script, name, source, folder, time limit, flags...):
-#: under the folder's lock, runs the build script in a scratch folder and renames the library
-#: into the folder; exits 0 when the library is there, 2 past the time limit, 1 otherwise,
-#: with the build's output in ``build.log``.
-_DRIVER = """
-import os, shutil, subprocess, sys, pathlib
-script, name, source, folder, limit = sys.argv[1:6]
-flags = sys.argv[6:]
-folder = pathlib.Path(folder)
-library = folder / (name + ".so")
-with open(folder.with_suffix(".lock"), "a+b") as lock:
-    try:
-        import fcntl
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-    except ImportError:
-        pass
-    if library.exists():
-        sys.exit(0)
-    # The only lock builders take is ours: what else is here is a dead build's.
-    (folder / "lock").unlink(missing_ok=True)
-    for old in folder.glob(".build-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    scratch = folder / (".build-" + str(os.getpid()))
-    scratch.mkdir()
-    try:
-        done = subprocess.run([sys.executable, "-c", script, name, source, str(scratch), *flags],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=float(limit))
-        output, code = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired:
-        output, code = "", 2
-    built = scratch / (name + ".so")
-    if code == 0 and built.exists():
-        os.replace(built, library)
-    else:
-        (folder / "build.log").write_text(output)
-    shutil.rmtree(scratch, ignore_errors=True)
-sys.exit(0 if library.exists() else (code if code == 2 else 1))
-"""
-
 
 def _cause(output: str) -> str:
     """The line of a failed build's output that says why."""
@@ -165,9 +104,7 @@ def _cause(output: str) -> str:
 
 def missing_tools() -> str | None:
     """Why the kernel cannot be built here (one line, with the fix), or None."""
-    from polyak.strategies import _codegen
-
-    if _codegen._compiler() is None:
+    if _toolchain.compiler() is None:
         return "no C++ compiler was found: install g++ or clang++ (or set CXX to one)"
     if shutil.which("ninja") is None and not _ninja_module():
         return "the ninja build tool is missing: pip install ninja"
@@ -192,18 +129,10 @@ def _launch() -> tuple[subprocess.Popen[bytes], Path] | str:
         return missing
     reasons = []
     for folder in _folders():
+        command = [sys.executable, "-c", _BUILD_SCRIPT, _name(), str(_SOURCE), "{scratch}"]
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "build.log").unlink(missing_ok=True)
-            command = [sys.executable, "-c", _DRIVER, _BUILD_SCRIPT, _name(), str(_SOURCE)]
-            command += [str(folder), str(BUILD_TIMEOUT), *_FLAGS]
-            # Its own session: the build outlives this process, and a Ctrl-C here is not its.
-            child = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
+            child = _toolchain.launch(
+                folder / f"{_name()}.so", [*command, *_toolchain.KERNEL_FLAGS], BUILD_TIMEOUT
             )
             return child, folder
         except OSError as error:
@@ -222,9 +151,9 @@ def _outcome(child: subprocess.Popen[bytes], folder: Path) -> str | None:
         return None
     if code == 2:
         return f"the build took longer than {BUILD_TIMEOUT:.0f} s and was stopped"
-    log = folder / "build.log"
+    log = _toolchain.log(folder / f"{_name()}.so")
     try:
-        output = log.read_text() if log.exists() else ""
+        output = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     except OSError:
         output = ""
     return f"the build failed ({_cause(output)})"
@@ -299,8 +228,20 @@ def loaded() -> Any:
     return _module
 
 
+def failure() -> str | None:
+    """Why the kernel cannot be had (empty where it is turned off), or None where nothing has
+    said so yet."""
+    return _failed
+
+
+def needs_build() -> bool:
+    """Whether loading the kernel would wait for its build: it is turned on, and neither loaded
+    nor built."""
+    return _module is None and enabled() and _built() is None
+
+
 def load(wait: bool = False, tick: Callable[[float], None] | None = None) -> Any:
-    """The compiled kernel module, or None while it is being built and where it cannot be had.
+    """The kernel module, or None while it is being built and where it cannot be had.
 
     Args:
         wait: wait for a build in progress (or start one and wait for it) instead of returning
@@ -348,7 +289,7 @@ def _warn_once() -> None:
     _warned = True
     # Attributed to the first frame outside polyak: the user's line that stepped.
     level, frame = 2, sys._getframe(1)
-    package = str(Path(__file__).parents[1])
+    package = str(Path(__file__).parents[2])
     while frame is not None and frame.f_code.co_filename.startswith(package):
         level += 1
         frame = frame.f_back  # type: ignore[assignment]

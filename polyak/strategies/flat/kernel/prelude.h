@@ -1,0 +1,193 @@
+/* The prelude of every compiled program: _codegen.py writes each program after it, and the two
+   are compiled as one source, which the program's cache key hashes (sqrt_probe.cpp includes it
+   likewise). What it holds: the context the kernel passes a program (kernel.cpp's Ctx), the
+   storage conversions of float16 and bfloat16, the CPU's whole vectors, and MKL's sqrt. */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+struct polyak_ctx {
+  void (*vms)(int, const float*, float*, long long);
+  void (*vmd)(int, const double*, double*, long long);
+  long long mode;
+};
+
+#define PK_INLINE static inline __attribute__((always_inline))
+
+PK_INLINE float pk_bits_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+PK_INLINE uint32_t pk_f_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+PK_INLINE double pk_bits_d(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
+PK_INLINE uint64_t pk_d_bits(double f) { uint64_t b; memcpy(&b, &f, 8); return b; }
+PK_INLINE float pk_neg_f(float x) { return pk_bits_f(pk_f_bits(x) ^ 0x80000000u); }
+PK_INLINE double pk_neg_d(double x) { return pk_bits_d(pk_d_bits(x) ^ 0x8000000000000000ull); }
+/* x * y + z rounded twice, for torch's kernels that do not fuse (-ffp-contract=off keeps it). */
+PK_INLINE float pk_mad_f(float x, float y, float z) { return x * y + z; }
+PK_INLINE double pk_mad_d(double x, double y, double z) { return x * y + z; }
+
+/* bfloat16: the upper half of a float; stores round to nearest even, NaN to 0x7fc0. */
+PK_INLINE float pk_bf16_load(uint16_t h) { return pk_bits_f((uint32_t)h << 16); }
+PK_INLINE uint16_t pk_bf16_store(float f) {
+  const uint32_t u = pk_f_bits(f);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? (uint16_t)0x7fc0u : (uint16_t)r;
+}
+
+/* float16, IEEE binary16: exact widening; narrowing rounds to nearest even, NaN to 0x7e00. */
+PK_INLINE float pk_f16_load(uint16_t h) {
+  const uint32_t w = (uint32_t)h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = pk_bits_f((two_w >> 4) + (0xe0u << 23)) * pk_bits_f(0x7800000u);
+  const float denormalized = pk_bits_f((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result = sign | (two_w < (1u << 27) ? pk_f_bits(denormalized)
+                                                       : pk_f_bits(normalized));
+  return pk_bits_f(result);
+}
+PK_INLINE uint16_t pk_f16_store(float f) {
+  float base = (fabsf(f) * pk_bits_f(0x77800000u)) * pk_bits_f(0x08800000u);
+  const uint32_t w = pk_f_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xff000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = pk_bits_f((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = pk_f_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
+  const uint32_t mantissa_bits = bits & 0x00000fffu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+/* Whole vectors of PK_W floats, where the CPU has fused multiply-adds: AVX-512 (16 lanes),
+   AVX2 (8 lanes) or ARM's NEON (4 lanes, every AArch64 CPU). Generated code written on these
+   keeps an element's whole update, sqrt included, in vector registers; elsewhere it is written
+   per element and left to the compiler's vectoriser. The vectors are the compiler's (GCC and
+   Clang vector extensions); only fma, sqrt and MKL's sqrt (x86 only) name the CPU's
+   instructions, each in the block of its CPU below. */
+#if defined(__AVX512F__)
+#define PK_W 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PK_W 8
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define PK_W 4
+#else
+#define PK_W 0
+#endif
+#if PK_W
+typedef float pk_vf __attribute__((vector_size(PK_W * 4)));
+typedef int32_t pk_vm __attribute__((vector_size(PK_W * 4)));
+typedef uint32_t pk_vu __attribute__((vector_size(PK_W * 4)));
+PK_INLINE pk_vf pk_ld(const float* p) { pk_vf v; memcpy(&v, p, sizeof v); return v; }
+PK_INLINE void pk_st(float* p, pk_vf v) { memcpy(p, &v, sizeof v); }
+/* The first n < PK_W elements; the other lanes are zeros, computed and never stored. */
+PK_INLINE pk_vf pk_ldn(const float* p, int64_t n) {
+  pk_vf v = {};
+  memcpy(&v, p, (size_t)n * 4);
+  return v;
+}
+PK_INLINE void pk_stn(float* p, pk_vf v, int64_t n) { memcpy(p, &v, (size_t)n * 4); }
+PK_INLINE pk_vf pk_splat(float s) { return (pk_vf){} + s; }
+PK_INLINE pk_vf pk_bitsv(uint32_t b) { return (pk_vf)((pk_vu){} + b); }
+/* The lanes at or past torch's scalar tail (see kernel.cpp's Work), d elements from the first. */
+PK_INLINE pk_vm pk_tailv(int tb, int64_t d) {
+  pk_vm iota;
+  for (int i = 0; i < PK_W; ++i) iota[i] = i;
+  const int32_t k = d < 0 ? 0 : d > PK_W ? PK_W : (int32_t)d;
+  return tb ? (pk_vm)(iota >= k) : (pk_vm){};
+}
+PK_INLINE pk_vf pk_negv(pk_vf a) { return (pk_vf)((pk_vu)a ^ 0x80000000u); }
+PK_INLINE pk_vf pk_madv(pk_vf a, pk_vf b, pk_vf c) { return a * b + c; }
+PK_INLINE pk_vf pk_absv(pk_vf a) { return (pk_vf)((pk_vu)a & 0x7fffffffu); }
+#if PK_W == 16
+PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) { return (pk_vf)_mm512_fmadd_ps(a, b, c); }
+PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)_mm512_sqrt_ps(a); }
+/* The lanes MKL's sqrt treats apart (see pk_sqrt_apart), as a mask register. */
+typedef __mmask16 pk_lanes;
+PK_INLINE pk_lanes pk_apart_lanes(pk_vf x) {
+  return _mm512_cmpgt_epi32_mask(_mm512_add_epi32((__m512i)x, _mm512_set1_epi32(0x7f800000)),
+                                 _mm512_set1_epi32((int)0xfefff000u));
+}
+PK_INLINE pk_vm pk_lanes_mask(pk_lanes m) {
+  return (pk_vm)_mm512_maskz_mov_epi32(m, _mm512_set1_epi32(-1));
+}
+/* The 12-bit estimate MKL starts from is rsqrtps's (AVX-512's rsqrt14 rounds otherwise). */
+PK_INLINE pk_vf pk_rsqrt_estimate(pk_vf x) {
+  const __m512 v = (__m512)x;
+  const __m256 lo = _mm256_rsqrt_ps(_mm512_castps512_ps256(v));
+  const __m256d upper = _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1);
+  const __m256 hi = _mm256_rsqrt_ps(_mm256_castpd_ps(upper));
+  return (pk_vf)_mm512_castpd_ps(
+      _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+#elif PK_W == 4
+PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) {
+  return (pk_vf)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+}
+PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)vsqrtq_f32((float32x4_t)a); }
+#else
+PK_INLINE pk_vf pk_fmav(pk_vf a, pk_vf b, pk_vf c) { return (pk_vf)_mm256_fmadd_ps(a, b, c); }
+PK_INLINE pk_vf pk_sqrtv(pk_vf a) { return (pk_vf)_mm256_sqrt_ps(a); }
+typedef int pk_lanes;
+PK_INLINE pk_lanes pk_apart_lanes(pk_vf x) {
+  /* One add and one signed compare, as written (the compiler's own form takes one more). */
+  const __m256i shifted = _mm256_add_epi32((__m256i)x, _mm256_set1_epi32(0x7f800000));
+  const __m256i m = _mm256_cmpgt_epi32(shifted, _mm256_set1_epi32((int)0xfefff000u));
+  return _mm256_movemask_ps(_mm256_castsi256_ps(m));
+}
+PK_INLINE pk_vm pk_lanes_mask(pk_lanes m) {
+  const pk_vm bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  return (pk_vm)((bit & m) != 0);
+}
+PK_INLINE pk_vf pk_rsqrt_estimate(pk_vf x) { return (pk_vf)_mm256_rsqrt_ps((__m256)x); }
+#endif
+#endif
+/* MKL runs on x86 only: the copy of its sqrt is made on x86 vectors. */
+#if PK_W == 16 || PK_W == 8
+/* The inputs MKL's code treats apart, as it treats them: zeros and +inf are returned, NaNs
+   quieted, negatives give the canonical NaN, and subnormals and the largest normals their
+   correctly rounded root. On a branch the usual vectors skip; inline, so that taking it
+   (a vector holding a zero: a moment that never moved) costs no call and no spills. */
+PK_INLINE pk_vf pk_sqrt_apart(pk_vf x, pk_vf out, pk_lanes lanes) {
+  const pk_vm apart = pk_lanes_mask(lanes);
+  const pk_vu b = (pk_vu)x, a = b & 0x7fffffffu;
+  pk_vf f = pk_sqrtv(x);
+  f = (b >> 31) != 0 ? pk_bitsv(0x7fc00000u) : f;
+  f = a > 0x7f800000u ? (pk_vf)(b | 0x00400000u) : f;
+  f = (a == 0) | (b == 0x7f800000u) ? x : f;
+  return apart ? f : out;
+}
+/* MKL's high-accuracy float32 sqrt as its generic x86 code computes it: a reciprocal square
+   root estimate refined by one coupled Newton step, each operation rounded on its own. Used
+   only where an exhaustive comparison proved it identical to MKL on this machine. */
+PK_INLINE pk_vf pk_sqrt_mklv(pk_vf x) {
+  const pk_lanes apart = pk_apart_lanes(x);
+  const pk_vf y = pk_rsqrt_estimate(x);
+  const pk_vf s = x * y, h = y * 0.5f;
+  const pk_vf e = 0.5f - s * h;
+  const pk_vf s1 = s * e + s, h1 = e * h + h;
+  const pk_vf r = x - s1 * s1;
+  const pk_vf out = r * h1 + s1;
+  return __builtin_expect(apart != 0, 0) ? pk_sqrt_apart(x, out, apart) : out;
+}
+static inline void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + PK_W <= n; i += PK_W) pk_st(out + i, pk_sqrt_mklv(pk_ld(in + i)));
+  if (i < n) {
+    pk_vf v = pk_splat(1.0f);
+    memcpy(&v, in + i, (size_t)(n - i) * 4);
+    pk_stn(out + i, pk_sqrt_mklv(v), n - i);
+  }
+}
+#define PK_HAVE_SQRT_MKL 1
+#else
+/* Without x86 vectors the copy is not made (the probe says so, and programs call MKL). */
+#define PK_HAVE_SQRT_MKL 0
+static void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = sqrtf(in[i]);
+}
+#endif
