@@ -46,14 +46,7 @@ def _cast_state(param: Tensor, key: Any, value: Any, group: Mapping[str, Any]) -
 
 
 def state_dict(opt: Any) -> StateDict:
-    """Return the optimizer's state in torch.optim's format.
-
-    ``state`` maps each parameter's index (counted across groups in order) to its state;
-    ``param_groups`` holds each group's hyperparameters with its ``params`` as indices.
-    These are torch's keys, and the only ones. It holds only tensors and plain Python
-    values, so ``torch.load(..., weights_only=True)`` reads it, and ``torch.optim``
-    optimizers load it.
-    """
+    """The body of :meth:`polyak.Optimizer.state_dict`."""
     for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
         pre_hook(opt)
     # Numbered as torch.optim numbers them: each parameter by its position counted across
@@ -96,22 +89,14 @@ def state_dict(opt: Any) -> StateDict:
 
 
 def load_state_dict(opt: Any, state_dict: StateDict) -> None:
-    """Load a state_dict written by :meth:`state_dict` or by a ``torch.optim`` optimizer.
-
-    Everything is checked before anything changes: on any mismatch this raises and the
-    optimizer is exactly as it was. Floating-point state is cast to its parameter's dtype
-    and device (``step`` counters keep theirs, as in torch) and copied, so stepping never
-    writes into the dict that was loaded.
-
-    Args:
-        state_dict: the optimizer state, as returned by ``state_dict()``.
-    """
+    """The body of :meth:`polyak.Optimizer.load_state_dict`: everything is checked before
+    anything changes."""
     state_dict = dict(_checks.check_mapping("state_dict", state_dict))
     for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(opt, state_dict)
         if result is not None:
             state_dict = result
-    state, groups, step_count = opt._read_state_dict(state_dict)
+    state, groups, step_count = read_state_dict(opt, state_dict)
     opt.state = state
     opt.param_groups = groups
     opt._step_count = step_count
@@ -172,7 +157,7 @@ def read_state_dict(
     # that add_param_group took from the defaults) stays shared.
     saved_copies = copy.deepcopy([dict(saved) for saved in saved_groups])
     groups = [
-        opt._read_group(i, saved, group)
+        read_group(opt, i, saved, group)
         for i, (saved, group) in enumerate(zip(saved_copies, opt.param_groups, strict=True))
     ]
 
@@ -222,7 +207,7 @@ def read_state_dict(
             if shared and id(item) in copies:
                 state[param][key] = copies[id(item)][1]
                 continue
-            state[param][key] = opt._read_state_value(pid, param, key, item, group)
+            state[param][key] = read_state_value(opt, pid, param, key, item, group)
             if shared:
                 copies[id(item)] = (item, state[param][key])
 

@@ -11,6 +11,7 @@ import torch.optim
 from torch import Tensor
 
 from polyak import _ops
+from polyak._driver import gather
 from polyak._runner import _call, _run
 from polyak.strategies import StateLists, loop
 
@@ -36,7 +37,7 @@ def traced_step(opt: Any, closure: Callable[[], Any] | None) -> Any:
     grad_scale: Tensor | None = getattr(opt, "grad_scale", None)
     found_inf: Tensor | None = getattr(opt, "found_inf", None)
     for group in opt.param_groups:
-        opt._traced_group_step(group, grad_scale, found_inf)
+        traced_group_step(opt, group, grad_scale, found_inf)
     return loss
 
 
@@ -85,7 +86,7 @@ def init_group(opt: Any, *args: Any, **kwargs: Any) -> Any:
         counter = torch.zeros((), dtype=torch.int64, device=getattr(first, "device", None))
         torch._dynamo.mark_static_address(counter)
         opt.__dict__["_compiled_steps"] = counter
-    return opt._gather_into(*args, **kwargs)
+    return gather_into(opt, *args, **kwargs)
 
 
 def gather_into(
@@ -99,7 +100,7 @@ def gather_into(
     if not found:
         return False
     found_grads = [cast(Tensor, p.grad) for p in found]
-    state = opt._gather(group, found, found_grads)[0]
+    state = gather(opt, group, found, found_grads)[0]
     params.extend(found)
     grads.extend(found_grads)
     for key in opt.state_keys:

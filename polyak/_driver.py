@@ -13,7 +13,7 @@ from torch import Tensor
 from polyak import _checks, _explain, _ops
 from polyak._hooks import _recorded
 from polyak._hyper import _NUMBERS, _PLAIN_TENSORS, Hyper
-from polyak._rehearsal import _hyper_layout, _immutable
+from polyak._rehearsal import _hyper_layout, _immutable, rehearse
 from polyak._runner import _run
 from polyak._state import STEP_COUNT, StateEntry
 from polyak.strategies import StateLists, Strategy, flat
@@ -47,7 +47,7 @@ def step(opt: Any, closure: Callable[[], Any] | None) -> Any:
             if ran is False and group.get("fused") and flat.awaits_state(opt, group):
                 # torch's fused kernels round as the flat kernel does, not as the reference
                 # path: the first step, too, runs flat, on the state made for it here.
-                opt._make_state(group)
+                make_state(opt, group)
                 ran = flat.step(opt, group, grad_scale)
             if ran is True:
                 continue
@@ -55,13 +55,13 @@ def step(opt: Any, closure: Callable[[], Any] | None) -> Any:
             rest = ran or None
         enabled = torch.is_grad_enabled()
         if enabled is differentiable:
-            opt._step_group(group, grad_scale, rest)
+            step_group(opt, group, grad_scale, rest)
             continue
         # The grad mode's own switch: torch.set_grad_enabled costs three times as much, which
         # a step of one small tensor (optimizer-in-backward) feels.
         torch._C._set_grad_enabled(differentiable)
         try:
-            opt._step_group(group, grad_scale, rest)
+            step_group(opt, group, grad_scale, rest)
         finally:
             torch._C._set_grad_enabled(enabled)
     opt.__dict__[STEP_COUNT] += 1  # the count in Python (see _step_count)
@@ -108,7 +108,7 @@ def step_group(
     params = [p for p in (group["params"] if only is None else only) if p.grad is not None]
     if params:
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        opt._step_params(group, params, grads, grad_scale)
+        step_params(opt, group, params, grads, grad_scale)
 
 
 def make_state(opt: Any, group: dict[str, Any]) -> None:
@@ -116,7 +116,7 @@ def make_state(opt: Any, group: dict[str, Any]) -> None:
     first time, as the step would, without updating anything."""
     params = [p for p in group["params"] if p.grad is not None]
     if params:
-        opt._gather(group, params, [p.grad for p in params])  # type: ignore[misc]
+        gather(opt, group, params, [p.grad for p in params])  # type: ignore[misc]
 
 
 def step_params(
@@ -127,7 +127,7 @@ def step_params(
     grad_scale: Tensor | None = None,
 ) -> None:
     """Step ``params`` with ``grads`` under the hyperparameters of ``group``."""
-    state, hp, strategy, entries = opt._gather(group, params, grads)
+    state, hp, strategy, entries = gather(opt, group, params, grads)
     if grad_scale is None or not group.get("fused"):
         _run(strategy.run, type(opt).update, params, grads, state, hp)
     elif len({id(g) for g in grads}) == len(grads):
@@ -169,7 +169,7 @@ def gather(
     opt.check_step(group, params, grads)
     if group.get("fused"):
         _checks.check_fused_grads(params, grads)
-    hp, hp_layout = opt._hyper(group, params)
+    hp, hp_layout = hyper(opt, group, params)
     # Each parameter's state dict, created lazily; torch keeps no entry for a parameter
     # whose algorithm holds no state (SGD without momentum), and neither does polyak. New
     # entries are stored once the step is known to run.
@@ -192,7 +192,7 @@ def gather(
         isinstance(t, Tensor) for t in state.get("step", ()) if t is not None
     ):
         raise RuntimeError(message)
-    strategy = opt._rehearse(group, params, grads, state, hp, entries, hp_layout)
+    strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)
     # Checked: from here on the step writes.
     if created:
         for p in created:

@@ -22,7 +22,6 @@ from polyak import (
     _compile,
     _driver,
     _groups,
-    _rehearsal,
     functional,
 )
 from polyak._checkpoint import _SET_BY_LOADING, StateDict
@@ -287,14 +286,6 @@ class Optimizer(torch.optim.Optimizer):
         """
         return _driver.step(self, closure)
 
-    def _step_group(
-        self, group: dict[str, Any], grad_scale: Tensor | None, only: list[Tensor] | None = None
-    ) -> None:
-        return _driver.step_group(self, group, grad_scale, only)
-
-    def _make_state(self, group: dict[str, Any]) -> None:
-        return _driver.make_state(self, group)
-
     def _step_params(
         self,
         group: dict[str, Any],
@@ -304,43 +295,13 @@ class Optimizer(torch.optim.Optimizer):
     ) -> None:
         return _driver.step_params(self, group, params, grads, grad_scale)
 
-    def _gather(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-    ) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]]]:
-        return _driver.gather(self, group, params, grads)
-
-    def _hyper(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper, list[Any]]:
-        return _driver.hyper(self, group, params)
-
     # ----------------------------------------------------------------- torch.compile
 
     def _traced_step(self, closure: Callable[[], Any] | None) -> Any:
         return _compile.traced_step(self, closure)
 
-    def _traced_group_step(
-        self, group: dict[str, Any], grad_scale: Tensor | None, found_inf: Tensor | None
-    ) -> None:
-        return _compile.traced_group_step(self, group, grad_scale, found_inf)
-
     def _init_group(self, *args: Any, **kwargs: Any) -> Any:
         return _compile.init_group(self, *args, **kwargs)
-
-    def _gather_into(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], values: list[Any]
-    ) -> bool:
-        return _compile.gather_into(self, group, params, grads, values)
-
-    def _rehearse(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        state: StateLists,
-        hp: Hyper,
-        entries: list[dict[str, Any]],
-        hp_layout: list[Any],
-    ) -> Strategy:
-        return _rehearsal.rehearse(self, group, params, grads, state, hp, entries, hp_layout)
 
     @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
@@ -405,18 +366,3 @@ class Optimizer(torch.optim.Optimizer):
             state_dict: the optimizer state, as returned by ``state_dict()``.
         """
         return _checkpoint.load_state_dict(self, state_dict)
-
-    def _read_state_dict(
-        self, state_dict: Mapping[str, Any]
-    ) -> tuple[defaultdict[Any, Any], list[dict[str, Any]], int]:
-        return _checkpoint.read_state_dict(self, state_dict)
-
-    def _read_group(
-        self, i: int, saved: Mapping[str, Any], group: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        return _checkpoint.read_group(self, i, saved, group)
-
-    def _read_state_value(
-        self, pid: int, param: Tensor, key: Any, value: Any, group: Mapping[str, Any]
-    ) -> Any:
-        return _checkpoint.read_state_value(self, pid, param, key, value, group)
