@@ -235,7 +235,7 @@ def test_the_kernel_numbers_the_opcodes_and_its_answers_as_python_does() -> None
     from polyak.strategies import flat
     from polyak.strategies.flat import _program
 
-    source = (_toolchain.KERNEL_DIR / "kernel.cpp").read_text()
+    source = _toolchain.source("kernel.cpp")
     for enum, prefix in (("VOp", "V_"), ("SOp", "S_")):
         in_cpp = _enum(source, enum, prefix)
         in_python = {
@@ -258,3 +258,6 @@ def test_what_a_build_compiles_is_what_its_cache_key_hashes() -> None:
         text = _toolchain.source(path.name)
         assert '#include "' not in text, path.name
     assert _toolchain.source("prelude.h") in _toolchain.source("sqrt_probe.cpp")
+    kernel = _toolchain.source("kernel.cpp")
+    for part in ("interpret.h", "plan.h", "check.h"):
+        assert _toolchain.source(part) in kernel
