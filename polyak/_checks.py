@@ -314,3 +314,13 @@ def check_state_scalar(pid: Any, key: Any, value: Any) -> Tensor:
             "expected a one-element tensor"
         )
     return value
+
+
+def check_lr_eps_betas_decay(group: Mapping[str, Any]) -> None:
+    """The checks of ``lr``, ``eps``, ``betas`` and ``weight_decay`` that Adamax, NAdam and
+    RAdam make, in torch.optim's order and wording."""
+    check_tensor_lr(group["lr"])
+    check_at_least("learning rate", group["lr"])
+    check_at_least("epsilon value", group["eps"])
+    check_betas(group["betas"])
+    check_at_least("weight_decay value", group["weight_decay"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -93,3 +94,30 @@ def check_capturable(
     for p in params:
         entry = state.get(p)
         _checks.check_capturable_param(p, entry["step"] if entry else p, what, xla)
+
+
+def upgrade_step_state(
+    self: Any, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor
+) -> None:
+    """``upgrade_state`` of a rule whose only old-format state is its step: checkpoints of old
+    torch versions kept it as a Python number (assigned as the class's ``upgrade_state``)."""
+    upgrade_step(entry, param, group["capturable"])
+
+
+def dense_and_capturable(
+    name: str,
+    loop: tuple[str, bool] = ("params and state_steps must be", True),
+    foreach: tuple[str, bool] = ("params and state_steps must be", True),
+) -> Any:
+    """``check_step`` of a rule that takes dense gradients only, and whose ``capturable`` needs
+    an accelerator, with torch's messages for ``name`` (see :func:`check_capturable` for
+    ``loop`` and ``foreach``); assigned as the class's ``check_step``."""
+
+    def check_step(
+        self: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        check_dense(name, grads)
+        check_capturable(self.state, group, params, grads, loop=loop, foreach=foreach)
+
+    check_step.__doc__ = f"{name} takes dense gradients, and ``capturable`` needs an accelerator."
+    return check_step

@@ -102,21 +102,13 @@ class Adadelta(Optimizer, torch.optim.Adadelta):
         _checks.check_at_least("epsilon value", group["eps"])
         _checks.check_at_least("weight_decay value", group["weight_decay"])
 
-    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
-        """Checkpoints of old torch versions kept the step as a Python number."""
-        _common.upgrade_step(entry, param, group["capturable"])
+    upgrade_state = _common.upgrade_step_state
 
-    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """Adadelta takes dense gradients, and ``capturable`` needs an accelerator."""
-        _common.check_dense("Adadelta", grads)
-        _common.check_capturable(
-            self.state,
-            group,
-            params,
-            grads,
-            loop=("params and state_steps must be", False),
-            foreach=("params and state_steps must be", False),
-        )
+    check_step = _common.dense_and_capturable(
+        "Adadelta",
+        loop=("params and state_steps must be", False),
+        foreach=("params and state_steps must be", False),
+    )
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step counter and zero averages, as torch.optim creates them."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -91,25 +90,13 @@ class Adamax(Optimizer, torch.optim.Adamax):
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
-    @staticmethod
-    def check_hyperparameters(group: Mapping[str, Any]) -> None:
-        """Adamax's checks of its numbers, in torch.optim's order and wording."""
-        _checks.check_tensor_lr(group["lr"])
-        _checks.check_at_least("learning rate", group["lr"])
-        _checks.check_at_least("epsilon value", group["eps"])
-        _checks.check_betas(group["betas"])
-        _checks.check_at_least("weight_decay value", group["weight_decay"])
+    check_hyperparameters = staticmethod(_checks.check_lr_eps_betas_decay)
 
-    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
-        """Checkpoints of old torch versions kept the step as a Python number."""
-        _common.upgrade_step(entry, param, group["capturable"])
+    upgrade_state = _common.upgrade_step_state
 
-    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """Adamax takes dense gradients, and ``capturable`` needs an accelerator."""
-        _common.check_dense("Adamax", grads)
-        _common.check_capturable(
-            self.state, group, params, grads, foreach=("params and state_steps must be", False)
-        )
+    check_step = _common.dense_and_capturable(
+        "Adamax", foreach=("params and state_steps must be", False)
+    )
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step counter and zero moments, as torch.optim creates them."""

@@ -118,14 +118,9 @@ class RMSprop(Optimizer, torch.optim.RMSprop):
         _checks.check_at_least("weight_decay value", group["weight_decay"])
         _checks.check_at_least("alpha value", group["alpha"])
 
-    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
-        """Checkpoints of old torch versions kept the step as a Python number."""
-        _common.upgrade_step(entry, param, group["capturable"])
+    upgrade_state = _common.upgrade_step_state
 
-    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """RMSprop takes dense gradients, and ``capturable`` needs an accelerator."""
-        _common.check_dense("RMSprop", grads)
-        _common.check_capturable(self.state, group, params, grads)
+    check_step = _common.dense_and_capturable("RMSprop")
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step counter and zero averages, as torch.optim creates them."""

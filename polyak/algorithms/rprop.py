@@ -103,14 +103,9 @@ class Rprop(Optimizer, torch.optim.Rprop):
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
 
-    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
-        """Checkpoints of old torch versions kept the step as a Python number."""
-        _common.upgrade_step(entry, param, group["capturable"])
+    upgrade_state = _common.upgrade_step_state
 
-    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """Rprop takes dense gradients, and ``capturable`` needs an accelerator."""
-        _common.check_dense("Rprop", grads)
-        _common.check_capturable(self.state, group, params, grads)
+    check_step = _common.dense_and_capturable("Rprop")
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step and previous gradient, and step sizes filled with ``lr``."""
