@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from ._entry import ErrorCase
+import polyak
+
+from ._entry import Entry, ErrorCase
 
 #: Errors every optimizer that takes ``fused`` raises as torch does.
 FUSED_ERRORS = [
@@ -111,3 +113,22 @@ def lr_eps_decay_errors() -> list[ErrorCase]:
         ErrorCase({"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$"),
         LR_TYPE_ERROR,
     ]
+
+
+def adam_entry(
+    cls: type[polyak.Optimizer],
+    reference: type[torch.optim.Optimizer],
+    decoupled: bool,
+    stateful: dict[str, Any],
+) -> Entry:
+    """The entry of Adam or AdamW, which share their configurations and errors."""
+    return Entry(
+        cls=cls,
+        reference=reference,
+        configs=adam_configs(decoupled=decoupled),
+        errors=adam_errors(),
+        fused_tolerances=ADAM_FUSED_TOLERANCES,
+        stateful=stateful,
+        differentiable={"betas": (0.8, 0.9), "weight_decay": 0.1},
+        complex_foreach_tolerance=1e-6,
+    )
