@@ -165,12 +165,20 @@ def check_state_step(step: Any) -> None:
     ``step()``.
 
     Raises:
+        TypeError: a value that is neither a tensor, a string nor a real number (None, a
+            list): torch's loading raises it, from the ``float(step)`` that reads an old
+            format's number, with the same message.
         ValueError: naming the value.
     """
     number = isinstance(step, (int, float)) and not isinstance(step, bool)
     tensor = isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex()
     if (number or tensor) and math.isfinite(float(step)) and float(step) >= 0:
         return
+    if not isinstance(step, (Tensor, str)):
+        try:
+            float(step)
+        except TypeError as error:
+            raise TypeError(str(error)) from None
     raise ValueError(f"Invalid step {step!r}: a step count is a finite number >= 0")
 
 
@@ -200,15 +208,29 @@ STEP_TENSORS = "API has changed, `state_steps` argument must contain a list of s
 _UNSET_ACCEPTS = (None, "a bool", "a number or a one-element Tensor")
 
 
+def _equals_a_bool(value: Any) -> bool:
+    """Whether a number or a one-element tensor equals False or True (0 or 1)."""
+    if isinstance(value, Tensor) and value.is_complex():
+        return False
+    return float(value) in (0.0, 1.0)
+
+
 def check_same_kind(what: str, current: Any, loaded: Any) -> None:
     """A loaded hyperparameter has the kind of value the optimizer holds for it.
 
     Numbers and one-element tensors are one kind (a scheduler may turn ``lr`` into a tensor),
     lists and tuples another. Where the optimizer holds None (a tri-state flag such as
     ``foreach``, or an unset number), None, a bool or a number is accepted; where it holds a
-    bool, None too.
+    bool, None too, and a number equal to a bool (``maximize=1``, ``tensor(True)``), which the
+    constructors take and keep as given, and torch's steps read as that bool.
     """
     expected, got = _kind(current), _kind(loaded)
+    if (
+        expected == "a bool"
+        and got == "a number or a one-element Tensor"
+        and _equals_a_bool(loaded)
+    ):
+        return
     if expected is None:
         if got not in _UNSET_ACCEPTS:
             raise TypeError(f"Invalid {what} value: {loaded!r} (expected None, a bool or a number)")

@@ -259,3 +259,137 @@ def test_a_muon_checkpoint_with_negative_ns_steps_runs_as_torchs() -> None:
         opt.step()
         results.append(p.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad"])
+def test_a_checkpoint_step_of_none_is_refused_with_torchs_type_error(name: str) -> None:
+    """torch's loading reads a step that is not a tensor with ``float()``, which raises a
+    TypeError for None; polyak's raises the same, with the same message, unchanged."""
+    errors = []
+    for module in (torch.optim, polyak):
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = getattr(module, name)([p])
+        p.grad = torch.randn(4, 3)
+        opt.step()
+        saved = opt.state_dict()
+        saved["state"][0]["step"] = None
+        before = _snapshot(opt, [p])
+        with pytest.raises(TypeError) as caught:
+            opt.load_state_dict(saved)
+        errors.append(str(caught.value))
+        if module is polyak:
+            assert _same(_snapshot(opt, [p]), before)
+    assert errors[1] == errors[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "key"), [("NAdam", "mu_product"), ("ASGD", "eta"), ("ASGD", "mu")]
+)
+def test_a_checkpoint_state_number_of_none_is_refused_with_torchs_type_error(
+    name: str, key: str
+) -> None:
+    """torch's loading makes tensors of these entries, and raises a TypeError for None;
+    polyak's raised a KeyError, as for an entry left out."""
+    errors = []
+    for module in (torch.optim, polyak):
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = getattr(module, name)([p])
+        p.grad = torch.randn(4, 3)
+        opt.step()
+        saved = opt.state_dict()
+        saved["state"][0][key] = None
+        before = _snapshot(opt, [p])
+        with pytest.raises(TypeError) as caught:
+            opt.load_state_dict(saved)
+        errors.append(str(caught.value))
+        if module is polyak:
+            assert _same(_snapshot(opt, [p]), before)
+    assert errors[1] == errors[0]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_a_fused_step_takes_capturable_on_the_cpu_as_torchs(name: str) -> None:
+    """torch's fused kernels take ``capturable=True`` on any device (the step counters are on
+    the parameters' device for a fused step anyway); polyak's fused step raised the
+    AssertionError of torch's other paths."""
+    results = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = getattr(module, name)([p], fused=True, capturable=True)
+        for _ in range(3):
+            p.grad = torch.randn(4, 3)
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["step"].clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_a_fused_sgd_step_with_a_buffer_removed_raises_torchs_error_unchanged() -> None:
+    """Where some parameters have a momentum buffer and others none, torch's fused kernel is
+    handed None and raises a TypeError (it starts the buffers only where none has one);
+    polyak's fused step started the missing buffer and stepped."""
+    errors = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+        opt = module.SGD(params, lr=0.1, momentum=0.9, fused=True)
+        for p in params:
+            p.grad = torch.randn(3)
+        opt.step()
+        del opt.state[params[1]]["momentum_buffer"]
+        before = _snapshot(opt, params)
+        with pytest.raises(TypeError) as caught:
+            opt.step()
+        errors.append(str(caught.value))
+        if module is polyak:
+            assert _same(_snapshot(opt, params), before)
+    assert errors[1] == errors[0] == "expected Tensor as element 1 in argument 2, but got NoneType"
+
+
+def test_a_muon_buffer_of_another_shape_raises_torchs_error_unchanged() -> None:
+    """A momentum buffer given a leading unit dimension by hand broadcasts in the momentum
+    update, and torch's Newton–Schulz iteration then refuses the 3-D direction with a
+    ValueError; polyak's raised the RuntimeError of a batched matrix product."""
+    errors = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = module.Muon([p])
+        p.grad = torch.randn(4, 3)
+        opt.step()
+        opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].unsqueeze(0)
+        p.grad = torch.randn(4, 3)
+        before = _snapshot(opt, [p])
+        with pytest.raises(ValueError) as caught:
+            opt.step()
+        errors.append(str(caught.value))
+        if module is polyak:
+            assert _same(_snapshot(opt, [p]), before)
+    assert errors[1] == errors[0] == "Input tensor gradient must be a 2D matrix"
+
+
+@pytest.mark.parametrize("value", [1, 0, 1.0, torch.tensor(True), torch.tensor(1)], ids=repr)
+def test_a_checkpoint_flag_given_as_a_number_equal_to_a_bool_loads_as_in_torch(value: Any) -> None:
+    """Both constructors take ``maximize=1`` (or a one-element tensor) and keep it as given, so
+    a checkpoint may hold it: torch loads it into an optimizer holding a bool, and so does
+    polyak, which refused it with a TypeError (its own checkpoint, too); both then step alike.
+    A number no bool equals (0.5) is still refused."""
+    results = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        source = module.Adam([p], maximize=value, amsgrad=value)
+        p.grad = torch.randn(4, 3)
+        source.step()
+        q = torch.nn.Parameter(p.detach().clone())
+        target = module.Adam([q])
+        target.load_state_dict(source.state_dict())
+        for _ in range(2):
+            q.grad = torch.randn(4, 3)
+            target.step()
+        results.append(q.detach().clone())
+    assert torch.equal(results[0], results[1])
+    saved = polyak.Adam([torch.nn.Parameter(torch.randn(3))], maximize=0.5).state_dict()
+    with pytest.raises(TypeError, match="expected a bool"):
+        polyak.Adam([torch.nn.Parameter(torch.randn(3))]).load_state_dict(saved)

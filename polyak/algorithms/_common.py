@@ -87,8 +87,9 @@ def check_capturable(
 ) -> None:
     """``capturable=True`` needs parameters and steps on an accelerator, with the wording of
     the torch path that runs: ``loop`` and ``foreach`` give each path's subject and whether
-    its device list names ``xla``."""
-    if not group["capturable"]:
+    its device list names ``xla``. torch's fused kernels read the step where it is and take
+    ``capturable`` on any device, as a fused step here does."""
+    if not group["capturable"] or group.get("fused"):
         return
     what, xla = foreach if runs_foreach(group, params, grads) else loop
     for p in params:

@@ -241,8 +241,9 @@ class Adam(Optimizer, torch.optim.Adam):
             v_max: list[Any] = _ops.as_real(state["max_exp_avg_sq"])  # type: ignore[arg-type]
             _ops.maximum_(v_max, v)
             v = v_max
-        if hp.capturable or hp.differentiable:
+        if (hp.capturable and not hp.fused) or hp.differentiable:
             # The step stays a tensor, so the whole update is traceable (graphs, autograd).
+            # torch's fused kernels read the step as a number whether or not ``capturable``.
             bc1 = [1 - beta1**t for t in steps]
             bc2_sqrt = [(1 - beta2**t).sqrt() for t in steps]
             neg_step_size = [(hp.lr / b).neg() for b in bc1]

@@ -107,7 +107,8 @@ class ASGD(Optimizer, torch.optim.ASGD):
         _common.upgrade_step(entry, param, True)
         for key in ("eta", "mu"):
             value = entry.get(key)
-            if value is not None and not torch.is_tensor(value):
+            # None is made a tensor too, and raises torch's TypeError, as torch's loading does.
+            if key in entry and not torch.is_tensor(value):
                 entry[key] = torch.tensor(value, dtype=_common.scalar_dtype(), device=param.device)
 
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:

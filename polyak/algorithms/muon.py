@@ -178,7 +178,13 @@ def _orthogonalize(
     """k Newton–Schulz steps on ``x`` in bfloat16, with torch's operations and their order.
 
     ``x`` already bfloat16 is normalized in place, as in torch.optim.
+
+    Raises:
+        ValueError: ``x`` is not a matrix (a momentum buffer given another shape by hand, which
+            broadcasts in the momentum update), with torch's message.
     """
+    if x.ndim != 2:
+        raise ValueError("Input tensor gradient must be a 2D matrix")
     a, b, c = coefficients
     tall = x.size(0) > x.size(1)
     out = x.bfloat16()

@@ -125,7 +125,8 @@ class NAdam(Optimizer, torch.optim.NAdam):
         """Checkpoints of old torch versions kept the step and ``mu_product`` as numbers."""
         _common.upgrade_step(entry, param, group["capturable"])
         mu_product = entry.get("mu_product")
-        if mu_product is not None and not torch.is_tensor(mu_product):
+        # None is made a tensor too, and raises torch's TypeError, as torch's loading does.
+        if "mu_product" in entry and not torch.is_tensor(mu_product):
             device = param.device if group["capturable"] else None
             entry["mu_product"] = torch.tensor(
                 mu_product, dtype=_common.scalar_dtype(), device=device

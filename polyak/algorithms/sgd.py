@@ -113,6 +113,29 @@ class SGD(Optimizer, torch.optim.SGD):
         _checks.check_nonnegative("weight_decay", group["weight_decay"])
         _checks.check_nesterov(group["nesterov"], group["momentum"], group["dampening"])
 
+    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """A fused step with momentum starts the buffers only where no parameter stepped has
+        one: where some have one and others none (a buffer removed by hand), torch's fused
+        kernel is handed None for the others and raises its TypeError, which this raises
+        before anything changes."""
+        super().check_step(group, params, grads)
+        if not group.get("fused") or group["momentum"] == 0:
+            return
+        bufs = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+        if all(b is None for b in bufs) or all(b is not None for b in bufs):
+            return
+        # torch hands its kernel the buffers of each (device, dtype) of the parameters in
+        # turn; its message counts within the first such bucket that holds a None.
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor | None]] = {}
+        for p, b in zip(params, bufs, strict=True):
+            buckets.setdefault((p.device, p.dtype), []).append(b)
+        for bucket in buckets.values():
+            for j, b in enumerate(bucket):
+                if b is None:
+                    raise TypeError(
+                        f"expected Tensor as element {j} in argument 2, but got NoneType"
+                    )
+
     @staticmethod
     def update(params: list[Tensor], grads: list[Tensor], state: StateLists, hp: Hyper) -> None:
         """Apply one SGD step to ``params`` given their ``grads``."""
