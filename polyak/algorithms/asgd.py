@@ -111,17 +111,11 @@ class ASGD(Optimizer, torch.optim.ASGD):
             if key in entry and not torch.is_tensor(value):
                 entry[key] = torch.tensor(value, dtype=_common.scalar_dtype(), device=param.device)
 
-    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """ASGD takes dense gradients, and ``capturable`` needs an accelerator."""
-        _common.check_dense("ASGD", grads)
-        _common.check_capturable(
-            self.state,
-            group,
-            params,
-            grads,
-            loop=("params, mus, etas, and state_steps must be", True),
-            foreach=("params, mus, etas, and state_steps must be", False),
-        )
+    check_step = _common.dense_and_capturable(
+        "ASGD",
+        loop=("params, mus, etas, and state_steps must be", True),
+        foreach=("params, mus, etas, and state_steps must be", False),
+    )
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step, ``eta`` = lr, ``mu`` = 1 and a zero average, on the parameter's

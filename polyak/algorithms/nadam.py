@@ -114,11 +114,7 @@ class NAdam(Optimizer, torch.optim.NAdam):
     @staticmethod
     def check_hyperparameters(group: Mapping[str, Any]) -> None:
         """NAdam's checks of its numbers, in torch.optim's order and wording."""
-        _checks.check_tensor_lr(group["lr"])
-        _checks.check_at_least("learning rate", group["lr"])
-        _checks.check_at_least("epsilon value", group["eps"])
-        _checks.check_betas(group["betas"])
-        _checks.check_at_least("weight_decay value", group["weight_decay"])
+        _checks.check_lr_eps_betas_decay(group)
         _checks.check_at_least("momentum_decay value", group["momentum_decay"])
 
     def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
@@ -132,17 +128,11 @@ class NAdam(Optimizer, torch.optim.NAdam):
                 mu_product, dtype=_common.scalar_dtype(), device=device
             )
 
-    def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """NAdam takes dense gradients, and ``capturable`` needs an accelerator."""
-        _common.check_dense("NAdam", grads)
-        _common.check_capturable(
-            self.state,
-            group,
-            params,
-            grads,
-            loop=("params, mu_products and state_steps must be", True),
-            foreach=("params, mu_products, and state_steps must be", False),
-        )
+    check_step = _common.dense_and_capturable(
+        "NAdam",
+        loop=("params, mu_products and state_steps must be", True),
+        foreach=("params, mu_products, and state_steps must be", False),
+    )
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step, a unit ``mu_product`` and zero moments, as torch.optim creates them."""
