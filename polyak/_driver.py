@@ -40,10 +40,16 @@ def step(opt: Any, closure: Callable[[], Any] | None) -> Any:
     # Under a dispatch mode (MemTracker, FlopCounterMode, DebugMode) the step runs torch's
     # operations, which the mode sees, and not the kernel, which it does not.
     runs_flat = opt.elementwise and not torch._C._len_torch_dispatch_stack()
-    for group in opt.param_groups:
+    groups = opt.param_groups
+    # A step that fails changes nothing: every group after the first is checked before the
+    # first is stepped (the first checks itself as it steps).
+    checked = check_groups(opt, groups[1:], runs_flat, grad_scale) if len(groups) > 1 else {}
+    for group in groups:
         rest: list[Tensor] | None = None  # the parameters left to step (None: all)
         if runs_flat and flat.eligible(group):
-            ran = flat.step(opt, group, grad_scale)
+            ran = checked.get(id(group))
+            if ran is None or ran is True:
+                ran = flat.step(opt, group, grad_scale, prechecked=ran is True)
             if ran is False and group.get("fused") and flat.awaits_state(opt, group):
                 # torch's fused kernels round as the flat kernel does, not as the reference
                 # path: the first step, too, runs flat, on the state made for it here.
@@ -66,6 +72,25 @@ def step(opt: Any, closure: Callable[[], Any] | None) -> Any:
             torch._C._set_grad_enabled(enabled)
     opt.__dict__[STEP_COUNT] += 1  # the count in Python (see _step_count)
     return loss
+
+
+def check_groups(
+    opt: Any, groups: list[dict[str, Any]], runs_flat: bool, grad_scale: Tensor | None
+) -> dict[int, bool | list[Tensor]]:
+    """Raise any error a step of ``groups`` would raise, writing nothing; return, by group,
+    what the flat kernel's check answered (see :func:`flat.check`) for those it looked at."""
+    answers: dict[int, bool | list[Tensor]] = {}
+    for group in groups:
+        rest: list[Tensor] | None = None
+        if runs_flat and flat.eligible(group):
+            ran = answers[id(group)] = flat.check(opt, group, grad_scale)
+            if ran is True:
+                continue
+            rest = ran or None
+        params = [p for p in (group["params"] if rest is None else rest) if p.grad is not None]
+        if params:
+            gather(opt, group, params, [p.grad for p in params], store=False)  # type: ignore[misc]
+    return answers
 
 
 def zero_grad(opt: Any, set_to_none: bool) -> None:
@@ -162,10 +187,10 @@ def step_params(
 
 
 def gather(
-    opt: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    opt: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], store: bool = True
 ) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]]]:
     """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
-    state of parameters stepped for the first time created and stored."""
+    state of parameters stepped for the first time created and (where ``store``) stored."""
     opt.check_step(group, params, grads)
     if group.get("fused"):
         _checks.check_fused_grads(params, grads)
@@ -194,7 +219,7 @@ def gather(
         raise RuntimeError(message)
     strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)
     # Checked: from here on the step writes.
-    if created:
+    if created and store:
         for p in created:
             opt.state[p] = StateEntry(created[p])
         entries = [
@@ -218,6 +243,9 @@ def hyper(opt: Any, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper,
     last = kept.get(id(group))
     if last is not None and last[0] == keys and all(map(operator.is_, last[1], values)):
         return last[2], last[3]
+    missing = opt.missing_key(group)
+    if missing is not None:
+        raise KeyError(missing)
     hp = opt.hyperparameters(group, params)
     layout = _hyper_layout(vars(hp))
     own = type(opt)._base_hyperparameters

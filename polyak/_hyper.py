@@ -44,6 +44,21 @@ _IMMUTABLE_TYPES = frozenset({float, int, bool, str, type(None)})
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+class MissingHyperparameter(KeyError, AttributeError):
+    """A hyperparameter an update reads and its group lacks: torch's step raises KeyError from
+    ``group[key]``; it is also an AttributeError, as reading a missing attribute raises."""
+
+
+def missing_key(
+    defaults: Mapping[str, Any], group: Mapping[str, Any], optional: frozenset[str]
+) -> str | None:
+    """The first key of ``defaults`` that ``group`` lacks, bar ``optional``; None if none."""
+    for key in defaults:
+        if key not in group and key not in optional:
+            return key
+    return None
+
+
 class Hyper:
     """A group's hyperparameters, frozen, as the update rule reads them: ``hp.lr``.
 
@@ -61,7 +76,9 @@ class Hyper:
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the group lacks.
-        raise AttributeError(f"the parameter group has no hyperparameter {name!r}")
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MissingHyperparameter(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("hyperparameters are read-only inside a step")

@@ -14,7 +14,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak._hyper import _IMMUTABLE_TYPES, _PLAIN_TENSORS, Hyper
+from polyak._hyper import _IMMUTABLE_TYPES, _PLAIN_TENSORS, Hyper, MissingHyperparameter
 from polyak._runner import _run
 from polyak.strategies import StateLists, Strategy, choose
 
@@ -279,8 +279,15 @@ def rehearse(
     for p, entry in zip(params, entries, strict=True):
         kind = (p.shape, p.dtype, p.device)
         if kind not in needed:
-            with _unseen([p]):
-                needed[kind] = list(opt.init_state(_key_template(p), hp))
+            try:
+                with _unseen([p]):
+                    needed[kind] = list(opt.init_state(_key_template(p), hp))
+            except MissingHyperparameter:
+                # A key only a first step reads (Rprop's lr): a parameter with state steps
+                # without it, as in torch.
+                if not entry:
+                    raise
+                continue
         for key in needed[kind]:
             if key not in entry:
                 raise KeyError(key)

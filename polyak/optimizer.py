@@ -22,6 +22,7 @@ from polyak import (
     _compile,
     _driver,
     _groups,
+    _hyper,
     functional,
 )
 from polyak._checkpoint import _SET_BY_LOADING, StateDict
@@ -88,6 +89,9 @@ class Optimizer(torch.optim.Optimizer):
     #: hold either where the optimizer holds the other, and its value is taken, as in torch
     #: (``check_hyperparameters`` still refuses a string no constructor takes).
     optional_strings: ClassVar[tuple[str, ...]] = ()
+    #: Keys of ``defaults`` that a step may find missing from a group, as torch's step does not
+    #: read them (or reads them with a default); a group lacking any other raises KeyError.
+    optional_keys: ClassVar[frozenset[str]] = frozenset()
     #: The update is elementwise, so the flat kernel may run it; rules with per-tensor norms or
     #: matrix products set False and run on the other strategies.
     elementwise: ClassVar[bool] = True
@@ -325,6 +329,11 @@ class Optimizer(torch.optim.Optimizer):
         with gradients); a subclass resolves here values that depend on them (Adafactor's
         ``eps=None``)."""
         return Hyper(group, as_numbers=bool(group.get("fused")))
+
+    def missing_key(self, group: Mapping[str, Any]) -> str | None:
+        """The first key of ``defaults`` (bar :attr:`optional_keys`) that ``group`` lacks, whose
+        step raises KeyError as torch's reads ``group[key]``; None where it has them all."""
+        return _hyper.missing_key(self.defaults, group, self.optional_keys | _SET_BY_LOADING.keys())
 
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Raise, before anything changes, for parameters this step cannot update."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -125,6 +126,58 @@ def test_a_step_failing_on_a_later_gradient_changes_nothing(
             errors.append(type(error))
             if module is polyak:
                 assert _same(_snapshot(opt, params), before)
+    assert errors[1] == errors[0]
+
+
+FUSED = ["SGD", "Adam", "AdamW", "Adagrad"]
+
+
+@pytest.mark.parametrize(
+    ("name", "flags"),
+    [
+        (name, flags)
+        for name in ELEMENTWISE
+        for flags in [{}, {"foreach": False}, {"foreach": True}, {"fused": True}]
+        if name in FUSED or not flags.get("fused")
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("first_step", [False, True], ids=["stepped", "first-step"])
+def test_a_step_failing_in_a_later_group_changes_no_group(
+    name: str, flags: dict[str, Any], first_step: bool
+) -> None:
+    """A wrong gradient in the second group: torch steps the first group and then raises;
+    polyak raises torch's error type before any group changes, state created for a first
+    step included."""
+    kwargs: dict[str, Any] = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {}
+    errors = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+        groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.1}]
+        opt = getattr(module, name)(groups, **kwargs, **flags)
+        if not first_step:
+            for p in params:
+                p.grad = torch.randn(4)
+            opt.step()
+        for p in params:
+            p.grad = torch.randn(4)
+        # torch's fused kernels step on a gradient of the wrong size, and refuse one of
+        # another dtype.
+        bad = torch.ones(4, dtype=torch.float64) if flags.get("fused") else torch.ones(3)
+        params[2].grad.data = bad  # type: ignore[union-attr]
+        before = [p.detach().clone() for p in params]
+        state_before = copy.deepcopy(opt.state_dict())
+        try:
+            opt.step()
+            errors.append(None)
+        except Exception as error:
+            errors.append(type(error))
+            if module is polyak:
+                assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+                assert _same([opt.state_dict()], [state_before])
+                assert len(opt.state) == (0 if first_step and name != "Adagrad" else 3)
+    assert errors[0] is not None
     assert errors[1] == errors[0]
 
 
@@ -393,3 +446,51 @@ def test_a_checkpoint_flag_given_as_a_number_equal_to_a_bool_loads_as_in_torch(v
     saved = polyak.Adam([torch.nn.Parameter(torch.randn(3))], maximize=0.5).state_dict()
     with pytest.raises(TypeError, match="expected a bool"):
         polyak.Adam([torch.nn.Parameter(torch.randn(3))]).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("Adam", "lr"), ("AdamW", "foreach"), ("SGD", "momentum"), ("Adagrad", "eps")],
+)
+@pytest.mark.parametrize("flags", [{}, {"foreach": True}, {"fused": True}], ids=str)
+def test_a_group_key_removed_by_hand_raises_torchs_key_error_unchanged(
+    name: str, key: str, flags: dict[str, Any]
+) -> None:
+    """torch's step reads ``group[key]`` and raises KeyError; polyak's raised AttributeError,
+    or stepped with a default."""
+    if key == "foreach" and "foreach" in flags:
+        flags = {}
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+        opt = getattr(module, name)(params, **flags)
+        for p in params:
+            p.grad = torch.randn(4)
+        opt.step()
+        del opt.param_groups[0][key]
+        before = _snapshot(opt, params)
+        with pytest.raises(KeyError, match=key):
+            opt.step()
+        assert _same(_snapshot(opt, params), before)
+
+
+def test_rprop_steps_without_lr_once_its_state_exists_as_torchs() -> None:
+    """Only a parameter's first Rprop step reads ``lr``."""
+    results = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4))
+        opt = module.Rprop([p])
+        p.grad = torch.randn(4)
+        opt.step()
+        del opt.param_groups[0]["lr"]
+        p.grad = torch.randn(4)
+        opt.step()
+        results.append(p.detach().clone())
+        q = torch.nn.Parameter(torch.randn(4))
+        opt.add_param_group({"params": [q], "lr": 0.1})
+        del opt.param_groups[1]["lr"]
+        q.grad = torch.randn(4)
+        with pytest.raises(KeyError, match="lr"):
+            opt.step()
+    assert torch.equal(results[0], results[1])

@@ -38,8 +38,10 @@ def flat_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     calls: list[bool] = []
     real = flat.step
 
-    def spy(optimizer: Any, group: dict[str, Any], grad_scale: Any = None) -> bool:
-        done = real(optimizer, group, grad_scale)
+    def spy(
+        optimizer: Any, group: dict[str, Any], grad_scale: Any = None, prechecked: bool = False
+    ) -> bool:
+        done = real(optimizer, group, grad_scale, prechecked)
         calls.append(done)
         return done
 

@@ -60,6 +60,8 @@ class Adagrad(Optimizer, torch.optim.Adagrad):
     """
 
     state_keys = ("step", "sum")
+    #: Only the constructor reads ``initial_accumulator_value``.
+    optional_keys = frozenset({"initial_accumulator_value"})
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("sum",)
     backfill = {  # noqa: RUF012 - read-only table

@@ -61,6 +61,8 @@ class Rprop(Optimizer, torch.optim.Rprop):
     """
 
     state_keys = ("step", "prev", "step_size")
+    #: Only a parameter's first step reads ``lr``.
+    optional_keys = frozenset({"lr"})
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("prev", "step_size")
     backfill = {  # noqa: RUF012 - read-only table

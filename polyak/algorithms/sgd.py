@@ -65,6 +65,8 @@ class SGD(Optimizer, torch.optim.SGD):
     """
 
     state_keys = ("momentum_buffer",)
+    #: torch's step reads ``differentiable`` with a default.
+    optional_keys = frozenset({"differentiable"})
     param_shaped_state = ("momentum_buffer",)
     backfill = {  # noqa: RUF012 - read-only table
         "nesterov": False,

@@ -53,6 +53,8 @@ class SparseAdam(Optimizer, torch.optim.SparseAdam):
     """
 
     state_keys = ("step", "exp_avg", "exp_avg_sq")
+    #: torch's step reads ``maximize`` with a default.
+    optional_keys = frozenset({"maximize"})
     param_shaped_state = ("exp_avg", "exp_avg_sq")
     backfill = {"maximize": False}  # noqa: RUF012 - read-only table
     eager_under_compile = True  # dynamo traces no sparse tensor

@@ -37,6 +37,7 @@ __all__ = [
     "FIRST_STEP",
     "awaits_state",
     "build_ahead",
+    "check",
     "compiles",
     "describe_rounding",
     "eligible",
@@ -62,6 +63,13 @@ _STALE = 2
 #: The hyperparameters changed beyond what the loaded program holds: a program is loaded.
 _RELOAD = 3
 
+# How a call into the kernel steps (kernel.cpp's ``step``'s ``mode``): it checks the group and
+# steps it; it only checks it; or it steps on the records of a check-only call made just
+# before in the same optimizer step.
+_CHECK_AND_STEP = 0
+_CHECK_ONLY = 1
+_PRECHECKED = 2
+
 
 def eligible(group: dict[str, Any]) -> bool:
     """Whether a group's flags let it run flat: by default, or with ``fused=True``."""
@@ -84,7 +92,10 @@ def ineligible_reason(group: dict[str, Any]) -> str:
 
 
 def step(
-    optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
+    optimizer: Any,
+    group: dict[str, Any],
+    grad_scale: Tensor | None = None,
+    prechecked: bool = False,
 ) -> bool | list[Tensor]:
     """Run one step of ``group`` flat: True where it ran; False where this step must take
     another strategy; for a group whose parameters the kernel runs in buckets of one dtype,
@@ -92,8 +103,24 @@ def step(
 
     A ``fused=True`` group given ``grad_scale`` (a GradScaler's scale, one number on the CPU)
     divides each gradient by it in the same pass, leaving the unscaled gradient in ``.grad``
-    as torch's fused kernels do.
+    as torch's fused kernels do. ``prechecked``: :func:`check` found the group fit just before,
+    in the same optimizer step, and the kernel takes what it recorded then.
     """
+    return _enter(optimizer, group, grad_scale, _PRECHECKED if prechecked else _CHECK_AND_STEP)
+
+
+def check(
+    optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None = None
+) -> bool | list[Tensor]:
+    """What :func:`step` would answer for ``group``, found by the kernel's check alone, which
+    writes nothing: an optimizer whose later group would fail learns it before stepping the
+    earlier ones."""
+    return _enter(optimizer, group, grad_scale, _CHECK_ONLY)
+
+
+def _enter(
+    optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None, mode: int
+) -> bool | list[Tensor]:
     cache: dict[int, Entry] | None = optimizer.__dict__.get("_flat_entries")
     if cache is None:
         cache = optimizer.__dict__["_flat_entries"] = {}
@@ -104,11 +131,11 @@ def step(
             return False
         # The scale travels as one more hyperparameter: the kernel sees a group that holds it.
         group = {**group, GRAD_SCALE: float(grad_scale)}
-    return _run(optimizer, group, cache, key)
+    return _run(optimizer, group, cache, key, mode)
 
 
 def _run(
-    optimizer: Any, group: dict[str, Any], cache: dict[int, Entry], key: int
+    optimizer: Any, group: dict[str, Any], cache: dict[int, Entry], key: int, mode: int
 ) -> bool | list[Tensor]:
     """One step of ``group`` by the entry ``cache[key]``, made or made anew where needed."""
     entry = cache.get(key)
@@ -117,14 +144,14 @@ def _run(
         if entry is None:
             entry = cache[key] = _plan.make(optimizer, group)
         if entry.buckets is not None:
-            return _run_buckets(optimizer, group, entry, cache, key)
+            return _run_buckets(optimizer, group, entry, cache, key, mode)
         if entry.plan is None:
             if entry.unchanged(group, optimizer):
                 return False
             entry = None
             continue
         if entry.local is None:
-            done = entry.plan.step(group, optimizer.state, optimizer._state_version)
+            done = entry.plan.step(group, optimizer.state, optimizer._state_version, None, mode)
         else:
             params = group["params"]
             if len(params) != len(entry.local) or any(
@@ -136,7 +163,7 @@ def _run(
             if grads is None:
                 cache[key] = _declined("a gradient is placed unlike its distributed parameter")
                 return False
-            done = entry.plan.step(group, optimizer.state, optimizer._state_version, grads)
+            done = entry.plan.step(group, optimizer.state, optimizer._state_version, grads, mode)
         if done == _DONE:
             return True
         if done == _STALE:
@@ -152,7 +179,12 @@ def _run(
 
 
 def _run_buckets(
-    optimizer: Any, group: dict[str, Any], entry: Entry, cache: dict[int, Entry], key: int
+    optimizer: Any,
+    group: dict[str, Any],
+    entry: Entry,
+    cache: dict[int, Entry],
+    key: int,
+    mode: int,
 ) -> bool | list[Tensor]:
     """A step of a group of several dtypes: each dtype's parameters in a plan of their own,
     in the order the group first lists them. Where one bucket cannot run, it and the ones
@@ -167,7 +199,7 @@ def _run_buckets(
         del cache[key]  # the group changed: made anew next step
         return False
     for i, (bucket, sub_cache) in enumerate(entry.buckets):
-        ran = _run(optimizer, {**group, "params": bucket}, sub_cache, 0)
+        ran = _run(optimizer, {**group, "params": bucket}, sub_cache, 0, mode)
         if ran is not True:
             sub = sub_cache.get(0)
             reason = sub.reason if sub else _REFUSED

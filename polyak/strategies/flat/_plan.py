@@ -337,6 +337,10 @@ _UNTRACEABLE = "the update rule with these hyperparameters could not be traced i
 def load(optimizer: Any, entry: Entry, group: dict[str, Any]) -> bool:
     """Load the group's hyperparameters into its plan, and the program for them where the one
     loaded does not serve them; False if no program can run them."""
+    missing = optimizer.missing_key(group)
+    if missing is not None:
+        entry.reason = f"the group lacks {missing!r}, which the step reads"
+        return False
     hyper = {k: v for k, v in group.items() if k not in _NOT_HYPER}
     if group.get("fused"):
         hyper = {k: _as_number(v) for k, v in hyper.items()}

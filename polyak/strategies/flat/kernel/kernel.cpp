@@ -90,7 +90,8 @@ constexpr int64_t kBlock = 128;
 
 template <typename S, typename T>
 int64_t step_typed(Plan& plan) {
-  if (!check_group(plan)) return kFallback;
+  const bool prechecked = std::exchange(plan.prechecked, false);
+  if (!prechecked && !check_group(plan)) return kFallback;
   advance_versions(plan);
   const at::Tensor& vcode = plan.vcode;
   const int64_t n_sregs = plan.n_sregs;
@@ -335,7 +336,10 @@ bool watched_unchanged(const Plan& plan, PyObject* state) {
 }
 
 int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t version,
-             std::optional<std::vector<std::optional<at::Tensor>>> grads) {
+             std::optional<std::vector<std::optional<at::Tensor>>> grads, int64_t mode) {
+  // mode: 0 checks and steps; 1 only checks; 2 steps on the records of the check-only call
+  // just made, where it found the group fit.
+  const bool prechecked = std::exchange(plan.prechecked, false) && mode == 2;
   if (state.ptr() != plan.state.ptr() || version != plan.version) return kStale;
   if (!plan.watched.empty() && !watched_unchanged(plan, state.ptr())) return kStale;
   PyObject* params = PyDict_GetItemString(group.ptr(), "params");
@@ -355,6 +359,13 @@ int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t v
   }
   int64_t done = kFallback;
   plan.inference = c10::InferenceMode::is_enabled();
+  if (mode == 1) {
+    // Whether the step would run: the same check as its own, writing nothing.
+    plan.prechecked = check_group(plan);
+    plan.grads.clear();
+    return plan.prechecked ? kDone : kFallback;
+  }
+  plan.prechecked = prechecked;
   {
     pybind11::gil_scoped_release released;
     switch (plan.dtype) {
@@ -486,6 +497,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.hyper = std::move(numbers);
            })
       .def("step", &step, pybind11::arg("group"), pybind11::arg("state"), pybind11::arg("version"),
-           pybind11::arg("grads") = pybind11::none())
+           pybind11::arg("grads") = pybind11::none(), pybind11::arg("mode") = 0)
       .def_readonly("compiled_steps", &Plan::compiled_steps);
 }

@@ -37,6 +37,9 @@ struct Plan {
   std::vector<uint8_t> writes;
   // Whether the step was called in inference mode, where inference tensors may be written.
   bool inference = false;
+  // A check-only call found the group fit, and the step that follows it in the same
+  // optimizer step may take its records (nothing of the group can change in between).
+  bool prechecked = false;
   // For the local data of distributed tensors: the distributed tensors themselves, whose
   // version counters autograd sees, as [param, none, vector state..., scalar state...][i].
   std::vector<std::vector<at::Tensor>> counted;
