@@ -205,6 +205,13 @@ def check_fused_grads(params: list[Tensor], grads: list[Tensor]) -> None:
 #: torch's functional optimizers' error for a ``step`` in the state that is not a tensor.
 STEP_TENSORS = "API has changed, `state_steps` argument must contain a list of singleton tensors"
 
+#: torch's message where its foreach and fused steps cannot group a parameter's tensors.
+SAME_INDEX = (
+    "Tensors of the same index must be on the same device and the same dtype except `step` "
+    "tensors that can be CPU and float32/64, and optimizer states that can be bfloat16 for "
+    "mixed-precision training"
+)
+
 _UNSET_ACCEPTS = (None, "a bool", "a number or a one-element Tensor")
 
 

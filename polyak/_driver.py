@@ -214,7 +214,7 @@ def gather(
         state = {key: [entry.get(key) for entry in entries] for key in opt.state_keys}
     message = opt.step_tensors_message
     if message is not None and not all(
-        isinstance(t, Tensor) for t in state.get("step", ()) if t is not None
+        isinstance(entry["step"], Tensor) for entry in entries if "step" in entry
     ):
         raise RuntimeError(message)
     strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)

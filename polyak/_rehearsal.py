@@ -14,6 +14,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
+from polyak import _checks
 from polyak._hyper import _IMMUTABLE_TYPES, _PLAIN_TENSORS, Hyper, MissingHyperparameter
 from polyak._runner import _run
 from polyak.strategies import StateLists, Strategy, choose
@@ -233,6 +234,43 @@ def _stand_ins(
     )
 
 
+def _refuse_not_a_tensor(key: str, value: Any, strategy: Strategy) -> None:
+    """Raise what torch's step raises where a state tensor is something else (None, a number,
+    a list): its foreach and fused paths fail to group it (TypeError), its per-tensor path to
+    call the value's in-place methods (AttributeError)."""
+    kind = type(value).__name__
+    if strategy is Strategy.FOREACH:
+        raise TypeError(
+            f"_group_tensors_by_device_and_dtype(): incompatible function arguments: the "
+            f"state's {key!r} is a {kind}, not a tensor"
+        )
+    raise AttributeError(f"the state's {key!r} is a {kind}, not a tensor")
+
+
+#: Dtypes torch's foreach and fused steps take for any tensor beside a parameter on its device
+#: (besides the parameter's own): float32/64 step counters, and bfloat16 state.
+_ANY_PARAMETER = frozenset({torch.float32, torch.float64, torch.bfloat16})
+#: Dtypes they take for a tensor on the CPU beside a parameter elsewhere: step counters.
+_ON_THE_CPU = frozenset({torch.float32, torch.float64})
+
+
+def _check_same_index(params: list[Tensor], lists: list[list[Any]]) -> None:
+    """Raise torch's RuntimeError where torch's foreach and fused steps refuse to group a
+    parameter's gradient or state (``_group_tensors_by_device_and_dtype``): a tensor of
+    another device or dtype than its parameter's, but for those the rule lets through."""
+    for i, p in enumerate(params):
+        for values in lists:
+            t = values[i]
+            if not isinstance(t, Tensor) or (t.dtype is p.dtype and t.device == p.device):
+                continue
+            if t.device == p.device:
+                if t.dtype in _ANY_PARAMETER:
+                    continue
+            elif t.device.type == "cpu" and t.dtype in _ON_THE_CPU:
+                continue
+            raise RuntimeError(_checks.SAME_INDEX)
+
+
 def rehearse(
     opt: Any,
     group: dict[str, Any],
@@ -272,7 +310,8 @@ def rehearse(
     # :meth:`_hyper`): steps that are not rehearsed check at every step.
     kept: dict[int, Any] = opt.__dict__.setdefault("_needed", {})
     last = kept.get(id(group))
-    needed: dict[tuple[Any, ...], list[str]] = (
+    # By kind of parameter: each state key, and whether its value is a tensor.
+    needed: dict[tuple[Any, ...], list[tuple[str, bool]]] = (
         last[1] if last is not None and last[0] is hp_layout else {}
     )
     kept[id(group)] = (hp_layout, needed)
@@ -281,16 +320,22 @@ def rehearse(
         if kind not in needed:
             try:
                 with _unseen([p]):
-                    needed[kind] = list(opt.init_state(_key_template(p), hp))
+                    made = opt.init_state(_key_template(p), hp)
+                needed[kind] = [(key, isinstance(value, Tensor)) for key, value in made.items()]
             except MissingHyperparameter:
                 # A key only a first step reads (Rprop's lr): a parameter with state steps
                 # without it, as in torch.
                 if not entry:
                     raise
                 continue
-        for key in needed[kind]:
+        for key, tensor in needed[kind]:
             if key not in entry:
                 raise KeyError(key)
+            if tensor and key != "step" and not isinstance(entry[key], Tensor):
+                # (A step count that is not a tensor fails as torch's, in the rule's own check.)
+                _refuse_not_a_tensor(key, entry[key], strategy)
+    if strategy is Strategy.FOREACH and rehearsed:
+        _check_same_index(params, [grads, *state.values()])
     if not rehearsed:
         return strategy
     update = type(opt).update

@@ -494,3 +494,69 @@ def test_rprop_steps_without_lr_once_its_state_exists_as_torchs() -> None:
         with pytest.raises(KeyError, match="lr"):
             opt.step()
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "flags"),
+    [
+        ("Adam", "exp_avg_sq", {"foreach": True}),
+        ("Adam", "step", {"foreach": True}),
+        ("Adagrad", "sum", {"foreach": True}),
+        ("AdamW", "exp_avg", {"fused": True}),
+        ("RMSprop", "square_avg", {"foreach": True}),
+    ],
+)
+def test_foreach_and_fused_steps_refuse_state_of_another_dtype_as_torchs(
+    name: str, key: str, flags: dict[str, Any]
+) -> None:
+    """torch's foreach and fused steps cannot group a float16 state tensor beside a float32
+    parameter and raise RuntimeError; polyak's stepped. bfloat16 state is grouped (torch's
+    fused kernel then refuses it with its own message, as polyak's does with another)."""
+    for dtype, fails in ((torch.float16, True), (torch.bfloat16, False)):
+        outcomes = []
+        for module in (torch.optim, polyak):
+            torch.manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+            opt = getattr(module, name)(params, **flags)
+            for p in params:
+                p.grad = torch.randn(4)
+            opt.step()
+            opt.state[params[1]][key] = opt.state[params[1]][key].to(dtype)
+            before = _snapshot(opt, params)
+            try:
+                opt.step()
+                outcomes.append(None)
+            except RuntimeError as error:
+                outcomes.append(str(error))
+                if module is polyak:
+                    assert _same(_snapshot(opt, params), before)
+        if fails:
+            assert outcomes[0] is not None
+            assert outcomes[0] == outcomes[1]
+        else:
+            assert (outcomes[0] is None) is (outcomes[1] is None)
+
+
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"foreach": True}], ids=str)
+@pytest.mark.parametrize("value", [None, "a string", [1.0]], ids=repr)
+def test_a_state_tensor_replaced_by_another_value_raises_torchs_error_type(
+    flags: dict[str, Any], value: Any
+) -> None:
+    """torch's per-tensor step calls the value's in-place methods (AttributeError), its
+    foreach step fails to group it (TypeError); polyak's raised one type on both."""
+    errors = []
+    for module in (torch.optim, polyak):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+        opt = module.Adam(params, **flags)
+        for p in params:
+            p.grad = torch.randn(4)
+        opt.step()
+        opt.state[params[1]]["exp_avg"] = value
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(Exception) as caught:
+            opt.step()
+        errors.append(caught.type)
+        if module is polyak:
+            assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert errors[1] is errors[0]
