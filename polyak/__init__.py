@@ -8,8 +8,13 @@ from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
 from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
+from polyak.algorithms.adan import Adan
+from polyak.algorithms.ademamix import AdEMAMix
+from polyak.algorithms.adopt import ADOPT
 from polyak.algorithms.asgd import ASGD
+from polyak.algorithms.laprop import LaProp
 from polyak.algorithms.lbfgs import LBFGS
+from polyak.algorithms.lion import Lion
 from polyak.algorithms.muon import Muon
 from polyak.algorithms.nadam import NAdam
 from polyak.algorithms.radam import RAdam
@@ -23,17 +28,22 @@ from polyak.optimizer import Optimizer, required
 functional.watch(Optimizer)
 
 __all__ = [
+    "ADOPT",
     "ASGD",
     "LBFGS",
     "SGD",
+    "AdEMAMix",
     "Adadelta",
     "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adamax",
+    "Adan",
     "Explanation",
     "GroupPath",
+    "LaProp",
+    "Lion",
     "Muon",
     "NAdam",
     "Optimizer",

@@ -176,7 +176,7 @@ def test_slow_and_too_many_tensors_are_left_out() -> None:
 
 def test_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown optimizer"):
-        bench.run_benchmark(["lion"], [TINY], peers=False)
+        bench.run_benchmark(["sophia"], [TINY], peers=False)
     with pytest.raises(ValueError, match="unknown case"):
         bench.run_benchmark(["sgd"], ["resnet"], peers=False)
 

@@ -122,3 +122,24 @@ def dense_and_capturable(
 
     check_step.__doc__ = f"{name} takes dense gradients, and ``capturable`` needs an accelerator."
     return check_step
+
+
+def step_from_group(entry: dict[str, Any], group: Mapping[str, Any]) -> None:
+    """Give a loaded parameter state without a ``step`` its group's count, where a checkpoint
+    of a package that counts steps per group (``group["step"]``) holds one."""
+    count = group.get("step")
+    if entry and "step" not in entry and isinstance(count, int) and not isinstance(count, bool):
+        entry["step"] = torch.tensor(float(count), dtype=scalar_dtype())
+
+
+def with_group_steps(optimizer: Any, state_dict: dict[str, Any]) -> None:
+    """A ``state_dict`` post hook: each group's step count (its parameters' largest), as
+    packages that count steps per group keep it, beside the per-parameter counts."""
+    for group in state_dict["param_groups"]:
+        counts = [
+            int(state_dict["state"][i]["step"])
+            for i in group["params"]
+            if "step" in state_dict["state"].get(i, {})
+        ]
+        if counts:
+            group["step"] = max(counts)

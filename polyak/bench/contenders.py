@@ -173,25 +173,27 @@ def contenders_for(optimizer: str, peers: dict[str, PeerStatus] | None = None) -
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {sorted(CLASS_NAMES)}")
     name = CLASS_NAMES[optimizer]
     hyper = HYPERPARAMETERS[optimizer]
-    torch_cls = getattr(torch.optim, name)
     polyak_cls = getattr(polyak, name, None)
+    # An optimizer torch.optim lacks (Lion, Adan, ...) is timed against polyak's own paths.
+    torch_cls = getattr(torch.optim, name, None)
 
     moved = TENSORS_MOVED[optimizer]
 
     def in_place_add(params: list[Tensor]) -> Any:
         return InPlaceAdd(moved * sum(p.numel() * p.element_size() for p in params))
 
-    takes = inspect.signature(torch_cls).parameters
+    described = torch_cls if torch_cls is not None else polyak_cls
+    takes = inspect.signature(described).parameters if described is not None else {}
     contenders = [Contender(MEMORY, in_place_add)]
-    if "foreach" in takes:
+    if torch_cls is not None and "foreach" in takes:
         contenders += [
             Contender("torch foreach=False", _factory(torch_cls, **hyper, foreach=False)),
             Contender("torch foreach=True", _factory(torch_cls, **hyper, foreach=True)),
         ]
-    else:
+    elif torch_cls is not None:
         # One path only (Muon, LBFGS, SparseAdam).
         contenders.append(Contender("torch (default)", _factory(torch_cls, **hyper)))
-    fused = "fused" in takes
+    fused = "fused" in takes and torch_cls is not None
     if fused:
         contenders.append(Contender(REFERENCE, _factory(torch_cls, **hyper, fused=True)))
     strategies: tuple[tuple[str, dict[str, bool]], ...] = (

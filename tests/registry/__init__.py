@@ -5,10 +5,17 @@ without any other edit."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
+import sys
+import types
+from pathlib import Path
+from typing import Any
 
-from ._entry import Entry, ErrorCase
+import pytest
+
+from ._entry import CrossCheck, Entry, ErrorCase
 
 #: The entries in the order torch.optim lists its optimizers, then any other, by file name.
 _ORDER = (
@@ -36,7 +43,54 @@ def _discover() -> list[Entry]:
     return [importlib.import_module(f"{__name__}.{name}").ENTRY for name in names]
 
 
-REGISTRY: list[Entry] = _discover()
+_ALL: list[Entry] = _discover()
+
+#: The optimizers with a torch.optim twin, which the generic tests compare with torch.
+REGISTRY: list[Entry] = [entry for entry in _ALL if not entry.peer]
+
+#: The optimizers whose reference is another package's class (``test_peers.py``).
+PEERS: list[Entry] = [entry for entry in _ALL if entry.peer]
+
+
+def load(reference: str) -> Any:
+    """The class ``"module:Class"`` names; the calling test skips where it cannot be
+    imported.
+
+    A module whose package cannot be imported, though installed (timm's imports torchvision,
+    which is not installed beside this torch), is loaded from its file with its package's
+    other files, under a private name, without running the package's ``__init__``.
+    """
+    module, _, name = reference.partition(":")
+    try:
+        loaded = importlib.import_module(module)
+    except ImportError as error:
+        loaded = _standalone(module)
+        if loaded is None:
+            pytest.skip(f"{module} cannot be imported: {error}")
+    return getattr(loaded, name)
+
+
+def _standalone(module: str) -> Any:
+    """``module`` loaded from its package's folder under a private package name; None where
+    the package is not installed or the module needs more than its siblings."""
+    package, _, leaf = module.rpartition(".")
+    top = package.split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except ImportError:
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)), *package.split(".")[1:])
+    private = "_standalone_" + package.replace(".", "_")
+    if private not in sys.modules:
+        holder = types.ModuleType(private)
+        holder.__path__ = [str(folder)]
+        sys.modules[private] = holder
+    try:
+        return importlib.import_module(f"{private}.{leaf}")
+    except ImportError:
+        return None
 
 
 def takes(entry: Entry, argument: str) -> bool:
@@ -73,10 +127,13 @@ __all__ = [
     "CLOSURE_STEPS",
     "DENSE",
     "MATRICES_ONLY",
+    "PEERS",
     "REGISTRY",
     "SPARSE_GRADIENTS",
+    "CrossCheck",
     "Entry",
     "ErrorCase",
     "ids",
+    "load",
     "takes",
 ]

@@ -20,11 +20,26 @@ class ErrorCase:
 
 
 @dataclass(frozen=True)
+class CrossCheck:
+    """A second reference for a peer (see :attr:`Entry.reference`): each pair of constructor
+    arguments, polyak's and its, must give parameters within ``atol`` over ``steps`` steps."""
+
+    reference: str
+    configs: list[tuple[dict[str, Any], dict[str, Any]]]
+    atol: float = 0.0
+    steps: int = 6
+
+
+@dataclass(frozen=True)
 class Entry:
-    """An optimizer under test and its torch.optim twin."""
+    """An optimizer under test and its torch.optim twin, or, for an optimizer torch.optim
+    lacks, the class of another package that it matches (a peer)."""
 
     cls: type[polyak.Optimizer]
-    reference: type[torch.optim.Optimizer]
+    #: torch.optim's class; or, for a peer, ``"module:Class"``, imported by the tests that
+    #: run it, which skip where it cannot be. Peers are left out of ``REGISTRY`` and its
+    #: torch-only tests (torch's messages, flags and paths), and run ``test_peers.py``.
+    reference: type[torch.optim.Optimizer] | str
     configs: list[dict[str, Any]]
     errors: list[ErrorCase]
     #: Absolute tolerance per dtype against torch's fused kernels, which may round differently.
@@ -83,3 +98,21 @@ class Entry:
     #: Constructor arguments torch takes whose first step raises, as torch's does, before
     #: anything changes.
     step_errors: list[ErrorCase] = field(default_factory=list)
+    #: A peer's other references, compared on the parameters.
+    cross_checks: list[CrossCheck] = field(default_factory=list)
+    #: The dtypes a peer's reference is compared in (float64 where the reference runs it).
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+    #: Absolute tolerance of a peer against its reference, where its float32 operations
+    #: cannot be followed bit for bit (the registry file says why).
+    atol: float = 0.0
+    #: A peer's constructor arguments that its reference is not given (the strategy flags).
+    polyak_only: tuple[str, ...] = ("foreach",)
+    #: A peer's state_dicts interchange with its reference's, in both directions.
+    interchange: bool = True
+    #: Arguments a peer's reference takes and polyak refuses (features it does not implement).
+    refusals: list[ErrorCase] = field(default_factory=list)
+
+    @property
+    def peer(self) -> bool:
+        """The reference is another package's class, not torch.optim's."""
+        return isinstance(self.reference, str)
