@@ -29,7 +29,8 @@ class GroupPath:
     Attributes:
         index: the group's position in ``param_groups``.
         params: how many parameters the group holds.
-        strategy: ``"flat, compiled"``, ``"flat, interpreted"``, ``"loop"``, ``"foreach"``, or
+        strategy: ``"flat, compiled"``, ``"flat, interpreted"``, ``"flat, triton"`` (a generated
+            Triton kernel, on CUDA devices), ``"loop"``, ``"foreach"``, or
             ``"no step yet"``.
         reason: why a faster path was not taken, in words a user can act on (empty where the
             step ran the fastest path there is).
@@ -107,6 +108,8 @@ def _path(optimizer: Any, group: dict[str, Any]) -> tuple[str, str]:
         return reference, flat.ineligible_reason(group)
     ran, compiled, why = flat.last_path(optimizer, group)
     if ran:
+        if flat.runs_triton(group):
+            return "flat, triton", ""
         if compiled:
             return "flat, compiled", ""
         if not flat.compiles():

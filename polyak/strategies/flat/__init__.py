@@ -17,8 +17,9 @@ and the benchmarks use. Behind it (see ``docs/design.md``, "The package, module 
 ``_plan.py`` (a group's plan in the kernel), ``_trace.py`` and ``_program.py`` (the tracer, and
 the programs it makes), ``_codegen.py`` and ``_compiled.py`` (each program as C++, and its
 compiled form), ``_kernel.py`` (building and loading the kernel), ``_toolchain.py`` (compiler,
-flags, cache folders, the one build routine), ``_dispatch.py`` (how torch's kernels round), and
-``kernel/`` (the C++).
+flags, cache folders, the one build routine), ``_dispatch.py`` (how torch's kernels round),
+``kernel/`` (the C++), and ``_triton.py`` and ``_gpu.py`` (each program as one Triton kernel per
+group, which steps groups whose parameters lie on CUDA devices, where triton is installed).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from polyak.strategies.flat import _codegen, _compiled, _dispatch, _kernel, _plan, _toolchain
+from polyak.strategies.flat import _codegen, _compiled, _dispatch, _gpu, _kernel, _plan, _toolchain
 from polyak.strategies.flat._plan import FIRST_STEP, GRAD_SCALE, Entry
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "last_path",
     "loaded_kernel",
     "needs_build",
+    "runs_triton",
     "status",
     "step",
     "vector_target",
@@ -121,6 +123,8 @@ def check(
 def _enter(
     optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None, mode: int
 ) -> bool | list[Tensor]:
+    if _gpu.takes(group):  # parameters on CUDA devices: the group's Triton kernel
+        return _gpu.step(optimizer, group, grad_scale, check_only=mode == _CHECK_ONLY)
     cache: dict[int, Entry] | None = optimizer.__dict__.get("_flat_entries")
     if cache is None:
         cache = optimizer.__dict__["_flat_entries"] = {}
@@ -223,6 +227,9 @@ def _declined(reason: str) -> Entry:
 
 def last_path(optimizer: Any, group: dict[str, Any]) -> tuple[bool, bool, str]:
     """For ``group``'s last step: whether it ran flat, whether compiled, and if not flat why."""
+    if _gpu.takes(group):
+        ran, why = _gpu.last_path(optimizer, group)
+        return ran, ran, why
     cache: dict[int, Entry] = optimizer.__dict__.get("_flat_entries") or {}
     entry = cache.get(id(group))
     if entry is None:
@@ -242,9 +249,17 @@ def last_path(optimizer: Any, group: dict[str, Any]) -> tuple[bool, bool, str]:
     return True, bool(slot is not None and slot.ready), ""
 
 
+def runs_triton(group: dict[str, Any]) -> bool:
+    """Whether ``group`` is stepped by a generated Triton kernel (its parameters lie on CUDA
+    devices, see ``_gpu.py``) rather than by the CPU kernel."""
+    return _gpu.takes(group)
+
+
 def awaits_state(optimizer: Any, group: dict[str, Any]) -> bool:
     """Whether ``group``'s last step could not run flat only because parameters had no state
     yet (see :data:`FIRST_STEP`)."""
+    if _gpu.takes(group):
+        return _gpu.last_path(optimizer, group)[1] == FIRST_STEP
     cache: dict[int, Entry] = optimizer.__dict__.get("_flat_entries") or {}
     entry = cache.get(id(group))
     return entry is not None and entry.reason == FIRST_STEP

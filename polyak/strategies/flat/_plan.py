@@ -152,9 +152,9 @@ def _device_reason(params: list[Tensor]) -> str | None:
     if not devices:
         return None
     return (
-        f"parameters on {', '.join(devices)}: the flat kernel runs on the CPU only and polyak "
-        "has no GPU kernel yet, so steps run torch's operations (on GPUs its foreach path, "
-        "fused=True included)"
+        f"parameters on {', '.join(devices)}: the flat kernel runs on the CPU, and on CUDA "
+        "devices as a Triton kernel where triton is installed; here polyak has no GPU kernel, "
+        "so steps run torch's operations (on GPUs its foreach path, fused=True included)"
     )
 
 
