@@ -12,7 +12,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak import _checks
+from polyak import _checks, _precision
 from polyak._hyper import Hyper
 from polyak._rehearsal import _state_template
 from polyak._state import STEP_COUNT, OptimizerState, StateEntry
@@ -237,7 +237,7 @@ def read_group(
             continue
         if key in opt.backfill:
             new_group[key] = opt.backfill[key]
-        elif key not in _SET_BY_LOADING:
+        elif key not in _SET_BY_LOADING and key != _precision.KEY:
             raise KeyError(f"loaded state dict's param_groups[{i}] has no {key!r} entry")
     for key, value in new_group.items():
         if key not in group or key in ("params", "param_names"):
@@ -247,6 +247,11 @@ def read_group(
         ):
             continue
         _checks.check_same_kind(f"param_groups[{i}][{key!r}]", group[key], value)
+    # How state is stored is the optimizer's, not the checkpoint's: loaded state is converted.
+    if _precision.KEY in group:
+        new_group[_precision.KEY] = group[_precision.KEY]
+    else:
+        new_group.pop(_precision.KEY, None)
     opt.check_hyperparameters(new_group)
     opt.check_loaded_group(new_group)
     new_group["params"] = group["params"]
@@ -265,4 +270,8 @@ def read_state_value(
                 f"Invalid {key} for parameter {pid}: dtype {value.dtype} does not fit a "
                 f"parameter of dtype {param.dtype}"
             )
-    return _cast_state(param, key, value, group)
+    value = _cast_state(param, key, value, group)
+    if key in opt.param_shaped_state:
+        # Stored as this optimizer stores it, whatever the checkpoint's dtype.
+        value = _precision.store(value, _precision.storage(group, key))
+    return value

@@ -100,7 +100,12 @@ def gather_into(
     if not found:
         return False
     found_grads = [cast(Tensor, p.grad) for p in found]
-    state = gather(opt, group, found, found_grads)[0]
+    state, _, _, _, stored = gather(opt, group, found, found_grads)
+    if stored:
+        raise NotImplementedError(
+            "a step traced by torch.compile does not yet take state stored narrower than its "
+            "parameters (state_dtype); step that optimizer outside the compiled function"
+        )
     params.extend(found)
     grads.extend(found_grads)
     for key in opt.state_keys:

@@ -10,7 +10,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak import _checks, _explain, _ops
+from polyak import _checks, _explain, _ops, _precision
 from polyak._hooks import _recorded
 from polyak._hyper import _NUMBERS, _PLAIN_TENSORS, Hyper
 from polyak._rehearsal import _hyper_layout, _immutable, rehearse
@@ -141,7 +141,10 @@ def make_state(opt: Any, group: dict[str, Any]) -> None:
     first time, as the step would, without updating anything."""
     params = [p for p in group["params"] if p.grad is not None]
     if params:
-        gather(opt, group, params, [p.grad for p in params])  # type: ignore[misc]
+        entries = gather(opt, group, params, [p.grad for p in params])[3]  # type: ignore[misc]
+        if group.get(_precision.KEY) is not None:
+            for entry in entries:
+                _precision.convert_entry(entry, group, opt.param_shaped_state)
 
 
 def step_params(
@@ -152,7 +155,7 @@ def step_params(
     grad_scale: Tensor | None = None,
 ) -> None:
     """Step ``params`` with ``grads`` under the hyperparameters of ``group``."""
-    state, hp, strategy, entries = gather(opt, group, params, grads)
+    state, hp, strategy, entries, stored = gather(opt, group, params, grads)
     if grad_scale is None or not group.get("fused"):
         _run(strategy.run, type(opt).update, params, grads, state, hp)
     elif len({id(g) for g in grads}) == len(grads):
@@ -170,12 +173,17 @@ def step_params(
             _run(strategy.run, type(opt).update, params[i : i + 1], grads[i : i + 1], one, hp)
             for key, values in one.items():
                 state[key][i] = values[0]
+    if stored:
+        _precision.narrow(state, stored)
+    stores = group.get(_precision.KEY) is not None
     # State the update made (SGD's first momentum buffer) or replaced is stored.
     for key, values in state.items():
         for i, value in enumerate(values):
             old = entries[i].get(key)
             if value is None or old is value:
                 continue
+            if stores and key in opt.param_shaped_state:
+                value = _precision.store(value, _precision.storage(group, key))
             entry = entries[i] or opt.state[params[i]]
             if type(entry) is StateEntry and type(old) in _NUMBERS and type(value) in _NUMBERS:
                 # A count kept as a Python number (SparseAdam's step) changes no tensor,
@@ -184,13 +192,20 @@ def step_params(
                 dict.__setitem__(entry, key, value)
             else:
                 entry[key] = value
+    if stores:
+        # State made by this step (in the parameter's dtype, as torch makes it) is stored
+        # narrower once its first update is done.
+        for entry in entries:
+            _precision.convert_entry(entry, group, opt.param_shaped_state)
 
 
 def gather(
     opt: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], store: bool = True
-) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]]]:
+) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]], _precision.Widened]:
     """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
-    state of parameters stepped for the first time created and (where ``store``) stored."""
+    state of parameters stepped for the first time created and (where ``store``) stored; and
+    the state tensors stored narrower than their parameters, whose lists hold widened copies
+    (see :func:`_precision.widen`)."""
     opt.check_step(group, params, grads)
     if group.get("fused"):
         _checks.check_fused_grads(params, grads)
@@ -217,6 +232,8 @@ def gather(
         isinstance(entry["step"], Tensor) for entry in entries if "step" in entry
     ):
         raise RuntimeError(message)
+    # State stored narrower than its parameter: the update computes on widened copies.
+    stored = _precision.widen(state, params) if group.get(_precision.KEY) is not None else {}
     strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)
     # Checked: from here on the step writes.
     if created and store:
@@ -225,7 +242,7 @@ def gather(
         entries = [
             opt.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
         ]
-    return state, hp, strategy, entries
+    return state, hp, strategy, entries, stored
 
 
 def hyper(opt: Any, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper, list[Any]]:

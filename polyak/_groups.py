@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from polyak import _checks
+from polyak import _checks, _precision
 from polyak._hyper import required
 
 
@@ -60,6 +60,8 @@ def add_param_group(opt: Any, param_group: dict[str, Any]) -> None:
         raise ValueError("some parameters appear in more than one parameter group")
     # The constructor's checks of its numbers, on the group as it will be.
     opt.check_hyperparameters({**param_group, **filled})
+    if _precision.KEY in param_group and getattr(type(opt).__init__, "takes_state_dtype", False):
+        _precision.check(param_group[_precision.KEY], opt.param_shaped_state, type(opt).__name__)
 
     # Checked: now change the caller's dict in place, as torch does, and keep it.
     param_group["params"] = tensors

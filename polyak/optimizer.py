@@ -23,6 +23,7 @@ from polyak import (
     _driver,
     _groups,
     _hyper,
+    _precision,
     functional,
 )
 from polyak._checkpoint import _SET_BY_LOADING, StateDict
@@ -30,6 +31,10 @@ from polyak._hooks import _outside_dynamo, _register, _run_eagerly_under_compile
 from polyak._hyper import Hyper, required
 from polyak._state import STEP_COUNT, OptimizerState
 from polyak.strategies import StateLists, Strategy, choose
+
+#: Keys of ``defaults`` no group needs: those loading sets (see ``_SET_BY_LOADING``), and how
+#: state is stored, which a group without it takes as its parameters' dtype.
+_OPTIONAL_KEYS = frozenset({*_SET_BY_LOADING, _precision.KEY})
 
 # What algorithms take from the base, all from here.
 __all__ = [
@@ -153,6 +158,15 @@ class Optimizer(torch.optim.Optimizer):
             cls.step = _with_step_hooks(own_step)  # type: ignore[method-assign]
         if cls.eager_under_compile and not getattr(cls.step, "outside_dynamo", False):
             cls.step = _run_eagerly_under_compile(cls.step)  # type: ignore[method-assign]
+        own_init = cls.__dict__.get("__init__")
+        if (
+            own_init is not None
+            and cls.elementwise
+            and cls.param_shaped_state
+            and not getattr(own_init, "takes_state_dtype", False)
+        ):
+            # Every elementwise optimizer stores its state as ``state_dtype`` says.
+            cls.__init__ = _precision.taking_state_dtype(own_init)  # type: ignore[method-assign]
         cls._base_step = cls.step is Optimizer.step
         cls._base_hyperparameters = cls.hyperparameters is Optimizer.hyperparameters
 
@@ -333,7 +347,7 @@ class Optimizer(torch.optim.Optimizer):
     def missing_key(self, group: Mapping[str, Any]) -> str | None:
         """The first key of ``defaults`` (bar :attr:`optional_keys`) that ``group`` lacks, whose
         step raises KeyError as torch's reads ``group[key]``; None where it has them all."""
-        return _hyper.missing_key(self.defaults, group, self.optional_keys | _SET_BY_LOADING.keys())
+        return _hyper.missing_key(self.defaults, group, self.optional_keys | _OPTIONAL_KEYS)
 
     def check_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Raise, before anything changes, for parameters this step cannot update."""

@@ -13,7 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "polyak"
 #: The layers, bottom up: a module's layer is that of the longest prefix listed here.
 LAYERS: list[tuple[str, ...]] = [
     # The base: checks and messages, the list primitives, state containers, hyperparameters.
-    ("polyak._checks", "polyak._ops", "polyak._state", "polyak._hyper", "polyak.functional"),
+    (
+        "polyak._checks",
+        "polyak._ops",
+        "polyak._state",
+        "polyak._hyper",
+        "polyak._precision",
+        "polyak.functional",
+    ),
     # How an update rule runs: the strategies, the flat kernel among them.
     ("polyak.strategies",),
     # The machinery of a step and of checkpoints, which the Optimizer class delegates to.

@@ -25,7 +25,9 @@ from polyak.strategies.flat import _compiled, _dispatch, _kernel, _program, _tra
 
 FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
-_NOT_HYPER = ("params", "param_names")
+#: Group keys that are not the update's hyperparameters (how state is stored is read off the
+#: state tensors themselves).
+_NOT_HYPER = ("params", "param_names", "state_dtype")
 
 #: Traced programs, by (update rule, state layout, hyperparameter structure).
 _programs: dict[tuple[Any, ...], list[_program.Program] | None] = {}
