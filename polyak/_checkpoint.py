@@ -237,7 +237,7 @@ def read_group(
             continue
         if key in opt.backfill:
             new_group[key] = opt.backfill[key]
-        elif key not in _SET_BY_LOADING and key != _precision.KEY:
+        elif key not in _SET_BY_LOADING and key not in _precision.KEYWORDS:
             raise KeyError(f"loaded state dict's param_groups[{i}] has no {key!r} entry")
     for key, value in new_group.items():
         if key not in group or key in ("params", "param_names"):
@@ -263,6 +263,8 @@ def read_group(
 def read_state_value(
     opt: Any, pid: int, param: Tensor, key: Any, value: Any, group: Mapping[str, Any]
 ) -> Any:
+    if key == _precision.COMPENSATION and value is not None:
+        _checks.check_state_tensor(pid, key, value, param.shape)
     if key in opt.param_shaped_state and value is not None:
         _checks.check_state_tensor(pid, key, value, param.shape)
         if value.is_complex() != param.is_complex():
@@ -273,5 +275,5 @@ def read_state_value(
     value = _cast_state(param, key, value, group)
     if key in opt.param_shaped_state:
         # Stored as this optimizer stores it, whatever the checkpoint's dtype.
-        value = _precision.store(value, _precision.storage(group, key))
+        value = _precision.store(value, _precision.storage(group, key, param))
     return value

@@ -100,11 +100,12 @@ def gather_into(
     if not found:
         return False
     found_grads = [cast(Tensor, p.grad) for p in found]
-    state, _, _, _, stored = gather(opt, group, found, found_grads)
-    if stored:
+    state, _, _, _, wide = gather(opt, group, found, found_grads)
+    if wide:
         raise NotImplementedError(
-            "a step traced by torch.compile does not yet take state stored narrower than its "
-            "parameters (state_dtype); step that optimizer outside the compiled function"
+            "a step traced by torch.compile does not yet take state stored narrower than the "
+            "update computes (state_dtype, kahan_sum, bf16_stochastic_round); step that "
+            "optimizer outside the compiled function"
         )
     params.extend(found)
     grads.extend(found_grads)

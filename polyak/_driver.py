@@ -143,8 +143,8 @@ def make_state(opt: Any, group: dict[str, Any]) -> None:
     if params:
         entries = gather(opt, group, params, [p.grad for p in params])[3]  # type: ignore[misc]
         if group.get(_precision.KEY) is not None:
-            for entry in entries:
-                _precision.convert_entry(entry, group, opt.param_shaped_state)
+            for entry, p in zip(entries, params, strict=True):
+                _precision.convert_entry(entry, group, opt.param_shaped_state, p)
 
 
 def step_params(
@@ -155,11 +155,16 @@ def step_params(
     grad_scale: Tensor | None = None,
 ) -> None:
     """Step ``params`` with ``grads`` under the hyperparameters of ``group``."""
-    state, hp, strategy, entries, stored = gather(opt, group, params, grads)
+    state, hp, strategy, entries, wide = gather(opt, group, params, grads)
+    if wide.params is not None:
+        # 16-bit parameters rounded by the group's rule: the update computes in float32.
+        params, grads = wide.wide_params, wide.grads
     if grad_scale is None or not group.get("fused"):
         _run(strategy.run, type(opt).update, params, grads, state, hp)
     elif len({id(g) for g in grads}) == len(grads):
         # Unscaled in place, as torch's fused kernels leave ``.grad``.
+        if wide.params is not None:
+            _ops.div_([p.grad for p in wide.params], grad_scale.to(grads[0].device))  # type: ignore[misc]
         _ops.div_(grads, grad_scale.to(grads[0].device))
         _run(strategy.run, type(opt).update, params, grads, state, hp)
     else:
@@ -173,9 +178,13 @@ def step_params(
             _run(strategy.run, type(opt).update, params[i : i + 1], grads[i : i + 1], one, hp)
             for key, values in one.items():
                 state[key][i] = values[0]
-    if stored:
-        _precision.narrow(state, stored)
-    stores = group.get(_precision.KEY) is not None
+    if wide:
+        owned = wide.params or params
+        _precision.narrow(
+            state, wide, [entry or opt.state[p] for entry, p in zip(entries, owned, strict=True)]
+        )
+        params = owned
+    stores = group.get(_precision.KEY) is not None or wide.params is not None
     # State the update made (SGD's first momentum buffer) or replaced is stored.
     for key, values in state.items():
         for i, value in enumerate(values):
@@ -183,7 +192,7 @@ def step_params(
             if value is None or old is value:
                 continue
             if stores and key in opt.param_shaped_state:
-                value = _precision.store(value, _precision.storage(group, key))
+                value = _precision.store(value, _precision.storage(group, key, params[i]))
             entry = entries[i] or opt.state[params[i]]
             if type(entry) is StateEntry and type(old) in _NUMBERS and type(value) in _NUMBERS:
                 # A count kept as a Python number (SparseAdam's step) changes no tensor,
@@ -195,17 +204,19 @@ def step_params(
     if stores:
         # State made by this step (in the parameter's dtype, as torch makes it) is stored
         # narrower once its first update is done.
-        for entry in entries:
-            _precision.convert_entry(entry, group, opt.param_shaped_state)
+        for entry, p in zip(entries, params, strict=True):
+            _precision.convert_entry(entry, group, opt.param_shaped_state, p)
+
+
+_NOTHING_WIDENED = _precision.Wide()
 
 
 def gather(
     opt: Any, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], store: bool = True
-) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]], _precision.Widened]:
+) -> tuple[StateLists, Hyper, Strategy, list[dict[str, Any]], _precision.Wide]:
     """What a step of ``params`` under ``group`` runs on, checked and rehearsed, with the
     state of parameters stepped for the first time created and (where ``store``) stored; and
-    the state tensors stored narrower than their parameters, whose lists hold widened copies
-    (see :func:`_precision.widen`)."""
+    what of it the update computes on widened copies of (see :func:`_precision.widen`)."""
     opt.check_step(group, params, grads)
     if group.get("fused"):
         _checks.check_fused_grads(params, grads)
@@ -232,9 +243,17 @@ def gather(
         isinstance(entry["step"], Tensor) for entry in entries if "step" in entry
     ):
         raise RuntimeError(message)
-    # State stored narrower than its parameter: the update computes on widened copies.
-    stored = _precision.widen(state, params) if group.get(_precision.KEY) is not None else {}
-    strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)
+    # State stored narrower than the update computes, and 16-bit parameters that a group
+    # rounds by its own rule: the update computes on widened copies.
+    how = _precision.rounding(group)
+    if how is None and group.get(_precision.KEY) is None:
+        wide = _NOTHING_WIDENED
+    else:
+        wide = _precision.widen(state, params, grads, how)
+    if wide.params is None:
+        strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)
+    else:
+        strategy = rehearse(opt, group, wide.wide_params, wide.grads, state, hp, entries, hp_layout)
     # Checked: from here on the step writes.
     if created and store:
         for p in created:
@@ -242,7 +261,7 @@ def gather(
         entries = [
             opt.state[p] if p in created else e for p, e in zip(params, entries, strict=True)
         ]
-    return state, hp, strategy, entries, stored
+    return state, hp, strategy, entries, wide
 
 
 def hyper(opt: Any, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper, list[Any]]:

@@ -60,8 +60,10 @@ def add_param_group(opt: Any, param_group: dict[str, Any]) -> None:
         raise ValueError("some parameters appear in more than one parameter group")
     # The constructor's checks of its numbers, on the group as it will be.
     opt.check_hyperparameters({**param_group, **filled})
-    if _precision.KEY in param_group and getattr(type(opt).__init__, "takes_state_dtype", False):
-        _precision.check(param_group[_precision.KEY], opt.param_shaped_state, type(opt).__name__)
+    if getattr(type(opt).__init__, "takes_state_dtype", False):
+        _precision.check_group(
+            {**param_group, **filled}, opt.param_shaped_state, type(opt).__name__
+        )
 
     # Checked: now change the caller's dict in place, as torch does, and keep it.
     param_group["params"] = tensors

@@ -11,6 +11,12 @@ writes back to nearest even::
 The flat kernel does this in registers; the reference paths do it with a widened copy of each
 state tensor (see :func:`widen` and :func:`narrow`). Scalar state (step counters) is not
 affected.
+
+Parameters of 16 bits can be stepped without float32 master weights by one of two roundings of
+the parameter a step writes: ``kahan_sum`` (a compensation buffer of the parameter's dtype,
+state key ``kahan_comp``, as torch-optimi keeps it) or ``bf16_stochastic_round`` (rounding up
+or down at random, in proportion, as torchao's ``_fp32_to_bf16_sr`` does). With either, the
+update computes in float32: parameters, gradients and state are widened to float32 for it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ from torch import Tensor
 
 #: The group key, and the constructor's keyword.
 KEY = "state_dtype"
+
+#: The group keys of the two roundings of 16-bit parameters.
+KAHAN = "kahan_sum"
+STOCHASTIC = "bf16_stochastic_round"
+#: The state key of the compensation buffer.
+COMPENSATION = "kahan_comp"
+_HALVES = (torch.bfloat16, torch.float16)
 
 #: The dtypes state may be stored in.
 STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -59,12 +72,16 @@ def check(value: Any, keys: tuple[str, ...], owner: str) -> None:
             )
 
 
-def storage(group: Mapping[str, Any], key: str) -> torch.dtype | None:
-    """The dtype ``group`` stores its state ``key`` in; None for the parameter's own."""
+def storage(group: Mapping[str, Any], key: str, param: Tensor | None = None) -> torch.dtype | None:
+    """The dtype ``group`` stores its state ``key`` in; None for the dtype it is made in. A
+    group that rounds its parameters by its own rule (the update computing in float32) stores
+    state in ``param``'s dtype unless ``state_dtype`` says otherwise."""
     value = group.get(KEY)
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    return value.get(key)  # type: ignore[no-any-return]
+    if isinstance(value, Mapping):
+        value = value.get(key)
+    if value is None and param is not None and rounding(group) is not None:
+        return param.dtype
+    return value  # type: ignore[no-any-return]
 
 
 def store(value: Any, dtype: torch.dtype | None) -> Any:
@@ -76,87 +93,189 @@ def store(value: Any, dtype: torch.dtype | None) -> Any:
     return value.to(dtype)
 
 
-def convert_entry(entry: dict[str, Any], group: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+def convert_entry(
+    entry: dict[str, Any], group: Mapping[str, Any], keys: tuple[str, ...], param: Tensor
+) -> None:
     """Store ``entry``'s parameter-shaped state (``keys``) in the group's dtypes, in place."""
     for key in keys:
-        dtype = storage(group, key)
+        dtype = storage(group, key, param)
         if dtype is not None and key in entry:
             entry[key] = store(entry[key], dtype)
 
 
-#: What :func:`widen` replaced: by position in the state lists, the stored tensor.
-Widened = dict[tuple[str, int], Tensor]
+class Wide:
+    """What :func:`widen` replaced for one step: by position in the state lists, the stored
+    tensors; and, where the step computes in float32 on 16-bit parameters, the parameters and
+    the widened parameters and gradients the update runs on."""
+
+    __slots__ = ("grads", "params", "rounding", "state", "wide_params")
+
+    def __init__(self) -> None:
+        self.state: dict[tuple[str, int], Tensor] = {}
+        self.params: list[Tensor] | None = None
+        self.wide_params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.rounding: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.state) or self.params is not None
 
 
-def widen(state: dict[str, list[Any]], params: list[Tensor]) -> Widened:
+def rounding(group: Mapping[str, Any]) -> str | None:
+    """:data:`KAHAN` or :data:`STOCHASTIC` where ``group`` rounds its 16-bit parameters so."""
+    if group.get(KAHAN):
+        return KAHAN
+    if group.get(STOCHASTIC):
+        return STOCHASTIC
+    return None
+
+
+def widen(
+    state: dict[str, list[Any]], params: list[Tensor], grads: list[Tensor], how: str | None
+) -> Wide:
     """Replace, in ``state``'s lists, each state tensor stored in another floating dtype than
-    its parameter's by a copy in the parameter's dtype, which the update computes on; return
-    the stored tensors, for :func:`narrow`."""
-    stored: Widened = {}
+    the update computes in by a copy in that dtype; where ``how`` rounds 16-bit parameters,
+    the update computes in float32 on widened copies of them and of their gradients."""
+    wide = Wide()
+    halves = [p.dtype in _HALVES for p in params] if how is not None else []
+    if any(halves):
+        wide.params, wide.rounding = params, how
+        wide.wide_params = [
+            p.detach().float() if h else p for p, h in zip(params, halves, strict=True)
+        ]
+        wide.grads = [g.float() if h else g for g, h in zip(grads, halves, strict=True)]
+    computes = wide.wide_params or params
     for key, values in state.items():
         for i, value in enumerate(values):
+            dtype = computes[i].dtype
             if (
                 isinstance(value, Tensor)
-                and value.dtype != params[i].dtype
+                and value.dtype != dtype
                 and value.dim() > 0
                 and value.is_floating_point()
-                and params[i].is_floating_point()
+                and dtype.is_floating_point
             ):
-                stored[(key, i)] = value
-                values[i] = value.to(params[i].dtype)
-    return stored
+                wide.state[(key, i)] = value
+                values[i] = value.to(dtype)
+    return wide
 
 
-def narrow(state: dict[str, list[Any]], stored: Widened) -> None:
+def narrow(state: dict[str, list[Any]], wide: Wide, entries: list[dict[str, Any]]) -> None:
     """Write what the update computed on :func:`widen`'s copies back into the stored tensors
-    (rounded to nearest even), and put those back in ``state``'s lists."""
-    for (key, i), kept in stored.items():
-        wide = state[key][i]
-        if wide is not kept:
-            kept.copy_(wide)
+    (state rounded to nearest even, parameters as the group's rounding says), and put those
+    back in ``state``'s lists."""
+    for (key, i), kept in wide.state.items():
+        value = state[key][i]
+        if value is not kept:
+            kept.copy_(value)
             state[key][i] = kept
+    if wide.params is None:
+        return
+    for i, (p, w) in enumerate(zip(wide.params, wide.wide_params, strict=True)):
+        if p is w:
+            continue
+        with torch.no_grad():
+            if wide.rounding == STOCHASTIC:
+                p.copy_(stochastic_round(w) if p.dtype == torch.bfloat16 else w)
+            else:
+                comp = entries[i].get(COMPENSATION)
+                if not isinstance(comp, Tensor) or comp.shape != p.shape:
+                    comp = entries[i][COMPENSATION] = torch.zeros_like(p)
+                kahan_add(p, w, comp)
 
 
-def install(opt: Any, value: Any) -> None:
-    """Give ``opt`` (just constructed) the ``state_dtype`` its constructor was called with:
-    checked, as the default of its groups (a group's own value stays), and applied to state
-    the constructor made (Adagrad's)."""
+def kahan_add(p: Tensor, new: Tensor, comp: Tensor) -> None:
+    """Move ``p`` (16 bits) towards ``new`` (float32) by the step ``new - p``, compensated as
+    torch-optimi's ``kahan_sum`` compensates its updates: the step is added to the
+    compensation ``comp``, the compensation to the parameter, and what the parameter's
+    rounding lost is kept in ``comp``; each in the parameter's dtype, rounded to nearest."""
+    old = p.float()
+    comp.add_(new - old)  # c ← c + u
+    before = p.clone()
+    p.add_(comp)  # p ← p + c
+    comp.add_(before.sub_(p))  # c ← c + (p_old - p)
+
+
+def stochastic_round(x: Tensor) -> Tensor:
+    """``x`` (float32) rounded to bfloat16 up or down at random, away from zero with the
+    probability of the 16 bits that bfloat16 drops, read as a fraction: the rounding of
+    torchao's ``_fp32_to_bf16_sr``, which draws the same bits from torch's default generator
+    (``torch.randint(0, 2**16)``, int32, of ``x``'s shape)."""
+    bits = x.contiguous().view(torch.int32)
+    chance = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32)
+    kept = bits & -65536  # the upper 16 bits: rounded towards zero
+    up = torch.where(chance < (bits & 0xFFFF), kept + 0x10000, kept)
+    return up.view(torch.float32).bfloat16()
+
+
+def check_group(group: Mapping[str, Any], keys: tuple[str, ...], owner: str) -> None:
+    """Raise for a group's storage settings that a constructor would refuse."""
+    check(group.get(KEY), keys, owner)
+    for flag in (KAHAN, STOCHASTIC):
+        value = group.get(flag, False)
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, not {type(value).__name__}")
+    if group.get(KAHAN) and group.get(STOCHASTIC):
+        raise ValueError(
+            "kahan_sum and bf16_stochastic_round are two ways to round the same update: choose one"
+        )
+
+
+#: The constructor's keywords, with their defaults.
+KEYWORDS: dict[str, Any] = {KEY: None, KAHAN: False, STOCHASTIC: False}
+
+
+def install(opt: Any, settings: Mapping[str, Any]) -> None:
+    """Give ``opt`` (just constructed) the storage settings its constructor was called with
+    (``state_dtype``, ``kahan_sum``, ``bf16_stochastic_round``): checked, as the defaults of
+    its groups (a group's own values stay), and applied to state the constructor made
+    (Adagrad's)."""
     keys: tuple[str, ...] = opt.param_shaped_state
     owner = type(opt).__name__
-    check(value, keys, owner)
+    check_group(settings, keys, owner)
     for group in opt.param_groups:
-        check(group.get(KEY), keys, owner)
-    if value is not None:
-        opt.defaults[KEY] = value
-        for group in opt.param_groups:
-            group.setdefault(KEY, value)
+        check_group({**settings, **group}, keys, owner)
+    for name, value in settings.items():
+        if value != KEYWORDS[name]:
+            opt.defaults[name] = value
+            for group in opt.param_groups:
+                group.setdefault(name, value)
     for group in opt.param_groups:
         if group.get(KEY) is None:
             continue
         for p in group["params"]:
             entry = opt.state.get(p)
             if entry:
-                convert_entry(entry, group, keys)
+                convert_entry(entry, group, keys, p)
 
 
 def taking_state_dtype(init: Callable[..., None]) -> Callable[..., None]:
-    """``init`` (an optimizer's constructor) taking the keyword ``state_dtype`` besides its
-    own arguments."""
+    """``init`` (an optimizer's constructor) taking the keywords of :data:`KEYWORDS` besides
+    its own arguments."""
 
     @functools.wraps(init)
-    def __init__(self: Any, *args: Any, state_dtype: Any = None, **kwargs: Any) -> None:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        settings = {name: kwargs.pop(name, default) for name, default in KEYWORDS.items()}
         init(self, *args, **kwargs)
-        install(self, state_dtype)
+        install(self, settings)
 
     signature = inspect.signature(init)
-    extra = inspect.Parameter(
-        KEY, inspect.Parameter.KEYWORD_ONLY, default=None, annotation="torch.dtype | None"
-    )
+    annotations = {
+        KEY: "torch.dtype | dict[str, torch.dtype] | None",
+        KAHAN: "bool",
+        STOCHASTIC: "bool",
+    }
+    extra = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotations[name]
+        )
+        for name, default in KEYWORDS.items()
+    ]
     parameters = list(signature.parameters.values())
     tail = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
     head = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
     __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*head, extra, *tail]
+        parameters=[*head, *extra, *tail]
     )
     __init__.takes_state_dtype = True  # type: ignore[attr-defined]
     return __init__

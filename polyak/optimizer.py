@@ -33,8 +33,8 @@ from polyak._state import STEP_COUNT, OptimizerState
 from polyak.strategies import StateLists, Strategy, choose
 
 #: Keys of ``defaults`` no group needs: those loading sets (see ``_SET_BY_LOADING``), and how
-#: state is stored, which a group without it takes as its parameters' dtype.
-_OPTIONAL_KEYS = frozenset({*_SET_BY_LOADING, _precision.KEY})
+#: parameters and state are stored (``_precision.KEYWORDS``), whose absence means as given.
+_OPTIONAL_KEYS = frozenset({*_SET_BY_LOADING, *_precision.KEYWORDS})
 
 # What algorithms take from the base, all from here.
 __all__ = [

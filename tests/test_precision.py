@@ -14,6 +14,7 @@ import torch
 from registry import REGISTRY, Entry, ids
 
 import polyak
+from polyak import _precision
 
 NARROW = [torch.bfloat16, torch.float16]
 
@@ -220,3 +221,148 @@ def test_a_refused_checkpoint_leaves_narrow_state_unchanged() -> None:
     for key, value in before["state"][0].items():
         assert torch.equal(after["state"][0][key], value)
         assert after["state"][0][key].dtype == value.dtype
+
+
+# ------------------------------------------------ 16-bit parameters without master weights
+
+
+def test_stochastic_rounding_is_torchaos_given_the_same_bits() -> None:
+    quant_utils = pytest.importorskip("torchao.optim.quant_utils")
+    x = torch.cat([torch.randn(10000) * 3, torch.tensor([0.0, -0.0, 1e-40, 3e38, -1.5])])
+    torch.manual_seed(5)
+    ours = _precision.stochastic_round(x)
+    torch.manual_seed(5)
+    theirs = quant_utils._fp32_to_bf16_sr(x)
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64) * 5
+    draws = torch.stack([_precision.stochastic_round(x) for _ in range(4000)]).float()
+    down = x.bfloat16().float()
+    # Each draw is one of the two bfloat16 numbers around x.
+    ulp = (torch.nextafter(x.abs(), torch.tensor(float("inf"))) - x.abs()) * 65536
+    assert bool(((draws - x).abs() <= ulp).all())
+    # Unbiased: the mean of 4000 draws is within 5 standard errors of x.
+    spread = ulp / 2 / 4000**0.5
+    assert bool(((draws.mean(0) - x).abs() <= 5 * spread + 1e-12).all())
+    assert not torch.equal(draws.mean(0), down)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
+def test_a_stochastically_rounded_step_is_the_float32_step_rounded_at_random(name: str) -> None:
+    """The update computes in float32 on widened parameters, gradients and state; the
+    parameters are rounded stochastically and the state (bfloat16, as the parameters) to
+    nearest: torch's (or polyak's own) float32 step, rounded so, gives the same bits."""
+    kwargs: dict[str, Any] = {"lr": 0.01, "momentum": 0.9} if name == "SGD" else {"lr": 0.01}
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(50, 7), (33,)]]
+    ours = getattr(polyak, name)(params, **kwargs, bf16_stochastic_round=True)
+    twins = [torch.nn.Parameter(p.detach().float()) for p in params]
+    module = torch.optim if hasattr(torch.optim, name) else polyak
+    theirs = (
+        getattr(module, name)(twins, **kwargs, foreach=False)
+        if module is torch.optim
+        else (getattr(module, name)(twins, **kwargs))
+    )
+    for step in range(4):
+        grads = [torch.randn(p.shape).bfloat16() for p in params]
+        for p, q, g in zip(params, twins, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.float()
+        torch.manual_seed(100 + step)
+        ours.step()
+        theirs.step()
+        _round_state(theirs, ours.param_shaped_state, torch.bfloat16)
+        torch.manual_seed(100 + step)
+        for p, q in zip(params, twins, strict=True):
+            expected = _precision.stochastic_round(q.detach())
+            assert torch.equal(p.detach().view(torch.int16), expected.view(torch.int16))
+            q.data.copy_(p.detach().float())
+    assert "stochastic" in str(polyak.explain(ours))
+
+
+def test_kahan_summation_is_optimis_given_the_same_step() -> None:
+    """torch-optimi's ``kahan_sum`` adds each update to the compensation, the compensation to
+    the parameter, and keeps what the parameter's rounding lost: with a learning rate that
+    bfloat16 holds exactly (optimi rounds ``lr`` to the parameters' dtype, polyak computes the
+    step in float32), SGD's steps are the same, bit for bit. The compensation differs where
+    the float32 step itself rounds (p + u inexact in float32): a few elements in ten thousand."""
+    optimi = pytest.importorskip("optimi")
+    torch.manual_seed(0)
+    n = 10000
+    p = torch.nn.Parameter(torch.randn(n).bfloat16())
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = polyak.SGD([p], lr=2**-7, kahan_sum=True)
+    theirs = optimi.SGD([q], lr=2**-7, kahan_sum=True)
+    for _ in range(20):
+        g = torch.randn(n).bfloat16()
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(p, q)
+    comp, their_comp = ours.state[p]["kahan_comp"], theirs.state[q]["kahan_comp"]
+    assert comp.dtype == torch.bfloat16
+    assert int((comp != their_comp).sum()) <= n // 2000
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_kahan_summation_tracks_float32_master_weights(name: str) -> None:
+    """Small updates that plain bfloat16 parameters lose are kept: the compensated parameter
+    (p + c) stays within a few of the compensation's units of float32 training, where plain
+    bfloat16 drifts by many of the parameters' units."""
+    kwargs: dict[str, Any] = {"lr": 1e-4} if name == "AdamW" else {"lr": 1e-3, "momentum": 0.9}
+    torch.manual_seed(0)
+    start = torch.randn(4096).bfloat16()
+    master = torch.nn.Parameter(start.float())
+    kahan = torch.nn.Parameter(start.clone())
+    plain = torch.nn.Parameter(start.clone())
+    opts = [
+        getattr(torch.optim, name)([master], **kwargs),
+        getattr(polyak, name)([kahan], **kwargs, kahan_sum=True),
+        getattr(polyak, name)([plain], **kwargs),
+    ]
+    for _ in range(200):
+        g = torch.randn(4096).bfloat16()
+        master.grad, kahan.grad, plain.grad = g.float(), g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    compensated = kahan.detach().float() + opts[1].state[kahan]["kahan_comp"].float()
+    kahan_error = (compensated - master.detach()).abs().max().item()
+    plain_error = (plain.detach().float() - master.detach()).abs().max().item()
+    assert kahan_error < plain_error / 20
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kahan_sum": True, "bf16_stochastic_round": True}, ValueError, "choose one"),
+        ({"kahan_sum": 1}, TypeError, "kahan_sum must be a bool"),
+    ],
+)
+def test_bad_parameter_roundings_are_refused(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    p = torch.nn.Parameter(torch.randn(4).bfloat16())
+    with pytest.raises(error, match=match):
+        polyak.AdamW([p], **kwargs)
+
+
+def test_the_compensation_is_saved_loaded_and_checked() -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = polyak.AdamW([p], lr=1e-3, kahan_sum=True)
+    for _ in range(3):
+        p.grad = torch.randn(8).bfloat16()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["kahan_comp"].dtype == torch.bfloat16
+    q = torch.nn.Parameter(p.detach().clone())
+    other = polyak.AdamW([q], lr=1e-3, kahan_sum=True)
+    other.load_state_dict(saved)
+    assert torch.equal(other.state[q]["kahan_comp"], opt.state[p]["kahan_comp"])
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["kahan_comp"] = torch.zeros(3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError):
+        other.load_state_dict(bad)
+    assert torch.equal(other.state[q]["kahan_comp"], opt.state[p]["kahan_comp"])

@@ -169,6 +169,10 @@ def make(optimizer: Any, group: dict[str, Any]) -> Entry:
 
     if not params:
         return unfit("the group has no parameters")
+    if group.get("kahan_sum") or group.get("bf16_stochastic_round"):
+        return unfit(
+            "kahan_sum or bf16_stochastic_round: the parameters are rounded on the reference path"
+        )
     # Nothing of the CPU kernel starts for parameters elsewhere.
     elsewhere = _device_reason(params)
     if elsewhere is not None and not any(p.is_cpu for p in params):
