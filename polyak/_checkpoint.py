@@ -12,11 +12,10 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak import _checks, _precision
+from polyak import _checks, _memo, _precision
 from polyak._hyper import Hyper
 from polyak._rehearsal import _state_template
 from polyak._state import STEP_COUNT, OptimizerState, StateEntry
-from polyak.strategies import flat
 
 StateDict: TypeAlias = dict[str, Any]
 
@@ -100,7 +99,7 @@ def load_state_dict(opt: Any, state_dict: StateDict) -> None:
     opt.state = state
     opt.param_groups = groups
     opt._step_count = step_count
-    flat.forget(opt)
+    _memo.forget(opt)
     # As torch.optim's loading does (through __setstate__): groups added later get them.
     for key, value in _SET_BY_LOADING.items():
         opt.defaults.setdefault(key, value)

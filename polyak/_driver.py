@@ -10,7 +10,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak import _checks, _explain, _ops, _precision
+from polyak import _checks, _explain, _memo, _ops, _precision
 from polyak._hooks import _recorded
 from polyak._hyper import _NUMBERS, _PLAIN_TENSORS, Hyper
 from polyak._rehearsal import _hyper_layout, _immutable, rehearse
@@ -275,8 +275,8 @@ def hyper(opt: Any, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper,
     makes them afresh at every step.
     """
     keys, values = tuple(group), tuple(group.values())
-    kept: dict[int, Any] = opt.__dict__.setdefault("_hypers", {})
-    last = kept.get(id(group))
+    kept = _memo.memo(opt, group)
+    last = kept.hypers
     if last is not None and last[0] == keys and all(map(operator.is_, last[1], values)):
         return last[2], last[3]
     missing = opt.missing_key(group)
@@ -286,7 +286,7 @@ def hyper(opt: Any, group: dict[str, Any], params: list[Tensor]) -> tuple[Hyper,
     layout = _hyper_layout(vars(hp))
     own = type(opt)._base_hyperparameters
     if own and all(map(_immutable, vars(hp).values())):
-        kept[id(group)] = (keys, values, hp, layout)
+        kept.hypers = (keys, values, hp, layout)
     else:
-        kept.pop(id(group), None)
+        kept.hypers = None
     return hp, layout

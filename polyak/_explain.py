@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from polyak import _memo
 from polyak.strategies import choose, flat
 
 #: Where this variable is set (to anything but 0, false, off, no), fallbacks warn once per group.
@@ -132,11 +133,11 @@ def warn_fallback(optimizer: Any, group: dict[str, Any]) -> None:
     _, _, why = flat.last_path(optimizer, group)
     if not why or why == flat.FIRST_STEP:
         return
-    warned: set[int] = optimizer.__dict__.setdefault("_fallbacks_warned", set())
-    if id(group) in warned:
+    kept = _memo.memo(optimizer, group)
+    if kept.warned:
         return
-    warned.add(id(group))
-    index = next((i for i, g in enumerate(optimizer.param_groups) if g is group), len(warned) - 1)
+    kept.warned = True
+    index = next((i for i, g in enumerate(optimizer.param_groups) if g is group), -1)
     warnings.warn(
         f"polyak: {type(optimizer).__name__} group {index} does not run the flat kernel: {why}",
         RuntimeWarning,

@@ -14,7 +14,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak import _checks
+from polyak import _checks, _memo
 from polyak._hyper import _IMMUTABLE_TYPES, _PLAIN_TENSORS, Hyper, MissingHyperparameter
 from polyak._runner import _run
 from polyak.strategies import StateLists, Strategy, choose
@@ -294,27 +294,26 @@ def rehearse(
     state entries are checked at every step.
     """
     rehearsed = not group.get("differentiable") and not any(map(_SPARSE, grads))
+    kept = _memo.memo(opt, group)
     if rehearsed:
         # Gradients are in: autograd keeps them of their parameter's shape, dtype and
         # device, but ``.grad.data`` may be given anything.
         tensors = [*params, *grads, *chain.from_iterable(state.values())]
         layout = (hp_layout, _tensors_layout(tensors))
-        done: dict[int, Any] = opt.__dict__.setdefault("_rehearsed", {})
-        last = done.get(id(group))
-        if last is not None and last[0] == layout:
-            return cast(Strategy, last[1])
+        done = kept.rehearsed
+        if done is not None and done[0] == layout:
+            return cast(Strategy, done[1])
     strategy = choose(group, params, grads, opt.foreach_by_default)
     # A parameter's state is all or nothing, as torch.optim reads it: what init_state
     # makes must be there (torch raises KeyError from its dict). What it makes for each
     # kind of parameter is kept while the hyperparameters' layout is the same object (see
     # :meth:`_hyper`): steps that are not rehearsed check at every step.
-    kept: dict[int, Any] = opt.__dict__.setdefault("_needed", {})
-    last = kept.get(id(group))
+    last = kept.needed
     # By kind of parameter: each state key, and whether its value is a tensor.
     needed: dict[tuple[Any, ...], list[tuple[str, bool]]] = (
         last[1] if last is not None and last[0] is hp_layout else {}
     )
-    kept[id(group)] = (hp_layout, needed)
+    kept.needed = (hp_layout, needed)
     for p, entry in zip(params, entries, strict=True):
         kind = (p.shape, p.dtype, p.device)
         if kind not in needed:
@@ -347,5 +346,5 @@ def rehearse(
         with torch.no_grad(), _unseen(tensors):
             _run(strategy.run, update, *_stand_ins((params, grads, state), _copy), hp)
         raise
-    done[id(group)] = (layout, strategy)
+    kept.rehearsed = (layout, strategy)
     return strategy

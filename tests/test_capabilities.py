@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from polyak.strategies import flat
 from polyak.strategies.flat import _dispatch, _kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_an_unknown_rounding_declines_the_flat_path(monkeypatch: pytest.MonkeyPa
             q.grad = p.grad.clone()
         opt.step()
         ref.step()
-    assert all(e.plan is None for e in opt.__dict__.get("_flat_entries", {}).values())
+    assert all(e.plan is None for e in flat.entries(opt))
     for p, q in zip(params, ref_params, strict=True):
         assert torch.equal(p, q)
 

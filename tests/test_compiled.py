@@ -15,6 +15,7 @@ from conftest import assert_same, clone_kwargs, has_tensor, make_params, twin
 from registry import REGISTRY, Entry, ids
 
 import polyak
+from polyak.strategies import flat
 from polyak.strategies.flat import _codegen, _compiled, _kernel, _program, _toolchain
 
 vm = _kernel.load(wait=True)
@@ -77,7 +78,7 @@ def _grads(
 
 
 def _plans(opt: Any) -> list[Any]:
-    return [e.plan for e in opt.__dict__.get("_flat_entries", {}).values() if e.plan is not None]
+    return [e.plan for e in flat.entries(opt) if e.plan is not None]
 
 
 def _run(

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import polyak
+from polyak.strategies import flat
 
 pytestmark = pytest.mark.filterwarnings(
     # DCP without a process group says it assumes one process, which is the case here.
@@ -177,7 +178,7 @@ def _fsdp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 _save(model, opt, out / f"two-{name}-{which}")
                 if which == "polyak" and rank == 0:
                     # Whether the flat kernel updated the shards (their local data).
-                    entries = opt.__dict__.get("_flat_entries", {}).values()
+                    entries = flat.entries(opt)
                     ran = any(e.plan is not None and e.local is not None for e in entries)
                     (out / f"flat-{name}").write_text(str(ran))
         dist.barrier()

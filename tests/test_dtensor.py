@@ -77,7 +77,7 @@ def _versions(opt: Any, params: list[torch.Tensor]) -> list[int]:
 
 
 def _ran_flat(opt: Any) -> bool:
-    entries = opt.__dict__.get("_flat_entries", {}).values()
+    entries = flat.entries(opt)
     return any(e.plan is not None and e.local is not None for e in entries)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import polyak
+from polyak.strategies import flat
 from polyak.strategies.flat import _kernel
 
 needs_kernel = pytest.mark.skipif(
@@ -203,7 +204,7 @@ def test_a_group_on_two_devices_runs_its_cpu_parameters_flat() -> None:
         for key, value in ref.state[q].items():
             assert torch.equal(opt.state[p][key], value), key
     assert set(opt.state[elsewhere]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
-    entry = opt._flat_entries[id(opt.param_groups[0])]  # type: ignore[attr-defined]
+    entry = flat.entries(opt)[0]
     (cpu_bucket, cpu_cache), (other, _) = entry.buckets
     assert [id(p) for p in cpu_bucket] == [id(p) for p in cpu]
     assert [id(p) for p in other] == [id(elsewhere)] and cpu_cache[0].plan is not None

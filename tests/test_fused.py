@@ -10,6 +10,7 @@ import torch
 from conftest import assert_same, clone_kwargs, make_params, twin
 from registry import REGISTRY, Entry, ids
 
+from polyak.strategies import flat
 from polyak.strategies.flat import _compiled, _kernel, _toolchain
 
 vm = _kernel.load(wait=True)
@@ -73,7 +74,7 @@ def _run(opt: Any, params: list[torch.Tensor], steps: int, wait: bool, nan: bool
 
 
 def _plans(opt: Any) -> list[Any]:
-    return [e.plan for e in opt.__dict__.get("_flat_entries", {}).values() if e.plan is not None]
+    return [e.plan for e in flat.entries(opt) if e.plan is not None]
 
 
 def _compare(entry: Entry, config: dict[str, Any], dtype: torch.dtype, compiled: bool) -> None:

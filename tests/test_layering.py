@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
         "polyak._state",
         "polyak._hyper",
         "polyak._precision",
+        "polyak._memo",
         "polyak.functional",
     ),
     # How an update rule runs: the strategies, the flat kernel among them.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from polyak.strategies import flat
 from polyak.strategies.flat import _kernel, _toolchain
 
 _FAKE_BUILD = "import sys, pathlib; pathlib.Path(sys.argv[3], sys.argv[1] + '.so').write_text('')"
@@ -138,11 +139,11 @@ def test_steps_switch_to_the_kernel_once_its_build_is_done(
     for _ in range(3):
         p.grad = torch.ones(10)
         opt.step()
-    assert all(e.plan is None for e in opt._flat_entries.values())
+    assert all(e.plan is None for e in flat.entries(opt))
     monkeypatch.setattr(_kernel, "_module", vm)  # the background build is done
     p.grad = torch.ones(10)
     opt.step()
-    assert all(e.plan is not None for e in opt._flat_entries.values())
+    assert all(e.plan is not None for e in flat.entries(opt))
 
 
 _SLOW_BUILD = (

@@ -43,7 +43,7 @@ from conftest import (
 from registry import REGISTRY, Entry, ids, takes
 
 import polyak
-from polyak import _ops
+from polyak import _memo, _ops
 from polyak.strategies.flat import _gpu
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.9.0)")
@@ -277,7 +277,7 @@ def test_the_strategy_steps_cuda_groups_by_their_kernel(
         opt.step()
     for a, b in zip(ref_params, params, strict=True):
         assert_same(a.detach(), b.detach())
-    assert [plan.steps for plan in opt.__dict__["_triton_plans"].values()] == [2, 2]
+    assert [_memo.memo(opt, group).triton.steps for group in opt.param_groups] == [2, 2]
     assert flat.runs_triton(opt.param_groups[0])
     assert [g.strategy for g in polyak.explain(opt).groups] == ["flat, triton"] * 2
 

@@ -31,6 +31,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from polyak import _memo
 from polyak.strategies.flat import _codegen, _compiled, _dispatch, _gpu, _kernel, _plan, _toolchain
 from polyak.strategies.flat._plan import FIRST_STEP, GRAD_SCALE, Entry
 
@@ -42,7 +43,7 @@ __all__ = [
     "compiles",
     "describe_rounding",
     "eligible",
-    "forget",
+    "entries",
     "ineligible_reason",
     "kernel",
     "last_path",
@@ -125,10 +126,8 @@ def _enter(
 ) -> bool | list[Tensor]:
     if _gpu.takes(group):  # parameters on CUDA devices: the group's Triton kernel
         return _gpu.step(optimizer, group, grad_scale, check_only=mode == _CHECK_ONLY)
-    cache: dict[int, Entry] | None = optimizer.__dict__.get("_flat_entries")
-    if cache is None:
-        cache = optimizer.__dict__["_flat_entries"] = {}
-    key = id(group)
+    cache: dict[int, Entry] = _memo.memo(optimizer, group).flat
+    key = 0
     if grad_scale is not None and group.get("fused"):
         if grad_scale.device.type != "cpu" or grad_scale.numel() != 1:
             cache[key] = _declined("the GradScaler's scale is not one number on the CPU")
@@ -230,8 +229,8 @@ def last_path(optimizer: Any, group: dict[str, Any]) -> tuple[bool, bool, str]:
     if _gpu.takes(group):
         ran, why = _gpu.last_path(optimizer, group)
         return ran, ran, why
-    cache: dict[int, Entry] = optimizer.__dict__.get("_flat_entries") or {}
-    entry = cache.get(id(group))
+    kept = _memo.peek(optimizer, group)
+    entry = kept.flat.get(0) if kept is not None else None
     if entry is None:
         return False, False, ""
     if entry.buckets is not None:
@@ -260,16 +259,14 @@ def awaits_state(optimizer: Any, group: dict[str, Any]) -> bool:
     yet (see :data:`FIRST_STEP`)."""
     if _gpu.takes(group):
         return _gpu.last_path(optimizer, group)[1] == FIRST_STEP
-    cache: dict[int, Entry] = optimizer.__dict__.get("_flat_entries") or {}
-    entry = cache.get(id(group))
+    kept = _memo.peek(optimizer, group)
+    entry = kept.flat.get(0) if kept is not None else None
     return entry is not None and entry.reason == FIRST_STEP
 
 
-def forget(optimizer: Any) -> None:
-    """Drop the kernel's plans for ``optimizer``'s groups, whose state was replaced (by
-    ``load_state_dict``): they would be made anew at the next step, and until then would keep
-    the replaced state alive beside the new one."""
-    optimizer.__dict__.pop("_flat_entries", None)
+def entries(optimizer: Any) -> list[Entry]:
+    """The kernel's entries for ``optimizer``'s groups (their plans, or why they have none)."""
+    return [e for kept in _memo.memos(optimizer) if (e := kept.flat.get(0)) is not None]
 
 
 def build_ahead(

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polyak import _memo
 from polyak.strategies.flat import _program, _toolchain, _trace, _triton
 from polyak.strategies.flat._plan import FIRST_STEP
 
@@ -329,8 +330,10 @@ def step(
     """One step of a group on CUDA devices by its Triton kernel: whether it ran (or, with
     ``check_only``, would run; nothing is written then). The group's plan, and why its last
     step did not run here, are kept on the optimizer (see :func:`last_path`)."""
-    plans: dict[int, Plan] = optimizer.__dict__.setdefault("_triton_plans", {})
-    plan = plans.setdefault(id(group), Plan())
+    kept = _memo.memo(optimizer, group)
+    if kept.triton is None:
+        kept.triton = Plan()
+    plan: Plan = kept.triton
     if grad_scale is not None:
         why = "a GradScaler's scale: unscaling in the kernel is not written yet"
     else:
@@ -344,7 +347,8 @@ def step(
 
 def last_path(optimizer: Any, group: dict[str, Any]) -> tuple[bool, str]:
     """Whether ``group``'s last step ran its Triton kernel, and if not why."""
-    plan = optimizer.__dict__.get("_triton_plans", {}).get(id(group))
+    kept = _memo.peek(optimizer, group)
+    plan = kept.triton if kept is not None else None
     if plan is None:
         return False, ""
     return plan.reason == "", plan.reason
