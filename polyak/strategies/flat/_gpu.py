@@ -321,7 +321,8 @@ def takes(group: dict[str, Any]) -> bool:
     """Whether ``group`` is this backend's: its parameters lie on CUDA devices (on the CPU the
     C++ kernel runs), and Triton can be imported."""
     params = group["params"]
-    return bool(params) and all(p.is_cuda for p in params) and available()
+    # The first parameter first: on the CPU, every step asks.
+    return bool(params) and params[0].is_cuda and all(p.is_cuda for p in params) and available()
 
 
 def step(
