@@ -12,7 +12,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak import _checks, _memo, _precision
+from polyak import _checks, _memo, _precision, _quant
 from polyak._hyper import Hyper
 from polyak._rehearsal import _state_template
 from polyak._state import STEP_COUNT, OptimizerState, StateEntry
@@ -209,6 +209,21 @@ def read_state_dict(
             state[param][key] = read_state_value(opt, pid, param, key, item, group)
             if shared:
                 copies[id(item)] = (item, state[param][key])
+        for key in opt.param_shaped_state:
+            value = state[param].get(key)
+            if (
+                isinstance(value, Tensor)
+                and value.dtype == torch.uint8
+                and _precision.ABSMAX.format(key) not in state[param]
+            ):
+                raise ValueError(
+                    f"loaded state for parameter {pid} holds {key!r} as 8-bit codes without "
+                    f"their {_precision.ABSMAX.format(key)!r}"
+                )
+        # Stored as this optimizer stores it, whatever the checkpoint's format.
+        _precision.convert_entry(
+            state[param], group, opt.param_shaped_state, param, opt.unsigned_state
+        )
 
     if STEP_COUNT in state_dict:
         step_count = _checks.check_step_count(state_dict[STEP_COUNT])
@@ -246,11 +261,13 @@ def read_group(
         ):
             continue
         _checks.check_same_kind(f"param_groups[{i}][{key!r}]", group[key], value)
-    # How state is stored is the optimizer's, not the checkpoint's: loaded state is converted.
-    if _precision.KEY in group:
-        new_group[_precision.KEY] = group[_precision.KEY]
-    else:
-        new_group.pop(_precision.KEY, None)
+    # How parameters and state are stored is the optimizer's, not the checkpoint's: loaded
+    # state is converted.
+    for key in _precision.KEYWORDS:
+        if key in group:
+            new_group[key] = group[key]
+        else:
+            new_group.pop(key, None)
     opt.check_hyperparameters(new_group)
     opt.check_loaded_group(new_group)
     new_group["params"] = group["params"]
@@ -264,6 +281,11 @@ def read_state_value(
 ) -> Any:
     if key == _precision.COMPENSATION and value is not None:
         _checks.check_state_tensor(pid, key, value, param.shape)
+    codes_key = key[: -len("_absmax")] if isinstance(key, str) and key.endswith("_absmax") else None
+    if codes_key in opt.param_shaped_state:
+        # An 8-bit state's absmax: one float32 per block, kept in float32.
+        _checks.check_state_tensor(pid, key, value, torch.Size([_quant.blocks(param.numel())]))
+        return value.to(dtype=torch.float32, device=param.device, copy=True)
     if key in opt.param_shaped_state and value is not None:
         _checks.check_state_tensor(pid, key, value, param.shape)
         if value.is_complex() != param.is_complex():
@@ -271,8 +293,6 @@ def read_state_value(
                 f"Invalid {key} for parameter {pid}: dtype {value.dtype} does not fit a "
                 f"parameter of dtype {param.dtype}"
             )
-    value = _cast_state(param, key, value, group)
-    if key in opt.param_shaped_state:
-        # Stored as this optimizer stores it, whatever the checkpoint's dtype.
-        value = _precision.store(value, _precision.storage(group, key, param))
-    return value
+    if key in opt.param_shaped_state and isinstance(value, Tensor) and value.dtype == torch.uint8:
+        return value.to(device=param.device, copy=True)  # 8-bit codes, kept as codes
+    return _cast_state(param, key, value, group)

@@ -144,7 +144,9 @@ def make_state(opt: Any, group: dict[str, Any]) -> None:
         entries = gather(opt, group, params, [p.grad for p in params])[3]  # type: ignore[misc]
         if group.get(_precision.KEY) is not None:
             for entry, p in zip(entries, params, strict=True):
-                _precision.convert_entry(entry, group, opt.param_shaped_state, p)
+                _precision.convert_entry(
+                    entry, group, opt.param_shaped_state, p, opt.unsigned_state
+                )
 
 
 def step_params(
@@ -205,7 +207,12 @@ def step_params(
         # State made by this step (in the parameter's dtype, as torch makes it) is stored
         # narrower once its first update is done.
         for entry, p in zip(entries, params, strict=True):
-            _precision.convert_entry(entry, group, opt.param_shaped_state, p)
+            # (State the update made for a parameter that had none is in ``opt.state`` only.)
+            entry = entry or opt.state.get(p)
+            if entry:
+                _precision.convert_entry(
+                    entry, group, opt.param_shaped_state, p, opt.unsigned_state
+                )
 
 
 _NOTHING_WIDENED = _precision.Wide()
@@ -249,7 +256,7 @@ def gather(
     if how is None and group.get(_precision.KEY) is None:
         wide = _NOTHING_WIDENED
     else:
-        wide = _precision.widen(state, params, grads, how)
+        wide = _precision.widen(state, params, grads, how, entries, opt.unsigned_state)
     if wide.params is None:
         strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)
     else:

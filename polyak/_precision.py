@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from polyak import _quant
+from polyak._quant import EIGHT_BIT
 
 #: The group key, and the constructor's keyword.
 KEY = "state_dtype"
@@ -39,8 +42,14 @@ STOCHASTIC = "bf16_stochastic_round"
 COMPENSATION = "kahan_comp"
 _HALVES = (torch.bfloat16, torch.float16)
 
-#: The dtypes state may be stored in.
-STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: The dtypes state may be stored in, and 8-bit block-wise codes (see ``_quant.py``).
+STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, EIGHT_BIT)
+#: The group key of the smallest tensor whose state is stored in 8 bits (bitsandbytes' name
+#: and default: smaller ones keep their state in their own dtype).
+MIN_8BIT = "min_8bit_size"
+MIN_8BIT_DEFAULT = 4096
+#: The state key of a block-wise state's absmax, after the key of its codes.
+ABSMAX = "{}_absmax"
 
 
 def check(value: Any, keys: tuple[str, ...], owner: str) -> None:
@@ -49,7 +58,7 @@ def check(value: Any, keys: tuple[str, ...], owner: str) -> None:
     dtypes."""
     if value is None:
         return
-    if isinstance(value, torch.dtype):
+    if isinstance(value, (torch.dtype, str)):
         items: list[tuple[Any, Any]] = [("state_dtype", value)]
     elif isinstance(value, Mapping):
         unknown = [key for key in value if key not in keys]
@@ -61,57 +70,90 @@ def check(value: Any, keys: tuple[str, ...], owner: str) -> None:
         items = [(f"state_dtype[{key!r}]", dtype) for key, dtype in value.items()]
     else:
         raise TypeError(
-            f"state_dtype must be a torch.dtype or a mapping of state keys to dtypes, not "
+            f"state_dtype must be a torch.dtype, '8bit', or a mapping of state keys to them, not "
             f"{type(value).__name__}"
         )
     for name, dtype in items:
         if dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"Invalid {name}: {dtype}; state is stored in "
-                + ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES)
-            )
+            names = [repr(d) if isinstance(d, str) else str(d)[6:] for d in STORAGE_DTYPES]
+            raise ValueError(f"Invalid {name}: {dtype!r}; state is stored in {', '.join(names)}")
 
 
-def storage(group: Mapping[str, Any], key: str, param: Tensor | None = None) -> torch.dtype | None:
-    """The dtype ``group`` stores its state ``key`` in; None for the dtype it is made in. A
-    group that rounds its parameters by its own rule (the update computing in float32) stores
-    state in ``param``'s dtype unless ``state_dtype`` says otherwise."""
+def storage(group: Mapping[str, Any], key: str, param: Tensor | None = None) -> Any:
+    """The dtype ``group`` stores its state ``key`` in (or :data:`EIGHT_BIT`); None for the
+    dtype it is made in. A group that rounds its parameters by its own rule (the update
+    computing in float32) stores state in ``param``'s dtype unless ``state_dtype`` says
+    otherwise; a parameter smaller than the group's ``min_8bit_size`` keeps its state in its
+    own dtype where ``state_dtype`` says 8 bits."""
     value = group.get(KEY)
     if isinstance(value, Mapping):
         value = value.get(key)
+    if value == EIGHT_BIT and param is not None:
+        if param.numel() < group.get(MIN_8BIT, MIN_8BIT_DEFAULT) or not param.is_floating_point():
+            return None
     if value is None and param is not None and rounding(group) is not None:
         return param.dtype
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def store(value: Any, dtype: torch.dtype | None) -> Any:
     """``value`` as a group that stores its state in ``dtype`` keeps it (rounded to nearest)."""
-    if dtype is None or not isinstance(value, Tensor) or value.dtype == dtype:
+    if dtype is None or isinstance(dtype, str) or not isinstance(value, Tensor):
+        return value
+    if value.dtype == dtype:
         return value
     if not value.is_floating_point() or value.dim() == 0:
         return value
     return value.to(dtype)
 
 
+def quantized(entry: Mapping[str, Any], key: str) -> bool:
+    """Whether ``entry`` holds its state ``key`` as 8-bit codes and their absmax."""
+    value = entry.get(key)
+    return isinstance(value, Tensor) and value.dtype == torch.uint8 and ABSMAX.format(key) in entry
+
+
 def convert_entry(
-    entry: dict[str, Any], group: Mapping[str, Any], keys: tuple[str, ...], param: Tensor
+    entry: dict[str, Any],
+    group: Mapping[str, Any],
+    keys: tuple[str, ...],
+    param: Tensor,
+    unsigned: tuple[str, ...] = (),
 ) -> None:
-    """Store ``entry``'s parameter-shaped state (``keys``) in the group's dtypes, in place."""
+    """Store ``entry``'s parameter-shaped state (``keys``) as the group says, in place:
+    rounded to a dtype, quantized to 8 bits (``unsigned``: the keys whose values are never
+    negative, which take the unsigned map), or, where the group stores it in a dtype and the
+    entry holds 8-bit codes (a loaded checkpoint), dequantized."""
     for key in keys:
-        dtype = storage(group, key, param)
-        if dtype is not None and key in entry:
-            entry[key] = store(entry[key], dtype)
+        if key not in entry:
+            continue
+        target = storage(group, key, param)
+        if quantized(entry, key):
+            if target == EIGHT_BIT:
+                continue
+            codes, absmax = entry[key], entry.pop(ABSMAX.format(key))
+            wide = _quant.dequantize(codes, absmax, key not in unsigned)
+            entry[key] = wide.to(target if target is not None else param.dtype)
+        elif target == EIGHT_BIT:
+            value = entry[key]
+            if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
+                entry[key], entry[ABSMAX.format(key)] = _quant.quantize(
+                    value.float(), key not in unsigned
+                )
+        elif target is not None:
+            entry[key] = store(entry[key], target)
 
 
 class Wide:
     """What :func:`widen` replaced for one step: by position in the state lists, the stored
-    tensors; and, where the step computes in float32 on 16-bit parameters, the parameters and
-    the widened parameters and gradients the update runs on."""
+    tensors (for 8-bit state: its codes, its absmax and whether its map is signed); and, where
+    the step computes in float32 on 16-bit parameters, the parameters and the widened
+    parameters and gradients the update runs on."""
 
     __slots__ = ("grads", "params", "rounding", "state", "wide_params")
 
     def __init__(self) -> None:
-        self.state: dict[tuple[str, int], Tensor] = {}
+        self.state: dict[tuple[str, int], Any] = {}
         self.params: list[Tensor] | None = None
         self.wide_params: list[Tensor] = []
         self.grads: list[Tensor] = []
@@ -131,11 +173,17 @@ def rounding(group: Mapping[str, Any]) -> str | None:
 
 
 def widen(
-    state: dict[str, list[Any]], params: list[Tensor], grads: list[Tensor], how: str | None
+    state: dict[str, list[Any]],
+    params: list[Tensor],
+    grads: list[Tensor],
+    how: str | None,
+    entries: Sequence[Mapping[str, Any]],
+    unsigned: tuple[str, ...] = (),
 ) -> Wide:
     """Replace, in ``state``'s lists, each state tensor stored in another floating dtype than
-    the update computes in by a copy in that dtype; where ``how`` rounds 16-bit parameters,
-    the update computes in float32 on widened copies of them and of their gradients."""
+    the update computes in, or as 8-bit codes (in ``entries``), by a copy in that dtype; where
+    ``how`` rounds 16-bit parameters, the update computes in float32 on widened copies of them
+    and of their gradients."""
     wide = Wide()
     halves = [p.dtype in _HALVES for p in params] if how is not None else []
     if any(halves):
@@ -149,6 +197,15 @@ def widen(
         for i, value in enumerate(values):
             dtype = computes[i].dtype
             if (
+                isinstance(value, Tensor)
+                and value.dtype == torch.uint8
+                and quantized(entries[i], key)
+            ):
+                absmax = entries[i][ABSMAX.format(key)]
+                signed = key not in unsigned
+                wide.state[(key, i)] = (value, absmax, signed)
+                values[i] = _quant.dequantize(value, absmax, signed).to(dtype)
+            elif (
                 isinstance(value, Tensor)
                 and value.dtype != dtype
                 and value.dim() > 0
@@ -166,7 +223,11 @@ def narrow(state: dict[str, list[Any]], wide: Wide, entries: list[dict[str, Any]
     back in ``state``'s lists."""
     for (key, i), kept in wide.state.items():
         value = state[key][i]
-        if value is not kept:
+        if isinstance(kept, tuple):
+            codes, absmax, signed = kept
+            _quant.quantize_into(value, codes, absmax, signed)
+            state[key][i] = codes
+        elif value is not kept:
             kept.copy_(value)
             state[key][i] = kept
     if wide.params is None:
@@ -215,6 +276,9 @@ def check_group(group: Mapping[str, Any], keys: tuple[str, ...], owner: str) -> 
         value = group.get(flag, False)
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool, not {type(value).__name__}")
+    size = group.get(MIN_8BIT, MIN_8BIT_DEFAULT)
+    if type(size) is not int or size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (a whole number of elements, >= 0)")
     if group.get(KAHAN) and group.get(STOCHASTIC):
         raise ValueError(
             "kahan_sum and bf16_stochastic_round are two ways to round the same update: choose one"
@@ -222,7 +286,12 @@ def check_group(group: Mapping[str, Any], keys: tuple[str, ...], owner: str) -> 
 
 
 #: The constructor's keywords, with their defaults.
-KEYWORDS: dict[str, Any] = {KEY: None, KAHAN: False, STOCHASTIC: False}
+KEYWORDS: dict[str, Any] = {
+    KEY: None,
+    KAHAN: False,
+    STOCHASTIC: False,
+    MIN_8BIT: MIN_8BIT_DEFAULT,
+}
 
 
 def install(opt: Any, settings: Mapping[str, Any]) -> None:
@@ -246,7 +315,7 @@ def install(opt: Any, settings: Mapping[str, Any]) -> None:
         for p in group["params"]:
             entry = opt.state.get(p)
             if entry:
-                convert_entry(entry, group, keys, p)
+                convert_entry(entry, group, keys, p, opt.unsigned_state)
 
 
 def taking_state_dtype(init: Callable[..., None]) -> Callable[..., None]:
@@ -261,9 +330,10 @@ def taking_state_dtype(init: Callable[..., None]) -> Callable[..., None]:
 
     signature = inspect.signature(init)
     annotations = {
-        KEY: "torch.dtype | dict[str, torch.dtype] | None",
+        KEY: "torch.dtype | str | dict[str, torch.dtype | str] | None",
         KAHAN: "bool",
         STOCHASTIC: "bool",
+        MIN_8BIT: "int",
     }
     extra = [
         inspect.Parameter(

@@ -84,6 +84,9 @@ class Optimizer(torch.optim.Optimizer):
     _compiled_steps: Tensor
     state_keys: ClassVar[tuple[str, ...]] = ()
     param_shaped_state: ClassVar[tuple[str, ...]] = ()
+    #: Parameter-shaped state that is never negative (second moments): stored in 8 bits, it
+    #: takes bitsandbytes' unsigned map, twice as fine as the signed one the others take.
+    unsigned_state: ClassVar[tuple[str, ...]] = ()
     #: Hyperparameters that checkpoints of older torch versions may lack, with the value torch
     #: gives them when loading or unpickling such a checkpoint.
     backfill: ClassVar[dict[str, Any]] = {}

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "polyak._hyper",
         "polyak._precision",
         "polyak._memo",
+        "polyak._quant",
         "polyak.functional",
     ),
     # How an update rule runs: the strategies, the flat kernel among them.

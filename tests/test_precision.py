@@ -145,7 +145,8 @@ def test_a_group_keeps_its_own_state_dtype() -> None:
     ("value", "error", "match"),
     [
         (torch.int8, ValueError, "Invalid state_dtype"),
-        ("bfloat16", TypeError, "must be a torch.dtype"),
+        ("bfloat16", ValueError, "Invalid state_dtype"),
+        (16, TypeError, "must be a torch.dtype"),
         ({"exp_avg": torch.int32}, ValueError, "Invalid state_dtype\\['exp_avg'\\]"),
         ({"momentum_buffer": torch.bfloat16}, ValueError, "no parameter-shaped state"),
     ],

@@ -60,6 +60,7 @@ class Adadelta(Optimizer, torch.optim.Adadelta):
     state_keys = ("step", "square_avg", "acc_delta")
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("square_avg", "acc_delta")
+    unsigned_state = ("square_avg", "acc_delta")
     backfill = {  # noqa: RUF012 - read-only table
         "foreach": None,
         "maximize": False,

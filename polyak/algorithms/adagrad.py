@@ -64,6 +64,7 @@ class Adagrad(Optimizer, torch.optim.Adagrad):
     optional_keys = frozenset({"initial_accumulator_value"})
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("sum",)
+    unsigned_state = ("sum",)
     backfill = {  # noqa: RUF012 - read-only table
         "foreach": None,
         "maximize": False,

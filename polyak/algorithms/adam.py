@@ -79,6 +79,7 @@ class Adam(Optimizer, torch.optim.Adam):
     state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    unsigned_state = ("exp_avg_sq", "max_exp_avg_sq")
     backfill = {  # noqa: RUF012 - read-only table
         "amsgrad": False,
         "maximize": False,

@@ -57,6 +57,7 @@ class Adamax(Optimizer, torch.optim.Adamax):
     state_keys = ("step", "exp_avg", "exp_inf")
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("exp_avg", "exp_inf")
+    unsigned_state = ("exp_inf",)
     backfill = {  # noqa: RUF012 - read-only table
         "foreach": None,
         "maximize": False,

@@ -70,6 +70,7 @@ class Adan(Optimizer):
 
     state_keys = ("step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
     param_shaped_state = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+    unsigned_state = ("exp_avg_sq",)
     backfill = {"no_prox": False, "caution": False}  # noqa: RUF012 - read-only table
 
     def __init__(

@@ -85,6 +85,7 @@ class AdEMAMix(Optimizer):
 
     state_keys = ("step", "exp_avg", "exp_avg_sq", "exp_avg_slow")
     param_shaped_state = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
+    unsigned_state = ("exp_avg_sq",)
     # Checkpoints of pytorch-optimizer and older ones lack the bitsandbytes schedules.
     backfill = {"t_alpha": None, "t_beta3": None}  # noqa: RUF012 - read-only table
 

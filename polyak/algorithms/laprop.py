@@ -100,6 +100,7 @@ class LaProp(Optimizer):
 
     state_keys = ("step", "exp_avg", "exp_avg_sq")
     param_shaped_state = ("exp_avg", "exp_avg_sq")
+    unsigned_state = ("exp_avg_sq",)
 
     def __init__(
         self,

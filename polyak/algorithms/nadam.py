@@ -73,6 +73,7 @@ class NAdam(Optimizer, torch.optim.NAdam):
     state_keys = ("step", "mu_product", "exp_avg", "exp_avg_sq")
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("exp_avg", "exp_avg_sq")
+    unsigned_state = ("exp_avg_sq",)
     backfill = {  # noqa: RUF012 - read-only table
         "maximize": False,
         "foreach": None,

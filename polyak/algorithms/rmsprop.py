@@ -70,6 +70,7 @@ class RMSprop(Optimizer, torch.optim.RMSprop):
     state_keys = ("step", "square_avg", "momentum_buffer", "grad_avg")
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("square_avg", "momentum_buffer", "grad_avg")
+    unsigned_state = ("square_avg",)
     backfill = {  # noqa: RUF012 - read-only table
         "momentum": 0,
         "centered": False,

@@ -65,6 +65,7 @@ class Rprop(Optimizer, torch.optim.Rprop):
     optional_keys = frozenset({"lr"})
     step_tensors_message = _checks.STEP_TENSORS
     param_shaped_state = ("prev", "step_size")
+    unsigned_state = ("step_size",)
     backfill = {  # noqa: RUF012 - read-only table
         "foreach": None,
         "maximize": False,

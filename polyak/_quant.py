@@ -1,0 +1,97 @@
+"""8-bit block-wise quantization of optimizer state, in bitsandbytes' format.
+
+A tensor is cut, in memory order, into blocks of :data:`BLOCK` elements (the last may be
+shorter); each block keeps its largest magnitude (``absmax``, float32) and each element the
+index (uint8) of the code nearest to its value divided by the block's absmax. The codes are
+bitsandbytes' dynamic maps (Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
+ICLR 2022): a signed one for state of either sign, an unsigned one, twice as fine, for state
+that is never negative (second moments).
+
+The rounding is bitsandbytes' reference (pure torch, "default" backend) rule, element for
+element: full blocks are scaled by the reciprocal of their absmax, the last short block divided
+by its own (made at least 1e-38), the result clamped to [-1, 1], and the code found by
+``torch.bucketize`` among the midpoints of neighbouring codes, so a value on a midpoint takes
+the lower code. bitsandbytes' native CPU library, where it loads, searches approximately and
+gives another code for about one element in 700 (some not the nearest); its CUDA kernels round
+as the rule does, and keep the sign of a value whose nearest code is zero (polyak's signed map
+has a zero code, which a value rounds to from either side, as the reference rule does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+#: Elements per block, as bitsandbytes' 8-bit optimizers use.
+BLOCK = 256
+
+#: The marker of 8-bit block-wise storage, in ``state_dtype``.
+EIGHT_BIT = "8bit"
+
+
+@functools.cache
+def dynamic_map(signed: bool) -> Tensor:
+    """bitsandbytes' dynamic quantization map (``create_dynamic_map(signed)``): 256 sorted
+    float32 codes in [-1, 1] (signed) or [0, 1]. For each decimal exponent e = -6 ... 0 the map
+    holds the midpoints of float32 ``linspace(0.1, 1)`` cut into 2**k (signed) or 2**(k+1)
+    parts, k = e + 6, times float32 10**e (and their negatives when signed), then 0 and 1."""
+    values: list[float] = []
+    for k in range(7):
+        parts = 2**k if signed else 2 ** (k + 1)
+        edges = torch.linspace(0.1, 1, parts + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scaled = float(10 ** (k - 6)) * mids
+        values += scaled.tolist()
+        if signed:
+            values += (-scaled).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def _midpoints(signed: bool) -> Tensor:
+    code = dynamic_map(signed)
+    return (code[:-1] + code[1:]) / 2
+
+
+def blocks(numel: int) -> int:
+    """How many blocks a tensor of ``numel`` elements takes."""
+    return -(-numel // BLOCK)
+
+
+def quantize(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """``values`` (float32) as uint8 codes of its shape and the float32 absmax of each block."""
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % BLOCK
+    head = flat[:full].view(-1, BLOCK)
+    absmax = head.abs().amax(dim=1) if full else flat.new_empty(0)
+    scaled = torch.clamp(head * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
+    if full < n:
+        last = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
+    codes = torch.bucketize(scaled, _midpoints(signed), out_int32=True).to(torch.uint8)
+    return codes.view(values.shape), absmax
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The float32 values ``codes`` and ``absmax`` stand for (each code's value times its
+    block's absmax)."""
+    flat = dynamic_map(signed)[codes.reshape(-1).long()]
+    n = flat.numel()
+    full = n - n % BLOCK
+    out = torch.empty_like(flat)
+    out[:full] = (flat[:full].view(-1, BLOCK) * absmax[: full // BLOCK].view(-1, 1)).view(-1)
+    if full < n:
+        out[full:] = flat[full:] * absmax[-1]
+    return out.view(codes.shape)
+
+
+def quantize_into(values: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:
+    """:func:`quantize` ``values`` into the stored ``codes`` and ``absmax``, in place."""
+    new_codes, new_absmax = quantize(values, signed)
+    codes.copy_(new_codes)
+    absmax.copy_(new_absmax)
