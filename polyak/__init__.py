@@ -6,6 +6,7 @@ from polyak.algorithms.adadelta import Adadelta
 from polyak.algorithms.adafactor import Adafactor
 from polyak.algorithms.adagrad import Adagrad
 from polyak.algorithms.adam import Adam
+from polyak.algorithms.adam8bit import Adam8bit, AdamW8bit
 from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
 from polyak.algorithms.adan import Adan
@@ -37,7 +38,9 @@ __all__ = [
     "Adafactor",
     "Adagrad",
     "Adam",
+    "Adam8bit",
     "AdamW",
+    "AdamW8bit",
     "Adamax",
     "Adan",
     "Explanation",

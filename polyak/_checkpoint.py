@@ -214,16 +214,14 @@ def read_state_dict(
             if (
                 isinstance(value, Tensor)
                 and value.dtype == torch.uint8
-                and _precision.ABSMAX.format(key) not in state[param]
+                and _precision.absmax_key(opt, key) not in state[param]
             ):
                 raise ValueError(
                     f"loaded state for parameter {pid} holds {key!r} as 8-bit codes without "
-                    f"their {_precision.ABSMAX.format(key)!r}"
+                    f"their {_precision.absmax_key(opt, key)!r}"
                 )
         # Stored as this optimizer stores it, whatever the checkpoint's format.
-        _precision.convert_entry(
-            state[param], group, opt.param_shaped_state, param, opt.unsigned_state
-        )
+        _precision.convert_entry(state[param], group, param, opt)
 
     if STEP_COUNT in state_dict:
         step_count = _checks.check_step_count(state_dict[STEP_COUNT])
@@ -281,8 +279,7 @@ def read_state_value(
 ) -> Any:
     if key == _precision.COMPENSATION and value is not None:
         _checks.check_state_tensor(pid, key, value, param.shape)
-    codes_key = key[: -len("_absmax")] if isinstance(key, str) and key.endswith("_absmax") else None
-    if codes_key in opt.param_shaped_state:
+    if key in {_precision.absmax_key(opt, k) for k in opt.param_shaped_state}:
         # An 8-bit state's absmax: one float32 per block, kept in float32.
         _checks.check_state_tensor(pid, key, value, torch.Size([_quant.blocks(param.numel())]))
         return value.to(dtype=torch.float32, device=param.device, copy=True)

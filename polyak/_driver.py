@@ -144,9 +144,7 @@ def make_state(opt: Any, group: dict[str, Any]) -> None:
         entries = gather(opt, group, params, [p.grad for p in params])[3]  # type: ignore[misc]
         if group.get(_precision.KEY) is not None:
             for entry, p in zip(entries, params, strict=True):
-                _precision.convert_entry(
-                    entry, group, opt.param_shaped_state, p, opt.unsigned_state
-                )
+                _precision.convert_entry(entry, group, p, opt)
 
 
 def step_params(
@@ -210,9 +208,7 @@ def step_params(
             # (State the update made for a parameter that had none is in ``opt.state`` only.)
             entry = entry or opt.state.get(p)
             if entry:
-                _precision.convert_entry(
-                    entry, group, opt.param_shaped_state, p, opt.unsigned_state
-                )
+                _precision.convert_entry(entry, group, p, opt)
 
 
 _NOTHING_WIDENED = _precision.Wide()
@@ -256,7 +252,7 @@ def gather(
     if how is None and group.get(_precision.KEY) is None:
         wide = _NOTHING_WIDENED
     else:
-        wide = _precision.widen(state, params, grads, how, entries, opt.unsigned_state)
+        wide = _precision.widen(state, params, grads, how, entries, opt)
     if wide.params is None:
         strategy = rehearse(opt, group, params, grads, state, hp, entries, hp_layout)
     else:

@@ -107,37 +107,44 @@ def store(value: Any, dtype: torch.dtype | None) -> Any:
     return value.to(dtype)
 
 
-def quantized(entry: Mapping[str, Any], key: str) -> bool:
+def absmax_key(owner: Any, key: str) -> str:
+    """The state key of the absmax of ``owner``'s (an optimizer's) 8-bit state ``key``:
+    ``<key>_absmax``, or a name of the optimizer's own (``absmax_keys``: bitsandbytes'
+    ``absmax1`` for its ``state1``)."""
+    return owner.absmax_keys.get(key) or ABSMAX.format(key)  # type: ignore[no-any-return]
+
+
+def quantized(entry: Mapping[str, Any], key: str, owner: Any) -> bool:
     """Whether ``entry`` holds its state ``key`` as 8-bit codes and their absmax."""
     value = entry.get(key)
-    return isinstance(value, Tensor) and value.dtype == torch.uint8 and ABSMAX.format(key) in entry
+    return (
+        isinstance(value, Tensor) and value.dtype == torch.uint8 and absmax_key(owner, key) in entry
+    )
 
 
 def convert_entry(
-    entry: dict[str, Any],
-    group: Mapping[str, Any],
-    keys: tuple[str, ...],
-    param: Tensor,
-    unsigned: tuple[str, ...] = (),
+    entry: dict[str, Any], group: Mapping[str, Any], param: Tensor, owner: Any
 ) -> None:
-    """Store ``entry``'s parameter-shaped state (``keys``) as the group says, in place:
-    rounded to a dtype, quantized to 8 bits (``unsigned``: the keys whose values are never
-    negative, which take the unsigned map), or, where the group stores it in a dtype and the
-    entry holds 8-bit codes (a loaded checkpoint), dequantized."""
-    for key in keys:
+    """Store ``entry``'s parameter-shaped state (``owner``'s, an optimizer's
+    ``param_shaped_state``) as the group says, in place: rounded to a dtype, quantized to 8
+    bits (the unsigned map for ``owner.unsigned_state``, whose values are never negative), or,
+    where the group stores it in a dtype and the entry holds 8-bit codes (a loaded
+    checkpoint), dequantized."""
+    unsigned = owner.unsigned_state
+    for key in owner.param_shaped_state:
         if key not in entry:
             continue
         target = storage(group, key, param)
-        if quantized(entry, key):
+        if quantized(entry, key, owner):
             if target == EIGHT_BIT:
                 continue
-            codes, absmax = entry[key], entry.pop(ABSMAX.format(key))
+            codes, absmax = entry[key], entry.pop(absmax_key(owner, key))
             wide = _quant.dequantize(codes, absmax, key not in unsigned)
             entry[key] = wide.to(target if target is not None else param.dtype)
         elif target == EIGHT_BIT:
             value = entry[key]
             if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
-                entry[key], entry[ABSMAX.format(key)] = _quant.quantize(
+                entry[key], entry[absmax_key(owner, key)] = _quant.quantize(
                     value.float(), key not in unsigned
                 )
         elif target is not None:
@@ -178,7 +185,7 @@ def widen(
     grads: list[Tensor],
     how: str | None,
     entries: Sequence[Mapping[str, Any]],
-    unsigned: tuple[str, ...] = (),
+    owner: Any,
 ) -> Wide:
     """Replace, in ``state``'s lists, each state tensor stored in another floating dtype than
     the update computes in, or as 8-bit codes (in ``entries``), by a copy in that dtype; where
@@ -199,10 +206,10 @@ def widen(
             if (
                 isinstance(value, Tensor)
                 and value.dtype == torch.uint8
-                and quantized(entries[i], key)
+                and quantized(entries[i], key, owner)
             ):
-                absmax = entries[i][ABSMAX.format(key)]
-                signed = key not in unsigned
+                absmax = entries[i][absmax_key(owner, key)]
+                signed = key not in owner.unsigned_state
                 wide.state[(key, i)] = (value, absmax, signed)
                 values[i] = _quant.dequantize(value, absmax, signed).to(dtype)
             elif (
@@ -315,7 +322,7 @@ def install(opt: Any, settings: Mapping[str, Any]) -> None:
         for p in group["params"]:
             entry = opt.state.get(p)
             if entry:
-                convert_entry(entry, group, keys, p, opt.unsigned_state)
+                convert_entry(entry, group, p, opt)
 
 
 def taking_state_dtype(init: Callable[..., None]) -> Callable[..., None]:

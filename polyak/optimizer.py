@@ -29,6 +29,7 @@ from polyak import (
 from polyak._checkpoint import _SET_BY_LOADING, StateDict
 from polyak._hooks import _outside_dynamo, _register, _run_eagerly_under_compile, _with_step_hooks
 from polyak._hyper import Hyper, required
+from polyak._quant import dynamic_map
 from polyak._state import STEP_COUNT, OptimizerState
 from polyak.strategies import StateLists, Strategy, choose
 
@@ -43,6 +44,7 @@ __all__ = [
     "ParamsT",
     "StateDict",
     "StateLists",
+    "dynamic_map",
     "required",
     "runs_foreach",
 ]
@@ -87,6 +89,9 @@ class Optimizer(torch.optim.Optimizer):
     #: Parameter-shaped state that is never negative (second moments): stored in 8 bits, it
     #: takes bitsandbytes' unsigned map, twice as fine as the signed one the others take.
     unsigned_state: ClassVar[tuple[str, ...]] = ()
+    #: The state keys of 8-bit state's absmax, where not ``<key>_absmax`` (bitsandbytes'
+    #: ``absmax1`` for its ``state1``).
+    absmax_keys: ClassVar[dict[str, str]] = {}
     #: Hyperparameters that checkpoints of older torch versions may lack, with the value torch
     #: gives them when loading or unpickling such a checkpoint.
     backfill: ClassVar[dict[str, Any]] = {}

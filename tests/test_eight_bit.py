@@ -199,3 +199,39 @@ def test_checkpoints_load_both_ways_and_bad_ones_are_refused_unchanged() -> None
 def test_bad_eight_bit_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         polyak.AdamW([torch.nn.Parameter(torch.randn(4))], **kwargs)
+
+
+def test_against_bitsandbytes_native_rounding_the_difference_is_its_search() -> None:
+    """bitsandbytes' native CPU library picks another code for a few elements (its approximate
+    search): polyak's AdamW8bit stays within those elements' code steps of it, over 10 steps."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    ours_p = [torch.nn.Parameter(torch.randn(64, 80))]
+    their_p = [torch.nn.Parameter(ours_p[0].detach().clone())]
+    ours = polyak.AdamW8bit(ours_p, lr=1e-2, min_8bit_size=256)
+    theirs = bnb.optim.AdamW8bit(their_p, lr=1e-2, min_8bit_size=256)
+    for _ in range(10):
+        g = torch.randn(64, 80)
+        ours_p[0].grad, their_p[0].grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    codes, their_codes = ours.state[ours_p[0]]["state1"], theirs.state[their_p[0]]["state1"]
+    assert int((codes != their_codes).sum()) < codes.numel() // 20
+    assert float((ours_p[0] - their_p[0]).abs().max()) < 0.05
+
+
+def test_a_checkpoint_with_another_map_is_refused_unchanged() -> None:
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = polyak.AdamW8bit([p], min_8bit_size=256)
+    p.grad = torch.randn(300)
+    opt.step()
+    saved = opt.state_dict()
+    assert set(saved["state"][0]) == {"step", "__bnb_optimizer_quant_state__"}
+    before = copy.deepcopy(saved)
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["__bnb_optimizer_quant_state__"]["qmap1"] = torch.linspace(-1, 1, 256)
+    with pytest.raises(ValueError, match="qmap1"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()["state"][0]["__bnb_optimizer_quant_state__"]
+    for key, value in before["state"][0]["__bnb_optimizer_quant_state__"].items():
+        assert torch.equal(after[key], value)

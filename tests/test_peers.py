@@ -17,6 +17,17 @@ from test_state_dict import _corruptions, _roundtrip, _snapshot
 import polyak
 
 SHAPES = [(3, 4), (5,), (300,), (2, 2, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs the test's peer's ``setup`` (see :attr:`Entry.setup`)."""
+    callspec = getattr(request.node, "callspec", None)
+    entry = callspec.params.get("entry") if callspec is not None else None
+    if isinstance(entry, Entry) and entry.setup is not None:
+        entry.setup(monkeypatch)
+
+
 FLAGS: list[dict[str, Any]] = [{}, {"foreach": False}, {"foreach": True}]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,9 @@ class Entry:
     interchange: bool = True
     #: Arguments a peer's reference takes and polyak refuses (features it does not implement).
     refusals: list[ErrorCase] = field(default_factory=list)
+    #: Prepares a peer's reference before each test (given pytest's ``monkeypatch``): where the
+    #: reference's results depend on a backend, the one whose rounding polyak follows.
+    setup: Callable[[Any], None] | None = None
 
     @property
     def peer(self) -> bool:
