@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from registry import REGISTRY, Entry, ids
+from test_precision import stepping_configs
 
 import polyak
 from polyak import _quant
@@ -87,14 +88,7 @@ def test_eight_bit_state_steps_as_torch_with_its_state_quantized_after_each_step
 ) -> None:
     _bnb_ops()
     keys, unsigned = entry.cls.param_shaped_state, entry.cls.unsigned_state
-    for config in entry.configs:
-        if "foreach" in config or "fused" in config or "capturable" in config:
-            continue
-        config = {**config, **flags}
-        try:
-            entry.reference([torch.nn.Parameter(torch.zeros(2))], **copy.deepcopy(config))
-        except ValueError:
-            continue
+    for config in stepping_configs(entry, flags):
         torch.manual_seed(0)
         shapes = [(20, 30)] if entry.matrices_only else SHAPES
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]

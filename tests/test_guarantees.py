@@ -89,6 +89,18 @@ def _same(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(eq(x, y) for x, y in zip(a, b, strict=True))
 
 
+def _stepped(module: Any, name: str, count: int, **kwargs: Any) -> tuple[Any, list[torch.Tensor]]:
+    """``module``'s optimizer ``name`` over ``count`` seeded parameters of 4 elements, after
+    one step with random gradients."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(count)]
+    opt = getattr(module, name)(params, **kwargs)
+    for p in params:
+        p.grad = torch.randn(4)
+    opt.step()
+    return opt, params
+
+
 ELEMENTWISE = ["Adam", "AdamW", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta", "ASGD", "Rprop"]
 ELEMENTWISE += ["Adagrad", "SGD"]
 
@@ -106,12 +118,7 @@ def test_a_step_failing_on_a_later_gradient_changes_nothing(
         kwargs["momentum"] = 0.9
     errors = []
     for module in (torch.optim, polyak):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
-        opt = getattr(module, name)(params, **kwargs)
-        for p in params:
-            p.grad = torch.randn(4)
-        opt.step()
+        opt, params = _stepped(module, name, 2, **kwargs)
         for p in params:
             p.grad = torch.randn(4)
         if bad == "shape":
@@ -252,12 +259,7 @@ def test_a_fused_step_refuses_a_gradient_of_another_dtype_as_torchs(name: str) -
     kwargs: dict[str, Any] = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {}
     messages = []
     for module in (torch.optim, polyak):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
-        opt = getattr(module, name)(params, fused=True, **kwargs)
-        for p in params:
-            p.grad = torch.randn(4)
-        opt.step()
+        opt, params = _stepped(module, name, 2, fused=True, **kwargs)
         params[1].grad.data = torch.randn(4, dtype=torch.float64)  # type: ignore[union-attr]
         before = _snapshot(opt, params)
         with pytest.raises(RuntimeError) as caught:
@@ -461,12 +463,7 @@ def test_a_group_key_removed_by_hand_raises_torchs_key_error_unchanged(
     if key == "foreach" and "foreach" in flags:
         flags = {}
     for module in (torch.optim, polyak):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
-        opt = getattr(module, name)(params, **flags)
-        for p in params:
-            p.grad = torch.randn(4)
-        opt.step()
+        opt, params = _stepped(module, name, 2, **flags)
         del opt.param_groups[0][key]
         before = _snapshot(opt, params)
         with pytest.raises(KeyError, match=key):
@@ -515,12 +512,7 @@ def test_foreach_and_fused_steps_refuse_state_of_another_dtype_as_torchs(
     for dtype, fails in ((torch.float16, True), (torch.bfloat16, False)):
         outcomes = []
         for module in (torch.optim, polyak):
-            torch.manual_seed(0)
-            params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
-            opt = getattr(module, name)(params, **flags)
-            for p in params:
-                p.grad = torch.randn(4)
-            opt.step()
+            opt, params = _stepped(module, name, 2, **flags)
             opt.state[params[1]][key] = opt.state[params[1]][key].to(dtype)
             before = _snapshot(opt, params)
             try:
@@ -546,12 +538,7 @@ def test_a_state_tensor_replaced_by_another_value_raises_torchs_error_type(
     foreach step fails to group it (TypeError); polyak's raised one type on both."""
     errors = []
     for module in (torch.optim, polyak):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
-        opt = module.Adam(params, **flags)
-        for p in params:
-            p.grad = torch.randn(4)
-        opt.step()
+        opt, params = _stepped(module, "Adam", 2, **flags)
         opt.state[params[1]]["exp_avg"] = value
         before = [p.detach().clone() for p in params]
         with pytest.raises(Exception) as caught:

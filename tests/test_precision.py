@@ -95,12 +95,10 @@ def _assert_same(
                 assert torch.equal(mine, value), key
 
 
-@pytest.mark.parametrize("dtype", NARROW, ids=str)
-@pytest.mark.parametrize("flags", [{}, {"foreach": False}, {"foreach": True}], ids=str)
-@pytest.mark.parametrize("entry", CASES, ids=ids)
-def test_narrow_state_steps_as_torch_with_its_state_rounded_after_each_step(
-    entry: Entry, flags: dict[str, Any], dtype: torch.dtype
-) -> None:
+def stepping_configs(entry: Entry, flags: dict[str, Any]) -> list[dict[str, Any]]:
+    """``entry``'s configurations under the strategy ``flags``, but those that choose their
+    own strategy or capture, and those torch refuses (a tensor lr under ``foreach=True``)."""
+    found = []
     for config in entry.configs:
         if "foreach" in config or "fused" in config or "capturable" in config:
             continue
@@ -108,7 +106,18 @@ def test_narrow_state_steps_as_torch_with_its_state_rounded_after_each_step(
         try:
             entry.reference([torch.nn.Parameter(torch.zeros(2))], **copy.deepcopy(config))
         except ValueError:
-            continue  # a configuration torch refuses (a tensor lr under foreach=True)
+            continue
+        found.append(config)
+    return found
+
+
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+@pytest.mark.parametrize("flags", [{}, {"foreach": False}, {"foreach": True}], ids=str)
+@pytest.mark.parametrize("entry", CASES, ids=ids)
+def test_narrow_state_steps_as_torch_with_its_state_rounded_after_each_step(
+    entry: Entry, flags: dict[str, Any], dtype: torch.dtype
+) -> None:
+    for config in stepping_configs(entry, flags):
         params, twins, ours, theirs = _pair(entry, config, dtype)
         _step_both(entry, params, twins, ours, theirs, dtype)
         _assert_same(entry, params, twins, ours, theirs, dtype)
