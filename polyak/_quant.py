@@ -9,12 +9,14 @@ that is never negative (second moments).
 
 The rounding is bitsandbytes' reference (pure torch, "default" backend) rule, element for
 element: full blocks are scaled by the reciprocal of their absmax, the last short block divided
-by its own (made at least 1e-38), the result clamped to [-1, 1], and the code found by
-``torch.bucketize`` among the midpoints of neighbouring codes, so a value on a midpoint takes
-the lower code. bitsandbytes' native CPU library, where it loads, searches approximately and
-gives another code for about one element in 700 (some not the nearest); its CUDA kernels round
-as the rule does, and keep the sign of a value whose nearest code is zero (polyak's signed map
-has a zero code, which a value rounds to from either side, as the reference rule does).
+by its own (made at least 1e-38), the result clamped to [-1, 1], and the code is the number of
+midpoints of neighbouring codes below the value (``torch.bucketize``'s answer, so a value on a
+midpoint takes the lower code), found here by a table on the value's upper bits and one
+comparison, which takes less than half the search's time. bitsandbytes' native CPU library,
+where it loads, searches approximately and gives another code for about one element in 700
+(some not the nearest); its CUDA kernels round as the rule does, and keep the sign of a value
+whose nearest code is zero (polyak's signed map has a zero code, which a value rounds to from
+either side, as the reference rule does).
 """
 
 from __future__ import annotations
@@ -56,6 +58,38 @@ def _midpoints(signed: bool) -> Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
+@functools.cache
+def _lookup(signed: bool) -> tuple[Tensor, Tensor, int]:
+    """A table that finds a value's code without a search: by the upper 16 bits of the value's
+    float32 pattern (sign, exponent, 7 bits of fraction), how many midpoints lie below every
+    value with those bits; the midpoints, padded; and how many midpoints at most lie among
+    the values of one pattern (one, for bitsandbytes' maps), each one comparison more."""
+    mid = _midpoints(signed)
+    patterns = torch.arange(1 << 16, dtype=torch.int64) << 16
+    ends = [
+        (bits - (bits >= 1 << 31).long() * (1 << 32)).to(torch.int32).view(torch.float32)
+        for bits in (patterns, patterns | 0xFFFF)
+    ]
+    low = torch.nan_to_num(torch.minimum(*ends).clamp(-1, 1), nan=0.0)
+    high = torch.nan_to_num(torch.maximum(*ends).clamp(-1, 1), nan=0.0)
+    below = torch.searchsorted(mid, low)
+    inside = int((torch.searchsorted(mid, high) - below).max())
+    padded = torch.cat([mid, torch.full((inside + 1,), float("inf"))])
+    return below.to(torch.int32), padded, inside
+
+
+def _codes(scaled: Tensor, signed: bool) -> Tensor:
+    """The code of each value of ``scaled`` (float32 in [-1, 1]): the number of midpoints
+    below it, as ``torch.bucketize(scaled, midpoints)`` counts them, found by :func:`_lookup`'s
+    table."""
+    below, padded, inside = _lookup(signed)
+    base = below[(scaled.view(torch.int32) >> 16) & 0xFFFF]
+    codes = base.clone()
+    for k in range(inside):
+        codes += scaled > padded[base + k]
+    return codes.to(torch.uint8)
+
+
 def blocks(numel: int) -> int:
     """How many blocks a tensor of ``numel`` elements takes."""
     return -(-numel // BLOCK)
@@ -73,8 +107,7 @@ def quantize(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
         last = flat[full:].abs().amax().clamp(min=1e-38)
         absmax = torch.cat([absmax, last.view(1)])
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
-    codes = torch.bucketize(scaled, _midpoints(signed), out_int32=True).to(torch.uint8)
-    return codes.view(values.shape), absmax
+    return _codes(scaled, signed).view(values.shape), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
