@@ -21,6 +21,8 @@ otherwise. ``fused=True`` steps use the correctly rounded sqrt, as torch's fused
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from polyak.strategies.flat import _program, _toolchain
@@ -98,6 +100,18 @@ STORAGE = {
     torch.bfloat16: ("uint16_t", "float", 2),
 }
 
+#: How a stream of each storage type is read and written per element: widened exactly to the
+#: compute type, narrowed to nearest even (see the prelude).
+_SCALAR_IO = {
+    torch.float32: ("{}", "{}"),
+    torch.float64: ("{}", "{}"),
+    torch.float16: ("pk_f16_load({})", "pk_f16_store({})"),
+    torch.bfloat16: ("pk_bf16_load({})", "pk_bf16_store({})"),
+}
+#: The suffix of the prelude's whole-vector loads and stores (``pk_ld``, ``pk_ldn``, ``pk_st``,
+#: ``pk_stn``) of each storage type, which convert in registers.
+_VECTOR_IO = {torch.float32: "", torch.bfloat16: "_bf16", torch.float16: "_f16"}
+
 #: What every program's source starts with.
 PRELUDE = _toolchain.source("prelude.h")
 
@@ -127,6 +141,7 @@ def generate(
     sqrt_mode: int,
     fma: bool = True,
     max_keep: bool = False,
+    state_dtypes: Sequence[torch.dtype] = (),
 ) -> str:
     """C++ source of one program's compiled form (``polyak_run``), prelude included.
 
@@ -139,12 +154,18 @@ def generate(
         vcode: the vector program, ``(op, dst, a, b, c, sreg)`` per instruction.
         n_bound: how many registers are bound to memory (parameter, gradient, state).
         stored: the bound registers the program writes.
-        dtype: the tensors' storage type.
+        dtype: the parameters' and gradients' storage type.
         sqrt_mode: one of ``SQRT_EXACT``, ``SQRT_MKL_INLINE``, ``SQRT_MKL_CALL``.
         fma: whether torch's kernels fuse multiply-adds (see ``_dispatch.Rounding``).
         max_keep: whether maximum's vector body passes a NaN operand through.
+        state_dtypes: each state register's storage type (default: ``dtype``), of the same
+            compute type; each is converted as it is loaded and stored.
     """
-    storage, compute, size = STORAGE[dtype]
+    _, compute, size = STORAGE[dtype]
+    types = [dtype, dtype, *(state_dtypes or [dtype] * (n_bound - 2))]
+    if len(types) != n_bound or any(STORAGE[t][1] != compute for t in types):
+        raise ValueError(f"state stored as {state_dtypes} beside {dtype} parameters")
+    # A block is the parameter's 256 bytes; each stream's prefetches cover its own bytes.
     block = _BLOCK_BYTES // size
     ahead = _AHEAD_BYTES // size
     if fma:
@@ -153,12 +174,6 @@ def generate(
         mad = "pk_mad_f" if compute == "float" else "pk_mad_d"
     fabs = "fabsf" if compute == "float" else "fabs"
     csqrt = "__builtin_sqrtf" if compute == "float" else "__builtin_sqrt"
-    if dtype == torch.float16:
-        load, store = "pk_f16_load({})", "pk_f16_store({})"
-    elif dtype == torch.bfloat16:
-        load, store = "pk_bf16_load({})", "pk_bf16_store({})"
-    else:
-        load, store = "{}", "{}"
     if sqrt_mode == SQRT_MKL_INLINE and compute != "float":
         sqrt_mode = SQRT_MKL_CALL
 
@@ -207,7 +222,7 @@ def generate(
             if reg not in live:
                 live.add(reg)
                 if reg < n_bound:
-                    value = load.format(f"m{reg}[j0 + j]")
+                    value = _SCALAR_IO[types[reg]][0].format(f"m{reg}[j0 + j]")
                 elif k > 0 and reg == splits[k - 1][1]:
                     value = f"sq_out{k - 1}[j]"
                 else:
@@ -238,7 +253,8 @@ def generate(
             lines.append(f"      sq_in{k}[j] = {use(splits[k][0])};")
         for reg in sorted(writes[k]):
             if reg in stored:
-                lines.append(f"      m{reg}[j0 + j] = " + store.format(f"v{reg}") + ";")
+                store = _SCALAR_IO[types[reg]][1].format(f"v{reg}")
+                lines.append(f"      m{reg}[j0 + j] = {store};")
             elif any(reg in live_in[q] for q in range(k + 1, len(segments))):
                 lines.append(f"      sp{reg}[j] = v{reg};")
         body.append("      for (int64_t j = 0; j < n; ++j) {")
@@ -257,7 +273,9 @@ def generate(
     # continuation only), then which end each lerp starts from (each copy keeps one weight).
     switched = [f"pk_if{c}_" for c in conditions[:_UNSWITCHED]]
     switched += [f"pk_lc{s}_" for s in lerps][: _UNSWITCHED + 1 - len(switched)]
-    prefetch = _prefetch(read_bound, storage, block, ahead)
+    # Streams converted in registers: stored in another type than they compute in.
+    converted = any(STORAGE[t][0] != compute for t in types)
+    prefetch = _prefetch(read_bound, types, block, ahead, converted)
 
     out: list[str] = [PRELUDE]
     out.append(
@@ -267,14 +285,26 @@ def generate(
     )
     for reg in range(n_bound):
         const = "" if reg in stored else "const "
+        storage = STORAGE[types[reg]][0]
         out.append(f"  {const}{storage}* __restrict m{reg} = ({const}{storage}*)bound[{reg}];")
     out.append("  (void)ctx; (void)tail;")
-    # float32 with sqrt inline (or none): written on whole vectors where the CPU has them.
-    vector = dtype == torch.float32 and sqrt_mode != SQRT_MKL_CALL
+    # float32 compute with sqrt inline (or none): written on whole vectors where the CPU has
+    # them, each stream converted from and to its storage type in registers.
+    vector = compute == "float" and sqrt_mode != SQRT_MKL_CALL
     if vector:
         out.append("#if PK_W")
         decls, vloop = _vector_form(
-            vcode, stored, sqrt_mode, sregs, lerps, masks, conditions, fma, max_keep
+            vcode,
+            stored,
+            sqrt_mode,
+            sregs,
+            lerps,
+            masks,
+            conditions,
+            fma,
+            max_keep,
+            types=types,
+            block=block,
         )
         out.extend(decls)
         out.extend(_unswitch([*prefetch, *vloop], switched))
@@ -317,22 +347,37 @@ def generate(
     return "\n".join(out) + "\n"
 
 
-def _prefetch(read_bound: list[int], storage: str, block: int, ahead: int) -> list[str]:
+def _prefetch(
+    read_bound: list[int], types: list[torch.dtype], block: int, ahead: int, within: bool
+) -> list[str]:
     """The head of the loop over blocks: past the end of the item, every stream the program
     reads is asked for, into L2, that far into the next item (the hardware prefetcher follows
     a stream within a page but stops at a page's end, let alone a tensor's; within an item it
-    does better alone); and whether the block reaches torch's scalar tail, a constant of the
-    block, so that the usual blocks' loop is free of the test."""
+    does better alone, where ``within`` is false); and whether the block reaches torch's
+    scalar tail, a constant of the block, so that the usual blocks' loop is free of the test.
+
+    ``within``: the streams are also asked for within the item, the same distance ahead, with
+    intent to write. Where streams are converted in registers (state stored narrower than it
+    computes), the conversions cost the core enough that at one thread the hardware
+    prefetcher alone fell behind: Adam with bfloat16 moments on 8 tensors of 1M floats took
+    3.8 ms a step without, 3.0 ms with (prefetches for reading only: 3.3 ms); with float32
+    moments it made the step 4% slower."""
     lines = [f"  for (int64_t j0 = start; j0 < end; j0 += {block}) {{"]
     lines.append(f"    const int64_t pf = j0 + {ahead};")
     lines.append("    if (pf >= end && next != 0) {")
     lines.append("      const int64_t at = nstart + (pf - end);")
     for reg in read_bound:
-        for q in range(0, _BLOCK_BYTES, 64):
+        storage, _, size = STORAGE[types[reg]]
+        for q in range(0, block * size, 64):
             lines.append(
                 f"      __builtin_prefetch((const char*)((const {storage}*)next[{reg}] + at)"
                 f" + {q}, 0, 2);"
             )
+    if within:
+        lines.append("    } else if (pf < end) {")
+        for reg in read_bound:
+            for q in range(0, block * STORAGE[types[reg]][2], 64):
+                lines.append(f"      __builtin_prefetch((const char*)(m{reg} + pf) + {q}, 1, 2);")
     lines.append("    }")
     lines.append(f"    const int tb = j0 + {block} > tail;")
     lines.append("    (void)tb;")
@@ -369,13 +414,20 @@ def _vector_form(
     conditions: list[int],
     fma: bool = True,
     max_keep: bool = False,
+    types: list[torch.dtype] | None = None,
+    block: int = _BLOCK_BYTES // 4,
 ) -> tuple[list[str], list[str]]:
     """The float32 form on whole vectors of ``PK_W`` lanes (see the prelude): one statement
     per instruction over a vector, sqrt inline, each stream loaded and stored once per
-    vector, so that an element's whole update stays in registers. The last vector of an item
-    shorter than ``PK_W`` is loaded and stored in part. Returns the declarations and the body
-    of the loop over blocks."""
-    block = _BLOCK_BYTES // 4
+    vector (widened from its storage type ``types[reg]``, float32 by default, and narrowed
+    back in registers), so that an element's whole update stays in registers. The last vector
+    of an item shorter than ``PK_W`` is loaded and stored in part. Returns the declarations
+    and the body of the loop over blocks of ``block`` elements."""
+    suffix = [_VECTOR_IO[t] for t in types] if types else []
+
+    def io(reg: int) -> str:
+        return suffix[reg] if reg < len(suffix) else ""
+
     sqrt = "pk_sqrt_mklv" if sqrt_mode == SQRT_MKL_INLINE else "pk_sqrtv"
 
     def body(partial: bool) -> list[str]:
@@ -385,7 +437,8 @@ def _vector_form(
         def use(reg: int) -> str:
             if reg not in live:
                 live.add(reg)
-                load = f"pk_ldn(m{reg} + j0 + j, n - j)" if partial else f"pk_ld(m{reg} + j0 + j)"
+                at, x = f"m{reg} + j0 + j", io(reg)
+                load = f"pk_ldn{x}({at}, n - j)" if partial else f"pk_ld{x}({at})"
                 lines.append(f"pk_vf v{reg} = {load};")
             return f"v{reg}"
 
@@ -408,10 +461,11 @@ def _vector_form(
                 live.add(dst)
                 lines.append(f"{'pk_vm' if dst in masks else 'pk_vf'} v{dst} = {expr};")
         for reg in sorted(written & set(stored)):
+            x = io(reg)
             lines.append(
-                f"pk_stn(m{reg} + j0 + j, v{reg}, n - j);"
+                f"pk_stn{x}(m{reg} + j0 + j, v{reg}, n - j);"
                 if partial
-                else f"pk_st(m{reg} + j0 + j, v{reg});"
+                else f"pk_st{x}(m{reg} + j0 + j, v{reg});"
             )
         return lines
 

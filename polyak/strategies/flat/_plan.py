@@ -52,6 +52,8 @@ class Entry:
     local: list[Tensor] | None = field(default=None, repr=False)
     #: How torch's kernels round the group's dtype, which the plan and its programs follow.
     rounding: _dispatch.Rounding | None = field(default=None, repr=False)
+    #: The dtype each of ``vector_keys`` is stored in (see :func:`storage_dtypes`).
+    state_dtypes: tuple[torch.dtype, ...] = ()
     #: Without a plan, or after a step the plan could not run: why, in words.
     reason: str = ""
     #: The slot of the loaded program's compiled form (its ``ready`` says whether steps run it).
@@ -227,13 +229,21 @@ def make(optimizer: Any, group: dict[str, Any]) -> Entry:
             watch.append((i, entry, items))
     vector_keys: list[str] = []
     scalar_keys: list[str] = []
+    found_dtypes: list[set[torch.dtype]] = []
     for key in type(optimizer).state_keys:
         found = [s[key] for p in params if (s := optimizer.state.get(p)) and key in s]
         if not found:
             continue
         if not all(isinstance(t, Tensor) for t in found):
             return unfit(f"the state {key!r} holds something other than a tensor")
-        (scalar_keys if found[0].dim() == 0 else vector_keys).append(key)
+        if found[0].dim() == 0:
+            scalar_keys.append(key)
+        else:
+            vector_keys.append(key)
+            found_dtypes.append({t.dtype for t in found})
+    state_dtypes = storage_dtypes(dtype, vector_keys, found_dtypes)
+    if isinstance(state_dtypes, str):
+        return unfit(state_dtypes)
     empty = torch.empty(0, dtype=dtype)
 
     def stored(p: Tensor, key: str) -> Tensor:
@@ -271,8 +281,43 @@ def make(optimizer: Any, group: dict[str, Any]) -> Entry:
         versioned,
         fma=rounding.fma,
         max_keep=rounding.max_nan == _dispatch.MAX_NAN_KEEP,
+        vdtype=list(state_dtypes),
     )
-    return Entry(plan, vector_keys, scalar_keys, local=local, rounding=rounding)
+    return Entry(
+        plan, vector_keys, scalar_keys, local=local, rounding=rounding, state_dtypes=state_dtypes
+    )
+
+
+#: What parameter-shaped state may be stored in beside parameters of these dtypes, computed in
+#: float32 (see kernel/plan.h's ``vdtype``).
+NARROW_STATE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def storage_dtypes(
+    dtype: torch.dtype, keys: list[str], found: list[set[torch.dtype]]
+) -> tuple[torch.dtype, ...] | str:
+    """The dtype each state key of ``keys`` is stored in (``found``: the dtypes of its
+    tensors), or why the kernel cannot run it beside ``dtype`` parameters. State narrower or
+    wider than float32 parameters is widened to float32 as it is read and rounded to its own
+    dtype as it is written: ``s = state.float(); <the float32 update, on s>; state.copy_(s)``."""
+    dtypes = []
+    for key, kinds in zip(keys, found, strict=True):
+        if len(kinds) != 1:
+            names = " and ".join(sorted(_name(d) for d in kinds))
+            return f"the state {key!r} is stored in {names} in one group"
+        (kind,) = kinds
+        if kind != dtype and not (kind in NARROW_STATE and dtype in NARROW_STATE):
+            return (
+                f"the state {key!r} is stored in {_name(kind)} beside {_name(dtype)} "
+                "parameters: the kernel takes float32, bfloat16 and float16 state beside "
+                "parameters of these dtypes, and float64 state beside float64 ones"
+            )
+        dtypes.append(kind)
+    return tuple(dtypes)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 #: The hyperparameter a step that unscales its gradients (a ``fused=True`` step under a
@@ -383,6 +428,7 @@ def load(optimizer: Any, entry: Entry, group: dict[str, Any]) -> bool:
             group["params"][0].dtype,
             exact_sqrt=exact_sqrt,
             rounding=entry.rounding,
+            state_dtypes=entry.state_dtypes,
         )
         entry.plan.load_program(
             program.vcode,

@@ -191,6 +191,14 @@ bool check_group(Plan& plan) {
   const bool grad_written = writes_grad(plan);
   const caffe2::TypeMeta dtype = c10::scalarTypeToTypeMeta(plan.dtype);
   const int64_t itemsize = static_cast<int64_t>(dtype.itemsize());
+  // Each state key's storage type, as the plan was made for: a tensor of another type (given
+  // by ``.data =``) must not be read as this one.
+  std::vector<caffe2::TypeMeta> vmeta(nv);
+  std::vector<int64_t> vsize(nv);
+  for (int64_t k = 0; k < nv; ++k) {
+    vmeta[k] = c10::scalarTypeToTypeMeta(plan.vdtype[k]);
+    vsize[k] = static_cast<int64_t>(vmeta[k].itemsize());
+  }
   // Tensor i's gradient: the one the caller gave, or the parameter's own.
   const bool given = !plan.grads.empty();
   auto grad_at = [&](int64_t i) -> const at::Tensor* {
@@ -247,8 +255,8 @@ bool check_group(Plan& plan) {
                  data_of(g, itemsize, &ptr[1], grad_written);
       for (int64_t k = 0; fit && k < nv; ++k) {
         const c10::TensorImpl* st = impl_of(plan.vstate[k][i]);
-        fit = keys.plain(st) && st->dtype() == dtype && laid_out_as(p, st) &&
-              data_of(st, itemsize, &ptr[2 + k]);
+        fit = keys.plain(st) && st->dtype() == vmeta[k] && laid_out_as(p, st) &&
+              data_of(st, vsize[k], &ptr[2 + k]);
       }
       double* in = plan.sval.data() + i * ns;
       for (int64_t k = 0; fit && k < ns; ++k) {
@@ -319,7 +327,6 @@ bool disjoint(Plan& plan, bool grad_written) {
   const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t n_bound = 2 + static_cast<int64_t>(plan.vstate.size());
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
-  const int64_t item = static_cast<int64_t>(c10::elementSize(plan.dtype));
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
   spans.reserve(n * (n_bound - 1 + ns));
   for (int64_t i = 0; i < n; ++i) {
@@ -327,7 +334,8 @@ bool disjoint(Plan& plan, bool grad_written) {
     for (int64_t b = 0; b < n_bound && plan.numel[i] > 0; ++b) {
       if (b == 1 && !grad_written) continue;  // a gradient only read may be shared
       const auto at = reinterpret_cast<uintptr_t>(plan.ptr[i * n_bound + b]);
-      spans.emplace_back(at, at + plan.numel[i] * item);
+      const at::ScalarType type = b < 2 ? plan.dtype : plan.vdtype[b - 2];
+      spans.emplace_back(at, at + plan.numel[i] * static_cast<int64_t>(c10::elementSize(type)));
     }
     for (int64_t k = 0; k < ns; ++k) {
       const auto at = reinterpret_cast<uintptr_t>(plan.sptr[i * ns + k]);

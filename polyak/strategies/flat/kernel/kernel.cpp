@@ -88,7 +88,45 @@ constexpr int64_t kBlock = 128;
 #include "plan.h"
 #include "check.h"
 
-template <typename S, typename T>
+// Converts ``len`` elements of one stream between its storage type and the compute type T:
+// exactly where it is widened, to nearest even where it is narrowed (as c10::Half and
+// c10::BFloat16 round, NaN included). Only the pairs a plan admits occur (see Plan's vdtype).
+template <typename T>
+void widen(at::ScalarType type, const void* from, int64_t off, T* d, int64_t len) {
+  auto run = [&](auto* s) {
+    for (int64_t j = 0; j < len; ++j) d[j] = static_cast<T>(static_cast<float>(s[off + j]));
+  };
+  switch (type) {
+    case at::kFloat: run(static_cast<const float*>(from)); break;
+    case at::kHalf: run(static_cast<const c10::Half*>(from)); break;
+    case at::kBFloat16: run(static_cast<const c10::BFloat16*>(from)); break;
+    default: {
+      const double* s = static_cast<const double*>(from) + off;
+      for (int64_t j = 0; j < len; ++j) d[j] = static_cast<T>(s[j]);
+    }
+  }
+}
+
+template <typename T>
+void narrow(at::ScalarType type, const T* s, void* to, int64_t off, int64_t len) {
+  auto run = [&](auto* d) {
+    using U = std::remove_pointer_t<decltype(d)>;
+    for (int64_t j = 0; j < len; ++j) d[off + j] = static_cast<U>(static_cast<float>(s[j]));
+  };
+  switch (type) {
+    case at::kFloat: run(static_cast<float*>(to)); break;
+    case at::kHalf: run(static_cast<c10::Half*>(to)); break;
+    case at::kBFloat16: run(static_cast<c10::BFloat16*>(to)); break;
+    default: {
+      double* d = static_cast<double*>(to) + off;
+      for (int64_t j = 0; j < len; ++j) d[j] = static_cast<double>(s[j]);
+    }
+  }
+}
+
+// One step of a plan computing in T (float, or double for float64 parameters), each stream
+// stored in its own type.
+template <typename T>
 int64_t step_typed(Plan& plan) {
   const bool prechecked = std::exchange(plan.prechecked, false);
   if (!prechecked && !check_group(plan)) return kFallback;
@@ -96,7 +134,6 @@ int64_t step_typed(Plan& plan) {
   const at::Tensor& vcode = plan.vcode;
   const int64_t n_sregs = plan.n_sregs;
   const std::vector<int64_t>& stored = plan.stored;
-  const int64_t n = static_cast<int64_t>(plan.params.size());
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
   const int64_t n_bound = 2 + nv;
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
@@ -107,8 +144,19 @@ int64_t step_typed(Plan& plan) {
     for (int64_t k = 0; k < plan.scode.size(0); ++k)
       if (sc[4 * k] == S_STORE) stores.emplace_back(sc[4 * k + 2], sc[4 * k + 3]);
   }
+  // Each stream's storage type and element size; where it is the compute type, its register
+  // points straight into the tensor, so it is read and written once.
+  std::vector<at::ScalarType> types(n_bound, plan.dtype);
+  std::copy(plan.vdtype.begin(), plan.vdtype.end(), types.begin() + 2);
+  std::vector<int64_t> sizes(n_bound);
+  std::vector<uint8_t> direct(n_bound);
+  for (int64_t b = 0; b < n_bound; ++b) {
+    sizes[b] = static_cast<int64_t>(c10::elementSize(types[b]));
+    direct[b] = types[b] == c10::CppTypeToScalarType<T>::value;
+  }
 
-  const int64_t width = std::max<int64_t>(plan.vector_bytes / static_cast<int64_t>(sizeof(S)), 1);
+  const int64_t item_size = static_cast<int64_t>(c10::elementSize(plan.dtype));
+  const int64_t width = std::max<int64_t>(plan.vector_bytes / item_size, 1);
   const std::vector<Work>& work = work_items(plan, at::get_num_threads(), width);
   const int64_t* vc = vcode.data_ptr<int64_t>();
   const int64_t n_vcode = vcode.size(0);
@@ -122,11 +170,10 @@ int64_t step_typed(Plan& plan) {
     for (int64_t b = 0; b < n_bound; ++b)
       if (used[b]) read.push_back(b);
   }
-  S* const* ptr = reinterpret_cast<S* const*>(plan.ptr.data());
+  void* const* ptr = plan.ptr.data();
   const CompiledFn compiled = plan.compiled ? plan.compiled->fn.load(std::memory_order_acquire) : nullptr;
   if (compiled != nullptr) {
     ++plan.compiled_steps;
-    void* const* vptr = plan.ptr.data();
     at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
       const int mkl_threads =
           MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
@@ -139,8 +186,8 @@ int64_t step_typed(Plan& plan) {
           }
         }
         const bool more = w + 1 < hi;
-        compiled(vptr + item.i * n_bound, r, item.start, item.end,
-                 more ? vptr + work[w + 1].i * n_bound : nullptr, more ? work[w + 1].start : 0,
+        compiled(ptr + item.i * n_bound, r, item.start, item.end,
+                 more ? ptr + work[w + 1].i * n_bound : nullptr, more ? work[w + 1].start : 0,
                  item.tail, &kCtx);
       }
       if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
@@ -158,25 +205,24 @@ int64_t step_typed(Plan& plan) {
     auto prefetch_next = [&]() {
       if (pw >= hi) return;
       const Work& item = work[pw];
-      S* const* at = ptr + item.i * n_bound;
-      const int64_t bytes = std::min(kBlock, item.end - poff) * static_cast<int64_t>(sizeof(S));
+      void* const* at = ptr + item.i * n_bound;
+      const int64_t len = std::min(kBlock, item.end - poff);
       for (int64_t b : read) {
-        const char* base = reinterpret_cast<const char*>(at[b] + poff);
-        for (int64_t q = 0; q < bytes; q += 64) __builtin_prefetch(base + q, 0, 3);
+        const char* base = static_cast<const char*>(at[b]) + poff * sizes[b];
+        for (int64_t q = 0; q < len * sizes[b]; q += 64) __builtin_prefetch(base + q, 0, 3);
       }
       poff += kBlock;
       if (poff >= item.end && ++pw < hi) poff = work[pw].start;
     };
     for (int64_t k = 0; k < kAhead; ++k) prefetch_next();
-    // Temporaries live in L1-sized blocks; where storage and compute types agree, the bound
-    // registers point straight into the tensors, so each is read and written once.
+    // Temporaries, and the streams stored in another type, live in L1-sized blocks.
     T local[kMaxRegs][kBlock];
     T* reg[kMaxRegs];
     for (int64_t k = 0; k < kMaxRegs; ++k) reg[k] = local[k];
     for (int64_t w = lo; w < hi; ++w) {
       const Work& item = work[w];
       const double* r = plan.sregs.data() + plan.srow[item.i] * n_sregs;
-      S* const* bound = ptr + item.i * n_bound;
+      void* const* bound = ptr + item.i * n_bound;
       if (item.start == 0) {
         for (const auto& [key, reg] : stores) {
           store_scalar(plan.sptr[item.i * ns + key], plan.sdouble[item.i * ns + key], r[reg]);
@@ -185,16 +231,13 @@ int64_t step_typed(Plan& plan) {
       for (int64_t off = item.start; off < item.end; off += kBlock) {
         const int64_t len = std::min(kBlock, item.end - off);
         prefetch_next();
-        if constexpr (std::is_same_v<S, T>) {
-          for (int64_t b = 0; b < n_bound; ++b) reg[b] = bound[b] + off;
-          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail, plan.rounding);
-        } else {
-          for (int64_t b : read)
-            for (int64_t j = 0; j < len; ++j) local[b][j] = static_cast<T>(bound[b][off + j]);
-          run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail, plan.rounding);
-          for (int64_t b : stored)
-            for (int64_t j = 0; j < len; ++j) bound[b][off + j] = static_cast<S>(local[b][j]);
-        }
+        for (int64_t b = 0; b < n_bound; ++b)
+          if (direct[b]) reg[b] = static_cast<T*>(bound[b]) + off;
+        for (int64_t b : read)
+          if (!direct[b]) widen<T>(types[b], bound[b], off, local[b], len);
+        run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail, plan.rounding);
+        for (int64_t b : stored)
+          if (!direct[b]) narrow<T>(types[b], local[b], bound[b], off, len);
       }
     }
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
@@ -369,10 +412,10 @@ int64_t step(Plan& plan, pybind11::dict group, pybind11::handle state, int64_t v
   {
     pybind11::gil_scoped_release released;
     switch (plan.dtype) {
-      case at::kFloat: done = step_typed<float, float>(plan); break;
-      case at::kDouble: done = step_typed<double, double>(plan); break;
-      case at::kHalf: done = step_typed<c10::Half, float>(plan); break;
-      case at::kBFloat16: done = step_typed<c10::BFloat16, float>(plan); break;
+      case at::kDouble: done = step_typed<double>(plan); break;
+      case at::kFloat:
+      case at::kHalf:
+      case at::kBFloat16: done = step_typed<float>(plan); break;
       default: break;
     }
   }
@@ -415,7 +458,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              int64_t version, pybind11::list watch, int64_t vector_bytes,
                              std::optional<std::vector<at::Tensor>> local,
                              std::optional<std::vector<std::vector<at::Tensor>>> counted,
-                             bool fma, bool max_keep) {
+                             bool fma, bool max_keep,
+                             std::optional<std::vector<at::ScalarType>> vdtype) {
         Plan plan;
         plan.vector_bytes = vector_bytes;
         plan.rounding = {fma, max_keep};
@@ -440,13 +484,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         plan.dtype = plan.params.empty() ? at::kFloat : plan.params[0].scalar_type();
         plan.vstate = std::move(vstate);
         plan.sstate = std::move(sstate);
+        plan.vdtype = vdtype ? std::move(*vdtype)
+                             : std::vector<at::ScalarType>(plan.vstate.size(), plan.dtype);
+        TORCH_CHECK(plan.vdtype.size() == plan.vstate.size(), "one storage type per state key");
+        // The conversions a step makes: float64 state with float64 parameters only; otherwise
+        // each key in float32, float16 or bfloat16, all computed in float32.
+        const bool wide = plan.dtype == at::kDouble;
+        for (at::ScalarType t : plan.vdtype) {
+          TORCH_CHECK(wide ? t == at::kDouble
+                           : (t == at::kFloat || t == at::kHalf || t == at::kBFloat16),
+                      "state stored as ", t, " beside ", plan.dtype, " parameters");
+        }
         return plan;
       }),
            pybind11::arg("params"), pybind11::arg("vstate"), pybind11::arg("sstate"),
            pybind11::arg("state"), pybind11::arg("version"), pybind11::arg("watch"),
            pybind11::arg("vector_bytes"), pybind11::arg("local") = pybind11::none(),
            pybind11::arg("counted") = pybind11::none(), pybind11::arg("fma") = true,
-           pybind11::arg("max_keep") = false)
+           pybind11::arg("max_keep") = false, pybind11::arg("vdtype") = pybind11::none())
       .def("load_program",
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,

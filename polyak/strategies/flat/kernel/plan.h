@@ -23,6 +23,11 @@ struct Plan {
   std::vector<std::vector<at::Tensor>> vstate;  // [key][i], param-shaped
   std::vector<std::vector<at::Tensor>> sstate;  // [key][i], 0-dim
   at::ScalarType dtype;
+  // [key]: the type each vector state key is stored in. The parameters' own; or, for float32,
+  // float16 and bfloat16 parameters, any of these three, each key its own: the step widens
+  // what it reads to the compute type exactly and rounds what it writes to nearest even, so
+  // that narrower state moves fewer bytes and computes as float32 state does.
+  std::vector<at::ScalarType> vdtype;
   std::vector<void*> ptr;        // [i][param, grad, vector state...]: where each stream starts
   std::vector<int64_t> numel;    // [i]; -1: no gradient this step
   std::vector<void*> sptr;       // [i][key]: where each scalar state value lives
