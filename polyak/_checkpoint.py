@@ -12,7 +12,7 @@ import torch
 import torch.optim
 from torch import Tensor
 
-from polyak import _checks, _memo, _precision, _quant
+from polyak import _checks, _memo, _precision
 from polyak._hyper import Hyper
 from polyak._rehearsal import _state_template
 from polyak._state import STEP_COUNT, OptimizerState, StateEntry
@@ -196,7 +196,7 @@ def read_state_dict(
                 if template.dim() == 0:
                     # A counter (Adam's step) may be any one-element tensor, as in torch.
                     _checks.check_state_scalar(pid, key, entry[key])
-                else:
+                elif not _is_codes(entry[key]):
                     _checks.check_state_tensor(pid, key, entry[key], template.shape)
         state[param] = StateEntry()
         for key, item in entry.items():
@@ -211,15 +211,16 @@ def read_state_dict(
                 copies[id(item)] = (item, state[param][key])
         for key in opt.param_shaped_state:
             value = state[param].get(key)
-            if (
-                isinstance(value, Tensor)
-                and value.dtype == torch.uint8
-                and _precision.absmax_key(opt, key) not in state[param]
-            ):
-                raise ValueError(
-                    f"loaded state for parameter {pid} holds {key!r} as 8-bit codes without "
-                    f"their {_precision.absmax_key(opt, key)!r}"
-                )
+            if isinstance(value, Tensor) and value.dtype == torch.uint8:
+                absmax = state[param].get(_precision.absmax_key(opt, key))
+                if absmax is None:
+                    raise ValueError(
+                        f"loaded state for parameter {pid} holds {key!r} as codes without "
+                        f"their {_precision.absmax_key(opt, key)!r}"
+                    )
+                why = _precision.check_codes(value, absmax, param)
+                if why is not None:
+                    raise ValueError(f"Invalid {key} for parameter {pid}: {why}")
         # Stored as this optimizer stores it, whatever the checkpoint's format.
         _precision.convert_entry(state[param], group, param, opt)
 
@@ -274,15 +275,23 @@ def read_group(
     return new_group
 
 
+def _is_codes(value: Any) -> bool:
+    """Whether ``value`` is a quantized state's codes (checked with its block maxima)."""
+    return isinstance(value, Tensor) and value.dtype == torch.uint8
+
+
 def read_state_value(
     opt: Any, pid: int, param: Tensor, key: Any, value: Any, group: Mapping[str, Any]
 ) -> Any:
     if key == _precision.COMPENSATION and value is not None:
         _checks.check_state_tensor(pid, key, value, param.shape)
     if key in {_precision.absmax_key(opt, k) for k in opt.param_shaped_state}:
-        # An 8-bit state's absmax: one float32 per block, kept in float32.
-        _checks.check_state_tensor(pid, key, value, torch.Size([_quant.blocks(param.numel())]))
-        return value.to(dtype=torch.float32, device=param.device, copy=True)
+        # A quantized state's block maxima, checked with its codes once both are read.
+        if not isinstance(value, Tensor):
+            raise TypeError(f"Invalid {key} for parameter {pid}: not a tensor")
+        return value.to(device=param.device, copy=True)
+    if key in opt.param_shaped_state and _is_codes(value):
+        return value.to(device=param.device, copy=True)  # quantized codes, kept as codes
     if key in opt.param_shaped_state and value is not None:
         _checks.check_state_tensor(pid, key, value, param.shape)
         if value.is_complex() != param.is_complex():
@@ -290,6 +299,4 @@ def read_state_value(
                 f"Invalid {key} for parameter {pid}: dtype {value.dtype} does not fit a "
                 f"parameter of dtype {param.dtype}"
             )
-    if key in opt.param_shaped_state and isinstance(value, Tensor) and value.dtype == torch.uint8:
-        return value.to(device=param.device, copy=True)  # 8-bit codes, kept as codes
     return _cast_state(param, key, value, group)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from polyak import _quant
-from polyak._quant import EIGHT_BIT
+from polyak._quant import EIGHT_BIT, FOUR_BIT
 
 #: The group key, and the constructor's keyword.
 KEY = "state_dtype"
@@ -42,8 +42,16 @@ STOCHASTIC = "bf16_stochastic_round"
 COMPENSATION = "kahan_comp"
 _HALVES = (torch.bfloat16, torch.float16)
 
-#: The dtypes state may be stored in, and 8-bit block-wise codes (see ``_quant.py``).
-STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, EIGHT_BIT)
+#: The dtypes state may be stored in, and 8-bit and 4-bit block-wise codes (``_quant.py``).
+STORAGE_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    EIGHT_BIT,
+    FOUR_BIT,
+)
+_CODES = (EIGHT_BIT, FOUR_BIT)
 #: The group key of the smallest tensor whose state is stored in 8 bits (bitsandbytes' name
 #: and default: smaller ones keep their state in their own dtype).
 MIN_8BIT = "min_8bit_size"
@@ -80,16 +88,19 @@ def check(value: Any, keys: tuple[str, ...], owner: str) -> None:
 
 
 def storage(group: Mapping[str, Any], key: str, param: Tensor | None = None) -> Any:
-    """The dtype ``group`` stores its state ``key`` in (or :data:`EIGHT_BIT`); None for the
-    dtype it is made in. A group that rounds its parameters by its own rule (the update
-    computing in float32) stores state in ``param``'s dtype unless ``state_dtype`` says
+    """The dtype ``group`` stores its state ``key`` in (or :data:`EIGHT_BIT`, :data:`FOUR_BIT`);
+    None for the dtype it is made in. A group that rounds its parameters by its own rule (the
+    update computing in float32) stores state in ``param``'s dtype unless ``state_dtype`` says
     otherwise; a parameter smaller than the group's ``min_8bit_size`` keeps its state in its
-    own dtype where ``state_dtype`` says 8 bits."""
+    own dtype where ``state_dtype`` says 8 or 4 bits, as does one of no whole number of 4-bit
+    blocks."""
     value = group.get(KEY)
     if isinstance(value, Mapping):
         value = value.get(key)
-    if value == EIGHT_BIT and param is not None:
+    if value in _CODES and param is not None:
         if param.numel() < group.get(MIN_8BIT, MIN_8BIT_DEFAULT) or not param.is_floating_point():
+            return None
+        if value == FOUR_BIT and not _quant.fits_4bit(param.numel()):
             return None
     if value is None and param is not None and rounding(group) is not None:
         return param.dtype
@@ -135,20 +146,49 @@ def convert_entry(
         if key not in entry:
             continue
         target = storage(group, key, param)
+        signed = key not in unsigned
         if quantized(entry, key, owner):
-            if target == EIGHT_BIT:
+            if target == code_format(entry[key], param):
                 continue
             codes, absmax = entry[key], entry.pop(absmax_key(owner, key))
-            wide = _quant.dequantize(codes, absmax, key not in unsigned)
-            entry[key] = wide.to(target if target is not None else param.dtype)
-        elif target == EIGHT_BIT:
+            wide = dequantize(codes, absmax, signed, param.shape)
+            entry[key] = wide.to(param.dtype)
+        if target in _CODES:
             value = entry[key]
             if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
-                entry[key], entry[absmax_key(owner, key)] = _quant.quantize(
-                    value.float(), key not in unsigned
-                )
+                quantize = _quant.quantize if target == EIGHT_BIT else _quant.quantize_4bit
+                entry[key], entry[absmax_key(owner, key)] = quantize(value.float(), signed)
         elif target is not None:
             entry[key] = store(entry[key], target)
+
+
+def code_format(codes: Tensor, param: Tensor) -> str:
+    """:data:`EIGHT_BIT` for codes of their parameter's shape, :data:`FOUR_BIT` for packed
+    ones (half as many bytes as elements)."""
+    return EIGHT_BIT if codes.shape == param.shape else FOUR_BIT
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool, shape: torch.Size) -> Tensor:
+    """The float32 values of a parameter of ``shape`` that 8-bit or 4-bit ``codes`` and their
+    blocks' ``absmax`` stand for."""
+    if codes.shape == shape:
+        return _quant.dequantize(codes, absmax, signed)
+    return _quant.dequantize_4bit(codes, absmax, signed, shape)
+
+
+def check_codes(codes: Tensor, absmax: Tensor, param: Tensor) -> str | None:
+    """Why stored ``codes`` and ``absmax`` cannot be a parameter's 8-bit or 4-bit state (its
+    shape, or half its elements packed; one float32 per block), or None."""
+    n = param.numel()
+    if codes.shape == param.shape:
+        blocks = _quant.blocks(n)
+    elif codes.dim() == 1 and _quant.fits_4bit(n) and codes.numel() * 2 == n:
+        blocks = n // _quant.BLOCK_4BIT
+    else:
+        return f"codes of shape {tuple(codes.shape)} fit no {tuple(param.shape)} parameter"
+    if absmax.dtype != torch.float32 or absmax.shape != (blocks,):
+        return f"{blocks} float32 block maxima are needed, not {tuple(absmax.shape)} {absmax.dtype}"
+    return None
 
 
 class Wide:
@@ -211,7 +251,7 @@ def widen(
                 absmax = entries[i][absmax_key(owner, key)]
                 signed = key not in owner.unsigned_state
                 wide.state[(key, i)] = (value, absmax, signed)
-                values[i] = _quant.dequantize(value, absmax, signed).to(dtype)
+                values[i] = dequantize(value, absmax, signed, params[i].shape).to(dtype)
             elif (
                 isinstance(value, Tensor)
                 and value.dtype != dtype
@@ -232,7 +272,10 @@ def narrow(state: dict[str, list[Any]], wide: Wide, entries: list[dict[str, Any]
         value = state[key][i]
         if isinstance(kept, tuple):
             codes, absmax, signed = kept
-            _quant.quantize_into(value, codes, absmax, signed)
+            if codes.shape == value.shape:
+                _quant.quantize_into(value, codes, absmax, signed)
+            else:
+                _quant.quantize_4bit_into(value, codes, absmax, signed)
             state[key][i] = codes
         elif value is not kept:
             kept.copy_(value)

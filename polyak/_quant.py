@@ -34,17 +34,19 @@ EIGHT_BIT = "8bit"
 
 
 @functools.cache
-def dynamic_map(signed: bool) -> Tensor:
-    """bitsandbytes' dynamic quantization map (``create_dynamic_map(signed)``): 256 sorted
-    float32 codes in [-1, 1] (signed) or [0, 1]. For each decimal exponent e = -6 ... 0 the map
-    holds the midpoints of float32 ``linspace(0.1, 1)`` cut into 2**k (signed) or 2**(k+1)
-    parts, k = e + 6, times float32 10**e (and their negatives when signed), then 0 and 1."""
+def dynamic_map(signed: bool, exponents: int = 7, bits: int = 8) -> Tensor:
+    """bitsandbytes' dynamic quantization map (``create_dynamic_map(signed, exponents,
+    bits)``): 2**bits sorted float32 codes in [-1, 1] (signed) or [0, 1]. For each decimal
+    exponent e = 1 - exponents ... 0 the map holds the midpoints of float32 ``linspace(0.1, 1)``
+    cut into 2**(k + f) (signed) or 2**(k + f + 1) parts, k = e + exponents - 1, f = bits - 1 -
+    exponents, times float32 10**e (and their negatives when signed), then 0 and 1."""
     values: list[float] = []
-    for k in range(7):
-        parts = 2**k if signed else 2 ** (k + 1)
+    spare = bits - 1 - exponents
+    for k in range(exponents):
+        parts = 2 ** (k + spare) if signed else 2 ** (k + spare + 1)
         edges = torch.linspace(0.1, 1, parts + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
-        scaled = float(10 ** (k - 6)) * mids
+        scaled = float(10 ** (k - exponents + 1)) * mids
         values += scaled.tolist()
         if signed:
             values += (-scaled).tolist()
@@ -128,3 +130,58 @@ def quantize_into(values: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -
     new_codes, new_absmax = quantize(values, signed)
     codes.copy_(new_codes)
     absmax.copy_(new_absmax)
+
+
+#: The marker of 4-bit block-wise storage, in ``state_dtype``, and its blocks.
+FOUR_BIT = "4bit"
+BLOCK_4BIT = 128
+
+
+@functools.cache
+def map_4bit(signed: bool) -> Tensor:
+    """torchao's 4-bit maps (``AdamW4bit``): the dynamic map of 3 exponent bits for state of
+    either sign, and for state never negative the 16 steps of a linear map without zero
+    (``linspace(0, 1, 17)[1:]``)."""
+    if signed:
+        return dynamic_map(True, 3, 4)
+    return torch.linspace(0, 1, 17, dtype=torch.float32)[1:].contiguous()
+
+
+def fits_4bit(numel: int) -> bool:
+    """Whether a tensor of ``numel`` elements can be stored in 4 bits: whole blocks only, as
+    torchao requires (others keep their dtype)."""
+    return numel > 0 and numel % BLOCK_4BIT == 0
+
+
+def quantize_4bit(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """``values`` (float32, a whole number of blocks of 128) as 4-bit codes packed two to a
+    byte (the first in the high half) and the float32 scale of each block, as torchao's
+    ``OptimState4bit`` stores them: each block divided by its absmax (made at least 1e-12),
+    and each value given the highest code not above it, moved one up where it lies at least
+    half way to the next (torchao's ``quantize_4bit_with_qmap``; a value below the map takes
+    the first code)."""
+    qmap = map_4bit(signed)
+    flat = values.reshape(-1, BLOCK_4BIT).float()
+    scale = flat.abs().amax(dim=1).clip(1e-12)
+    scaled = (flat / scale.view(-1, 1)).reshape(-1)
+    codes = (torch.searchsorted(qmap, scaled, right=True) - 1).clamp(min=0)
+    up = (codes + 1).clip(max=15)
+    down_value, up_value = qmap[codes], qmap[up]
+    codes = torch.where(scaled - down_value >= (up_value - down_value) * 0.5, up, codes)
+    codes = codes.to(torch.uint8)
+    return (codes[::2] << 4) | codes[1::2], scale
+
+
+def dequantize_4bit(packed: Tensor, scale: Tensor, signed: bool, shape: torch.Size) -> Tensor:
+    """The float32 values of shape ``shape`` that 4-bit ``packed`` codes and their block
+    ``scale`` stand for (each code's value times its block's scale)."""
+    codes = torch.stack([packed >> 4, packed & 0b1111], dim=-1).reshape(-1)
+    out = map_4bit(signed)[codes.long()].view(-1, BLOCK_4BIT) * scale.view(-1, 1)
+    return out.view(shape)
+
+
+def quantize_4bit_into(values: Tensor, packed: Tensor, scale: Tensor, signed: bool) -> None:
+    """:func:`quantize_4bit` ``values`` into the stored ``packed`` codes and ``scale``."""
+    new_packed, new_scale = quantize_4bit(values, signed)
+    packed.copy_(new_packed)
+    scale.copy_(new_scale)

@@ -185,7 +185,7 @@ def test_checkpoints_load_both_ways_and_bad_ones_are_refused_unchanged() -> None
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"state_dtype": "4bit"}, "Invalid state_dtype"),
+        ({"state_dtype": "2bit"}, "Invalid state_dtype"),
         ({"state_dtype": "8bit", "min_8bit_size": -1}, "Invalid min_8bit_size"),
         ({"state_dtype": "8bit", "min_8bit_size": 1.5}, "Invalid min_8bit_size"),
     ],
