@@ -9,6 +9,7 @@ from polyak.algorithms.adam import Adam
 from polyak.algorithms.adam8bit import Adam8bit, AdamW8bit
 from polyak.algorithms.adamax import Adamax
 from polyak.algorithms.adamw import AdamW
+from polyak.algorithms.adamw_schedulefree import AdamWScheduleFree
 from polyak.algorithms.adan import Adan
 from polyak.algorithms.ademamix import AdEMAMix
 from polyak.algorithms.adopt import ADOPT
@@ -19,10 +20,13 @@ from polyak.algorithms.lion import Lion
 from polyak.algorithms.muon import Muon
 from polyak.algorithms.nadam import NAdam
 from polyak.algorithms.radam import RAdam
+from polyak.algorithms.radam_schedulefree import RAdamScheduleFree
 from polyak.algorithms.rmsprop import RMSprop
 from polyak.algorithms.rprop import Rprop
 from polyak.algorithms.sgd import SGD
+from polyak.algorithms.sgd_schedulefree import SGDScheduleFree
 from polyak.algorithms.sparse_adam import SparseAdam
+from polyak.algorithms.stable_adamw import StableAdamW
 from polyak.optimizer import Optimizer, required
 
 # Functional counterparts for torch.distributed, entered in torch's map when it is loaded.
@@ -41,6 +45,7 @@ __all__ = [
     "Adam8bit",
     "AdamW",
     "AdamW8bit",
+    "AdamWScheduleFree",
     "Adamax",
     "Adan",
     "Explanation",
@@ -51,9 +56,12 @@ __all__ = [
     "NAdam",
     "Optimizer",
     "RAdam",
+    "RAdamScheduleFree",
     "RMSprop",
     "Rprop",
+    "SGDScheduleFree",
     "SparseAdam",
+    "StableAdamW",
     "explain",
     "required",
 ]

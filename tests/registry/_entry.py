@@ -113,7 +113,8 @@ class Entry:
     #: Arguments a peer's reference takes and polyak refuses (features it does not implement).
     refusals: list[ErrorCase] = field(default_factory=list)
     #: Prepares a peer's reference before each test (given pytest's ``monkeypatch``): where the
-    #: reference's results depend on a backend, the one whose rounding polyak follows.
+    #: reference's results depend on a backend, the one whose rounding polyak follows; where
+    #: both step in a mode only (Schedule-Free's train mode), that mode.
     setup: Callable[[Any], None] | None = None
 
     @property
