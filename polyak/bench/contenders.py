@@ -15,7 +15,13 @@ from torch import Tensor
 
 import polyak
 from polyak.bench.measure import MEMORY, InPlaceAdd
-from polyak.bench.optimizers import CLASS_NAMES, HYPERPARAMETERS, TENSORS_MOVED, default
+from polyak.bench.optimizers import (
+    CLASS_NAMES,
+    HYPERPARAMETERS,
+    TENSORS_MOVED,
+    build,
+    default,
+)
 from polyak.bench.results import PeerStatus, describe
 
 #: The contender every other one is compared with.
@@ -100,10 +106,10 @@ def _own_class(module: ModuleType, name: str) -> tuple[Any, str | None]:
 
 
 def _factory(cls: Any, **kwargs: Any) -> OptimizerFactory:
-    """A factory that builds ``cls(params, **kwargs)``."""
+    """A factory that builds ``cls(params, **kwargs)`` (see :func:`build`)."""
 
     def make(params: list[Tensor]) -> Any:
-        return cls(params, **kwargs)
+        return build(cls, params, **kwargs)
 
     return make
 

@@ -26,11 +26,13 @@ from polyak.bench.measure import state_bytes
 from polyak.bench.results import describe
 
 #: The arguments the benchmark gives an optimizer beyond its class's defaults: SGD's momentum
-#: (plain SGD keeps no state), and five LBFGS iterations a step with a history of 10 pairs
-#: (the default 100 would hold 200 copies of the parameters).
+#: (plain SGD keeps no state), five LBFGS iterations a step with a history of 10 pairs (the
+#: default 100 would hold 200 copies of the parameters), and StableAdamW's learning rate, which
+#: torch-optimi's class requires.
 SETTINGS: dict[str, dict[str, Any]] = {
     "sgd": {"momentum": 0.9},
     "lbfgs": {"max_iter": 5, "history_size": 10},
+    "stableadamw": {"lr": 1e-3},
 }
 
 #: Gradients of optimizers that take sparse ones (SparseAdam) hold one row in this many, as
@@ -150,6 +152,16 @@ _TRIES: tuple[tuple[tuple[int, ...], bool], ...] = (
 _STEPS = 2
 
 
+def build(cls: Any, params: list[Tensor], **kwargs: Any) -> Any:
+    """``cls(params, **kwargs)``, in training mode where the optimizer has modes
+    (Schedule-Free's ``train()``, without which it refuses to step)."""
+    optimizer = cls(params, **kwargs)
+    train = getattr(optimizer, "train", None)
+    if callable(train):
+        train()
+    return optimizer
+
+
 def _stepped_state_bytes(optimizer: str, shape: tuple[int, ...], sparse: bool) -> int:
     """Build the optimizer over one seeded tensor, step it, and return its state's bytes."""
     generator = torch.Generator().manual_seed(0)
@@ -157,7 +169,7 @@ def _stepped_state_bytes(optimizer: str, shape: tuple[int, ...], sparse: bool) -
     grad = torch.randn(shape, generator=generator)
     if sparse:
         grad = sparse_rows(grad)
-    made = twin(optimizer)([param], **HYPERPARAMETERS[optimizer])
+    made = build(twin(optimizer), [param], **HYPERPARAMETERS[optimizer])
     closure = quadratic_closure([param], [grad]) if optimizer in CLOSURE_STEPS else None
     for _ in range(_STEPS):
         param.grad = grad
