@@ -1,5 +1,5 @@
-"""The ``polyak`` command line: ``polyak demo``, ``polyak bench`` and ``polyak build`` (also
-``python -m polyak ...``)."""
+"""The ``polyak`` command line: ``polyak demo``, ``polyak bench``, ``polyak quality`` and
+``polyak build`` (also ``python -m polyak ...``)."""
 
 from __future__ import annotations
 
@@ -246,6 +246,88 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quality(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from polyak.bench import quality
+
+    parser = subparsers.add_parser(
+        "quality",
+        help="train one small language model with AdamW in fp32, bf16 and 8-bit, and compare",
+        description=(
+            "Train the same character-level MLP language model on the source of Python's "
+            "standard library once per variant: fp32 AdamW (the baseline), bf16 parameters "
+            "with kahan_sum or bf16_stochastic_round, plain bf16 parameters, and fp32 "
+            "parameters with 8-bit or bf16 state; same initial weights, batches and "
+            "learning-rate schedule for all. Print each variant's final training and "
+            "validation loss, its difference from fp32, the state's bytes per parameter and "
+            "the time, and plot the loss curves. On the CPU, at one thread; a default run "
+            "takes about a minute."
+        ),
+    )
+    parser.add_argument(
+        "--variants",
+        type=_comma_list(tuple(quality.VARIANTS)),
+        default=",".join(quality.DEFAULT_VARIANTS),
+        help="comma-separated variants, from %(default)s (default: all)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=quality.DEFAULT_STEPS,
+        help="optimizer steps per variant; e.g. 6000 for a longer run, about 5 minutes "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=quality.DEFAULT_BATCH_SIZE,
+        help="windows of text per step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=quality.DEFAULT_SEED,
+        help="seeds the initial weights, the batches and stochastic rounding "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=quality.DEFAULT_THREADS,
+        help="torch's thread count for the runs (default: %(default)s, which other work on "
+        "the machine slows the least)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        default=quality.DEFAULT_OUT,
+        help="where to write the PNG of the loss curves (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-plot", dest="plot", action="store_false", help="write no PNG (needs no matplotlib)"
+    )
+    parser.set_defaults(handler=_run_quality)
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from polyak.bench import quality, quality_report
+
+    def progress(line: str) -> None:
+        print(f"polyak quality: {line}", file=sys.stderr, flush=True)
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        progress("the plot needs matplotlib: pip install matplotlib, or pass --no-plot")
+        return 1
+    config = quality.QualityConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    result = quality.run_quality(args.variants, config, threads=args.threads, progress=progress)
+    print(quality_report.format_quality(result, markdown=args.markdown), flush=True)
+    if args.plot:
+        progress(f"wrote {quality_report.plot_quality(result, args.out)}")
+    return 0
+
+
 def _format_time(seconds: float) -> str:
     """Format a duration in microseconds below 1 ms, in seconds from 1 s, else in milliseconds."""
     if seconds < 1e-3:
@@ -366,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(subparsers)
     _add_bench(subparsers)
+    _add_quality(subparsers)
     _add_build(subparsers)
     return parser
 
