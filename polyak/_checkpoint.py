@@ -120,26 +120,33 @@ def read_state_dict(
             "Invalid param_groups: expected a list of dicts, but got "
             + torch.typename(saved_groups)
         )
-    saved_state = _checks.check_mapping("state", state_dict["state"])
+    saved_state = state_dict["state"]
+    if not isinstance(saved_state, Mapping):
+        # torch reads it with ``.items()``, and raises AttributeError.
+        raise AttributeError(
+            f"Invalid state: expected a dict, but got {torch.typename(saved_state)}"
+        )
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
     for i, saved in enumerate(saved_groups):
         _checks.check_mapping(f"param_groups[{i}]", saved)
         if "params" not in saved:
             raise KeyError(f"loaded state dict's param_groups[{i}] has no 'params' entry")
-        if not isinstance(saved["params"], (list, tuple)):
-            raise TypeError(
-                f"Invalid param_groups[{i}]['params']: expected a list of ints, but got "
-                + torch.typename(saved["params"])
-            )
+    # The sizes first, as torch compares them (a string of ids has one): ValueError.
     if any(
-        len(g["params"]) != len(s["params"])
+        hasattr(s["params"], "__len__") and len(g["params"]) != len(s["params"])
         for g, s in zip(opt.param_groups, saved_groups, strict=True)
     ):
         raise ValueError(
             "loaded state dict contains a parameter group "
             "that doesn't match the size of optimizer's group"
         )
+    for i, saved in enumerate(saved_groups):
+        if not isinstance(saved["params"], (list, tuple)):
+            raise TypeError(
+                f"Invalid param_groups[{i}]['params']: expected a list of ints, but got "
+                + torch.typename(saved["params"])
+            )
 
     # Ids are whatever the writer chose: indices from state_dict(), parameter names from
     # torch.distributed.checkpoint. Any hashable value serves, as in torch.optim.

@@ -206,7 +206,8 @@ def _corruptions(
             ValueError,
             edit(lambda d: d["param_groups"][0]["params"].__setitem__(1, 0)),
         ),
-        ("state not a dict", TypeError, edit(lambda d: d.__setitem__("state", [1]))),
+        # torch reads the state with ``.items()``: AttributeError.
+        ("state not a dict", AttributeError, edit(lambda d: d.__setitem__("state", [1]))),
         ("param state not a dict", TypeError, edit(lambda d: d["state"].__setitem__(first, 3))),
         ("groups not a list", TypeError, edit(lambda d: d.__setitem__("param_groups", 3))),
         ("group not a dict", TypeError, edit(lambda d: d["param_groups"].__setitem__(0, 3))),

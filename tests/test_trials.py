@@ -932,18 +932,11 @@ KNOWN_DEFECTS: dict[str, tuple[str, frozenset[str]]] = {
         frozenset(
             {
                 "SGD-fused-stateful",
-                "Adam-foreach-stateful",
                 "Adam-fused-stateful",
-                "RMSprop-loop-stateful",
-                "Adagrad-foreach-stateful",
-                "Adamax-default-stateful",
-                "Adamax-foreach-stateful",
                 "Adadelta-foreach-stateful",
                 "NAdam-foreach-stateful",
-                "RAdam-default-stateful",
                 "RAdam-foreach-stateful",
                 "Rprop-loop-stateful",
-                "Muon-default-stateful",
                 "LBFGS-default-stateful",
             }
         ),

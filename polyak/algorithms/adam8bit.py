@@ -225,6 +225,8 @@ def _wrap_quant_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, A
 def _unwrap_quant_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint in bitsandbytes' layout as the base loads it (the maps checked and
     dropped: polyak's are bitsandbytes' own)."""
+    if not isinstance(state_dict.get("state"), Mapping):
+        return state_dict  # the base refuses it, as torch does
     state_dict = {**state_dict, "state": dict(state_dict["state"])}
     for pid, entry in state_dict["state"].items():
         if not isinstance(entry, Mapping) or QUANT_STATE not in entry:
