@@ -98,7 +98,11 @@ STORAGE = {
     torch.float64: ("double", "double", 8),
     torch.float16: ("uint16_t", "float", 2),
     torch.bfloat16: ("uint16_t", "float", 2),
+    # 8-bit block-wise codes (see kernel/quant.h), beside float32 parameters only.
+    torch.uint8: ("uint8_t", "float", 1),
 }
+#: Elements per block of 8-bit state: a program with such state runs one block at a time.
+QUANT_BLOCK = 256
 
 #: How a stream of each storage type is read and written per element: widened exactly to the
 #: compute type, narrowed to nearest even (see the prelude).
@@ -142,6 +146,7 @@ def generate(
     fma: bool = True,
     max_keep: bool = False,
     state_dtypes: Sequence[torch.dtype] = (),
+    signed: Sequence[bool] = (),
 ) -> str:
     """C++ source of one program's compiled form (``polyak_run``), prelude included.
 
@@ -159,14 +164,28 @@ def generate(
         fma: whether torch's kernels fuse multiply-adds (see ``_dispatch.Rounding``).
         max_keep: whether maximum's vector body passes a NaN operand through.
         state_dtypes: each state register's storage type (default: ``dtype``), of the same
-            compute type; each is converted as it is loaded and stored.
+            compute type; each is converted as it is loaded and stored. ``torch.uint8``: 8-bit
+            block-wise codes, whose absmax the kernel passes after the bound streams.
+        signed: for each 8-bit state register in order, whether its map is signed.
+
+    A program with 8-bit state runs a quantization block (256 elements, work items start on
+    one) at a time: each 8-bit stream is read into a block array, dequantized, before the
+    block's loop, which reads and writes it there as float32, and quantized after it (see the
+    prelude's ``pk_deq`` and ``pk_quant``), whether or not the program writes it, as the
+    reference path quantizes every 8-bit state at every step.
     """
     _, compute, size = STORAGE[dtype]
     types = [dtype, dtype, *(state_dtypes or [dtype] * (n_bound - 2))]
     if len(types) != n_bound or any(STORAGE[t][1] != compute for t in types):
         raise ValueError(f"state stored as {state_dtypes} beside {dtype} parameters")
+    quant = [r for r, t in enumerate(types) if t == torch.uint8]
+    if quant and (dtype != torch.float32 or len(signed) != len(quant)):
+        raise ValueError("8-bit state is taken beside float32 parameters, with one map each")
+    # 8-bit streams are float32 block arrays within the block's loop.
+    io_types = [torch.float32 if t == torch.uint8 else t for t in types]
+    qsigned = dict(zip(quant, signed, strict=True))
     # A block is the parameter's 256 bytes; each stream's prefetches cover its own bytes.
-    block = _BLOCK_BYTES // size
+    block = QUANT_BLOCK if quant else _BLOCK_BYTES // size
     ahead = _AHEAD_BYTES // size
     if fma:
         mad = "__builtin_fmaf" if compute == "float" else "__builtin_fma"
@@ -208,6 +227,7 @@ def generate(
     read_bound = sorted(
         {r for seg in segments for ins in seg for r in sources(ins) if r < n_bound}
         | {src for src, _ in splits if src < n_bound}
+        | set(quant)
     )
     sregs = sorted({ins[5] for ins in vcode if ins[5] >= 0})
     # Registers holding masks: never numbers (the trace keeps the two apart).
@@ -221,7 +241,9 @@ def generate(
         def use(reg: int, k: int = k, live: set[int] = live, lines: list[str] = lines) -> str:
             if reg not in live:
                 live.add(reg)
-                if reg < n_bound:
+                if reg in qsigned:
+                    value = f"q{reg}[j]"
+                elif reg < n_bound:
                     value = _SCALAR_IO[types[reg]][0].format(f"m{reg}[j0 + j]")
                 elif k > 0 and reg == splits[k - 1][1]:
                     value = f"sq_out{k - 1}[j]"
@@ -252,7 +274,9 @@ def generate(
         if k < len(splits):
             lines.append(f"      sq_in{k}[j] = {use(splits[k][0])};")
         for reg in sorted(writes[k]):
-            if reg in stored:
+            if reg in stored and reg in qsigned:
+                lines.append(f"      q{reg}[j] = v{reg};")
+            elif reg in stored:
                 store = _SCALAR_IO[types[reg]][1].format(f"v{reg}")
                 lines.append(f"      m{reg}[j0 + j] = {store};")
             elif any(reg in live_in[q] for q in range(k + 1, len(segments))):
@@ -284,9 +308,21 @@ def generate(
         "const struct polyak_ctx* ctx) {"
     )
     for reg in range(n_bound):
-        const = "" if reg in stored else "const "
+        const = "" if reg in stored or reg in qsigned else "const "
         storage = STORAGE[types[reg]][0]
         out.append(f"  {const}{storage}* __restrict m{reg} = ({const}{storage}*)bound[{reg}];")
+    for reg in quant:
+        out.append(f"  float* __restrict a{reg} = (float*)bound[{n_bound + reg - 2}];")
+        out.append(f"  float q{reg}[{block}] __attribute__((aligned(64)));")
+    # Each 8-bit stream's block read before the block's loop and written after it.
+    enter = [
+        f"      pk_deq(m{r} + j0, a{r}[j0 / {block}], ctx->qmap[{int(qsigned[r])}], q{r}, n);"
+        for r in quant
+    ]
+    leave = [
+        f"      pk_quant(q{r}, n, m{r} + j0, a{r} + j0 / {block}, ctx, {int(qsigned[r])});"
+        for r in quant
+    ]
     out.append("  (void)ctx; (void)tail;")
     # float32 compute with sqrt inline (or none): written on whole vectors where the CPU has
     # them, each stream converted from and to its storage type in registers.
@@ -303,8 +339,11 @@ def generate(
             conditions,
             fma,
             max_keep,
-            types=types,
+            types=io_types,
             block=block,
+            quant=quant,
+            enter=enter,
+            leave=leave,
         )
         out.extend(decls)
         out.extend(_unswitch([*prefetch, *vloop], switched))
@@ -334,10 +373,14 @@ def generate(
     loop: list[str] = [*prefetch]
     loop.append(f"    if (end - j0 >= {block}) {{")
     loop.append(f"      const int64_t n = {block};")
+    loop.extend(enter)
     loop.extend(_short_of_tail(body, _TAIL_TEST))
+    loop.extend(leave)
     loop.append("    } else {")
     loop.append("      const int64_t n = end - j0;")
+    loop.extend(enter)
     loop.extend(body)
+    loop.extend(leave)
     loop.append("    }")
     loop.append("  }")
     out.extend(_unswitch(loop, switched))
@@ -416,13 +459,17 @@ def _vector_form(
     max_keep: bool = False,
     types: list[torch.dtype] | None = None,
     block: int = _BLOCK_BYTES // 4,
+    quant: Sequence[int] = (),
+    enter: Sequence[str] = (),
+    leave: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
     """The float32 form on whole vectors of ``PK_W`` lanes (see the prelude): one statement
     per instruction over a vector, sqrt inline, each stream loaded and stored once per
     vector (widened from its storage type ``types[reg]``, float32 by default, and narrowed
     back in registers), so that an element's whole update stays in registers. The last vector
     of an item shorter than ``PK_W`` is loaded and stored in part. Returns the declarations
-    and the body of the loop over blocks of ``block`` elements."""
+    and the body of the loop over blocks of ``block`` elements. ``quant``: the 8-bit streams,
+    read and written in their block arrays, which ``enter`` fills and ``leave`` quantizes."""
     suffix = [_VECTOR_IO[t] for t in types] if types else []
 
     def io(reg: int) -> str:
@@ -437,7 +484,7 @@ def _vector_form(
         def use(reg: int) -> str:
             if reg not in live:
                 live.add(reg)
-                at, x = f"m{reg} + j0 + j", io(reg)
+                at, x = (f"q{reg} + j" if reg in quant else f"m{reg} + j0 + j"), io(reg)
                 load = f"pk_ldn{x}({at}, n - j)" if partial else f"pk_ld{x}({at})"
                 lines.append(f"pk_vf v{reg} = {load};")
             return f"v{reg}"
@@ -461,11 +508,9 @@ def _vector_form(
                 live.add(dst)
                 lines.append(f"{'pk_vm' if dst in masks else 'pk_vf'} v{dst} = {expr};")
         for reg in sorted(written & set(stored)):
-            x = io(reg)
+            x, at = io(reg), (f"q{reg} + j" if reg in quant else f"m{reg} + j0 + j")
             lines.append(
-                f"pk_stn{x}(m{reg} + j0 + j, v{reg}, n - j);"
-                if partial
-                else f"pk_st{x}(m{reg} + j0 + j, v{reg});"
+                f"pk_stn{x}({at}, v{reg}, n - j);" if partial else f"pk_st{x}({at}, v{reg});"
             )
         return lines
 
@@ -480,14 +525,19 @@ def _vector_form(
         out.append(f"  const int pk_if{s}_ = (float)r[{s}] != 0;")
     loop: list[str] = []
     loop.append(f"    if (end - j0 >= {block}) {{")
+    if quant:
+        loop.append(f"      const int64_t n = {block};")
+    loop.extend(enter)
     vectors = [
         f"      for (int64_t j = 0; j < {block}; j += PK_W) {{",
         *("        " + line for line in full),
         "      }",
     ]
     loop.extend(_short_of_tail(vectors, _TAIL_TEST_V))
+    loop.extend(leave)
     loop.append("    } else {")
     loop.append("      const int64_t n = end - j0;")
+    loop.extend(enter)
     loop.append("      int64_t j = 0;")
     loop.append("      for (; j + PK_W <= n; j += PK_W) {")
     loop.extend("        " + line for line in full)
@@ -495,6 +545,7 @@ def _vector_form(
     loop.append("      if (j < n) {")
     loop.extend("        " + line for line in part)
     loop.append("      }")
+    loop.extend(leave)
     loop.append("    }")
     loop.append("  }")
     return out, loop

@@ -255,18 +255,29 @@ def slot(
     exact_sqrt: bool,
     rounding: _dispatch.Rounding | None = None,
     state_dtypes: tuple[torch.dtype, ...] = (),
+    signed: tuple[bool, ...] = (),
 ) -> Any:
     """The slot of ``program``'s compiled form (a ``kernel.Compiled``) that a plan runs:
     filled at once where its build is cached, by the background thread otherwise, and never
     where it cannot be built (the kernel's interpreter runs the program).
     ``rounding``: how torch's kernels round (default: fused multiply-adds, NaN as all ones
     in maximum's vector body); ``state_dtypes``: the storage dtype of each state register
-    (default: ``dtype``)."""
+    (default: ``dtype``; uint8 for 8-bit codes, with ``signed`` saying each one's map)."""
     vcode = [tuple(int(x) for x in row) for row in program.vcode.tolist()]
     fma = rounding is None or rounding.fma
     max_keep = rounding is not None and rounding.max_nan == _dispatch.MAX_NAN_KEEP
     state = tuple(state_dtypes) or (dtype,) * (n_bound - 2)
-    key = (tuple(vcode), n_bound, tuple(program.stored), dtype, state, exact_sqrt, fma, max_keep)
+    key = (
+        tuple(vcode),
+        n_bound,
+        tuple(program.stored),
+        dtype,
+        state,
+        tuple(signed),
+        exact_sqrt,
+        fma,
+        max_keep,
+    )
     found = _slots.get(key)
     if found is not None:
         return found
@@ -279,7 +290,15 @@ def slot(
         if exact_sqrt or not uses_sqrt:
             mode = SQRT_EXACT
         return generate(
-            vcode, n_bound, list(program.stored), dtype, mode, fma, max_keep, state_dtypes=state
+            vcode,
+            n_bound,
+            list(program.stored),
+            dtype,
+            mode,
+            fma,
+            max_keep,
+            state_dtypes=state,
+            signed=signed,
         )
 
     def install(path: Path | None) -> None:

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from polyak import _ops
+from polyak import _ops, _precision, _quant
 from polyak._state import OptimizerState
 from polyak.strategies.flat import _compiled, _dispatch, _kernel, _program, _trace
 
@@ -52,8 +52,10 @@ class Entry:
     local: list[Tensor] | None = field(default=None, repr=False)
     #: How torch's kernels round the group's dtype, which the plan and its programs follow.
     rounding: _dispatch.Rounding | None = field(default=None, repr=False)
-    #: The dtype each of ``vector_keys`` is stored in (see :func:`storage_dtypes`).
+    #: The dtype each of ``vector_keys`` is stored in (see :func:`storage_dtypes`; uint8 for
+    #: 8-bit codes), and for each key stored in 8 bits, whether its map is signed.
     state_dtypes: tuple[torch.dtype, ...] = ()
+    signed: tuple[bool, ...] = ()
     #: Without a plan, or after a step the plan could not run: why, in words.
     reason: str = ""
     #: The slot of the loaded program's compiled form (its ``ready`` says whether steps run it).
@@ -108,14 +110,22 @@ def bucket_name(p: Tensor) -> str:
     return dtype if p.is_cpu else f"{p.device.type} {dtype}"
 
 
-def _bucketed(optimizer: Any, params: list[Tensor], allowed: Any, unfit: Any) -> Entry:
+def _bucketed(
+    optimizer: Any,
+    params: list[Tensor],
+    allowed: Any,
+    unfit: Any,
+    kinds: list[Any] | None = None,
+) -> Entry:
     """The entry of a group whose parameters have several dtypes or devices: one bucket per
     (device, dtype), as torch's foreach and fused paths bucket, each run by a plan of its own
     (made at its first step). The CPU's buckets come first; the others decline the kernel and
-    are stepped by torch's operations after them."""
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    are stepped by torch's operations after them. ``kinds``: a further key per parameter (which
+    of its state keys are stored in 8 bits), whose values are bucketed apart too."""
+    kind_of = dict(zip(map(id, params), kinds or [None] * len(params), strict=True))
+    buckets: dict[tuple[torch.device, torch.dtype, Any], list[Tensor]] = {}
     for p in sorted(params, key=lambda p: not p.is_cpu):  # stable: the group's order within
-        buckets.setdefault((p.device, p.dtype), []).append(p)
+        buckets.setdefault((p.device, p.dtype, kind_of[id(p)]), []).append(p)
     on_cpu = [b for b in buckets.values() if b[0].is_cpu]
     names = " and ".join(bucket_name(b[0]) for b in buckets.values())
     refused = [bucket_name(b[0]) for b in on_cpu if b[0].dtype not in allowed]
@@ -241,9 +251,35 @@ def make(optimizer: Any, group: dict[str, Any]) -> Entry:
         else:
             vector_keys.append(key)
             found_dtypes.append({t.dtype for t in found})
+    # State stored in 8 bits (codes and their absmax, see polyak/_quant.py): a plan takes
+    # parameters whose same keys are so stored; smaller tensors, which keep their state in its
+    # dtype, run in a plan of their own.
+    eight = _eight_bit_keys(optimizer, params, vector_keys)
+    if len(set(eight)) > 1:
+        return _bucketed(optimizer, params, allowed, unfit, eight)
+    quantized = eight[0]
+    if _FOUR_BIT in quantized:
+        return unfit(
+            "4-bit state (torchao's format, two codes a byte): the kernel takes 8-bit state, "
+            "and the reference path steps this"
+        )
+    if quantized:
+        if dtype != torch.float32 or local is not None:
+            return unfit(
+                "8-bit state beside "
+                + ("distributed parameters" if local is not None else f"{_name(dtype)} parameters")
+                + ": the kernel takes it beside float32 parameters"
+            )
+        found_dtypes = [
+            {torch.float32} if k in quantized else d
+            for k, d in zip(vector_keys, found_dtypes, strict=True)
+        ]
     state_dtypes = storage_dtypes(dtype, vector_keys, found_dtypes)
     if isinstance(state_dtypes, str):
         return unfit(state_dtypes)
+    state_dtypes = tuple(
+        torch.uint8 if k in quantized else d for k, d in zip(vector_keys, state_dtypes, strict=True)
+    )
     empty = torch.empty(0, dtype=dtype)
 
     def stored(p: Tensor, key: str) -> Tensor:
@@ -282,10 +318,76 @@ def make(optimizer: Any, group: dict[str, Any]) -> Entry:
         fma=rounding.fma,
         max_keep=rounding.max_nan == _dispatch.MAX_NAN_KEEP,
         vdtype=list(state_dtypes),
+        qsigned=[
+            int(k not in optimizer.unsigned_state) if k in quantized else -1 for k in vector_keys
+        ]
+        if quantized
+        else None,
+        absmax=[_absmax_column(optimizer, params, k) if k in quantized else [] for k in vector_keys]
+        if quantized
+        else None,
     )
     return Entry(
-        plan, vector_keys, scalar_keys, local=local, rounding=rounding, state_dtypes=state_dtypes
+        plan,
+        vector_keys,
+        scalar_keys,
+        local=local,
+        rounding=rounding,
+        state_dtypes=state_dtypes,
+        signed=tuple(k not in optimizer.unsigned_state for k in vector_keys if k in quantized),
     )
+
+
+def _eight_bit_keys(optimizer: Any, params: list[Tensor], keys: list[str]) -> list[frozenset[str]]:
+    """For each parameter, which of ``keys`` its state holds in 8 bits (with :data:`_FOUR_BIT`
+    where it holds one in 4); a parameter without state (whose step cannot run flat anyway)
+    counts as the first one with state."""
+    found: list[frozenset[str] | None] = []
+    for p in params:
+        entry = optimizer.state.get(p)
+        if not entry or any(k not in entry for k in keys):
+            found.append(None)
+            continue
+        coded = [k for k in keys if _precision.quantized(entry, k, optimizer)]
+        formats = {k: _precision.code_format(entry[k], p) for k in coded}
+        found.append(
+            frozenset(_FOUR_BIT if f == _quant.FOUR_BIT else k for k, f in formats.items())
+        )
+    first = next((f for f in found if f is not None), frozenset())
+    if first - {_FOUR_BIT}:
+        _load_maps()
+    return [first if f is None else f for f in found]
+
+
+def _absmax_column(optimizer: Any, params: list[Tensor], key: str) -> list[Tensor]:
+    """Each parameter's absmax of its 8-bit state ``key`` (an empty tensor where it has
+    none: the kernel's check refuses a step that would read it)."""
+    name = _precision.absmax_key(optimizer, key)
+    empty = torch.empty(0)
+    column = []
+    for p in params:
+        entry = optimizer.state.get(p)
+        value = entry.get(name) if entry else None
+        column.append(value if isinstance(value, Tensor) else empty)
+    return column
+
+
+#: In :func:`_eight_bit_keys`' answer: a key is stored in 4 bits, which the kernel does not take.
+_FOUR_BIT = "4-bit"
+
+#: The kernel modules that hold bitsandbytes' maps (see kernel/quant.h).
+_maps_in: set[int] = set()
+
+
+def _load_maps() -> None:
+    """Hand the kernel the 8-bit maps and their tables, as _quant.py quantizes with them."""
+    kernel = _kernel.load()
+    if kernel is None or id(kernel) in _maps_in:
+        return
+    for signed in (False, True):
+        below, padded, inside = _quant._lookup(signed)
+        kernel.set_maps(int(signed), _quant.dynamic_map(signed), padded, below, inside)
+    _maps_in.add(id(kernel))
 
 
 #: What parameter-shaped state may be stored in beside parameters of these dtypes, computed in
@@ -429,6 +531,7 @@ def load(optimizer: Any, entry: Entry, group: dict[str, Any]) -> bool:
             exact_sqrt=exact_sqrt,
             rounding=entry.rounding,
             state_dtypes=entry.state_dtypes,
+            signed=entry.signed,
         )
         entry.plan.load_program(
             program.vcode,

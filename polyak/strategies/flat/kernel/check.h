@@ -149,9 +149,9 @@ bool written_as_before(const Plan& plan, bool grad_written) {
     return false;
   }
   if (grad_written) return plan.ptr == plan.disjoint_ptr;
-  const size_t n_bound = 2 + plan.vstate.size();
+  const size_t row = static_cast<size_t>(plan.row);
   for (size_t k = 0; k < plan.ptr.size(); ++k) {
-    if (k % n_bound != 1 && plan.ptr[k] != plan.disjoint_ptr[k]) return false;
+    if (k % row != 1 && plan.ptr[k] != plan.disjoint_ptr[k]) return false;
   }
   return true;
 }
@@ -173,8 +173,9 @@ bool check_group(Plan& plan) {
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
   const int64_t n_bound = 2 + nv;
+  const int64_t row = plan.row;
   const int64_t n_sregs = plan.n_sregs;
-  plan.ptr.resize(n * n_bound);
+  plan.ptr.resize(n * row);
   plan.numel.resize(n);
   plan.sptr.resize(n * ns);
   plan.sval.resize(n * ns);
@@ -183,7 +184,7 @@ bool check_group(Plan& plan) {
   plan.sregs.resize(static_cast<size_t>((ns == 0 ? 1 : n) * n_sregs));
   plan.srow.assign(n, 0);
   if (ns == 0) run_scalar_program(plan, 0, nullptr, plan.sregs.data(), nullptr);
-  const int64_t n_slots = n_bound + ns;
+  const int64_t n_slots = n_bound + ns + (plan.quantized ? nv : 0);
   const std::vector<uint8_t>& writes = plan.writes;
   plan.written.assign(n * n_slots, nullptr);
   constexpr int64_t kAheadTensors = 4;  // tensors between two stages of the pipeline
@@ -243,20 +244,28 @@ bool check_group(Plan& plan) {
       const at::Tensor* grad = grad_at(i);
       plan.numel[i] = -1;
       if (grad == nullptr || !grad->defined()) {
-        std::fill_n(plan.ptr.data() + i * n_bound, n_bound, nullptr);
+        std::fill_n(plan.ptr.data() + i * row, row, nullptr);
         std::fill_n(plan.sptr.data() + i * ns, ns, nullptr);
         continue;
       }
       const c10::TensorImpl* g = impl_of(*grad);
       const int64_t numel = p->numel();
-      void** ptr = plan.ptr.data() + i * n_bound;
+      void** ptr = plan.ptr.data() + i * row;
+      // 8-bit state is quantized in blocks of its memory order, which _quant.py takes in the
+      // tensor's logical order: only contiguous tensors have both.
       bool fit = keys.plain(p) && keys.plain(g) && p->dtype() == dtype && g->dtype() == dtype &&
-                 laid_out_as(p, g) && data_of(p, itemsize, &ptr[0]) &&
-                 data_of(g, itemsize, &ptr[1], grad_written);
+                 (!plan.quantized || p->is_contiguous()) && laid_out_as(p, g) &&
+                 data_of(p, itemsize, &ptr[0]) && data_of(g, itemsize, &ptr[1], grad_written);
       for (int64_t k = 0; fit && k < nv; ++k) {
         const c10::TensorImpl* st = impl_of(plan.vstate[k][i]);
         fit = keys.plain(st) && st->dtype() == vmeta[k] && laid_out_as(p, st) &&
               data_of(st, vsize[k], &ptr[2 + k]);
+        if (!fit || plan.qsigned[k] < 0) continue;
+        // Its absmax: float32, one per block, in memory order; read as nothing else.
+        const c10::TensorImpl* am = impl_of(plan.absmax[k][i]);
+        fit = keys.plain(am) && am->dtype() == caffe2::TypeMeta::Make<float>() &&
+              am->is_contiguous() && am->numel() == (numel + kQBlock - 1) / kQBlock &&
+              data_of(am, 4, &ptr[n_bound + k]);
       }
       double* in = plan.sval.data() + i * ns;
       for (int64_t k = 0; fit && k < ns; ++k) {
@@ -285,7 +294,8 @@ bool check_group(Plan& plan) {
                               : b == 0                          ? plan.params[i]
                               : b == 1                          ? *grad
                               : b < n_bound                     ? plan.vstate[b - 2][i]
-                                                                : plan.sstate[b - n_bound][i];
+                              : b < n_bound + ns                ? plan.sstate[b - n_bound][i]
+                                                 : plan.absmax[b - n_bound - ns][i];
         c10::TensorImpl* impl = impl_of(t);
         if (impl->version_counter().enabled()) {
           counted[b] = impl;
@@ -325,17 +335,24 @@ bool check_group(Plan& plan) {
 bool disjoint(Plan& plan, bool grad_written) {
   if (written_as_before(plan, grad_written)) return true;
   const int64_t n = static_cast<int64_t>(plan.params.size());
-  const int64_t n_bound = 2 + static_cast<int64_t>(plan.vstate.size());
+  const int64_t nv = static_cast<int64_t>(plan.vstate.size());
+  const int64_t n_bound = 2 + nv;
+  const int64_t row = plan.row;
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
-  spans.reserve(n * (n_bound - 1 + ns));
+  spans.reserve(n * (row - 1 + ns));
   for (int64_t i = 0; i < n; ++i) {
     if (plan.numel[i] < 0) continue;  // no gradient: nothing written
     for (int64_t b = 0; b < n_bound && plan.numel[i] > 0; ++b) {
       if (b == 1 && !grad_written) continue;  // a gradient only read may be shared
-      const auto at = reinterpret_cast<uintptr_t>(plan.ptr[i * n_bound + b]);
+      const auto at = reinterpret_cast<uintptr_t>(plan.ptr[i * row + b]);
       const at::ScalarType type = b < 2 ? plan.dtype : plan.vdtype[b - 2];
       spans.emplace_back(at, at + plan.numel[i] * static_cast<int64_t>(c10::elementSize(type)));
+    }
+    for (int64_t k = 0; k < nv && plan.numel[i] > 0; ++k) {
+      if (plan.qsigned[k] < 0) continue;
+      const auto at = reinterpret_cast<uintptr_t>(plan.ptr[i * row + n_bound + k]);
+      spans.emplace_back(at, at + 4 * ((plan.numel[i] + kQBlock - 1) / kQBlock));
     }
     for (int64_t k = 0; k < ns; ++k) {
       const auto at = reinterpret_cast<uintptr_t>(plan.sptr[i * ns + k]);
@@ -390,7 +407,11 @@ const std::vector<Work>& work_items(Plan& plan, int64_t torch_threads, int64_t w
     if (numel < 0) continue;  // no gradient
     const int64_t parts = std::max<int64_t>(
         1, std::min<int64_t>(torch_threads, (numel + kTorchGrain - 1) / kTorchGrain));
-    const int64_t span = std::max<int64_t>((numel + parts - 1) / parts, 1);
+    int64_t span = std::max<int64_t>((numel + parts - 1) / parts, 1);
+    // Each quantization block is written whole, by one item: threads split 8-bit plans at
+    // block boundaries (kChunk is a multiple of kQBlock), which moves torch's chunk boundary
+    // by less than a block (only maximum's NaN bits near it could tell).
+    if (plan.quantized) span = (span + kQBlock - 1) / kQBlock * kQBlock;
     int64_t chunk_start = 0;
     do {
       const int64_t chunk_end = std::min(numel, chunk_start + span);

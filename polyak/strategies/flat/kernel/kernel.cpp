@@ -54,12 +54,20 @@ inline void vector_sqrt(double* d, const double* a, int64_t len) {
   }
 }
 
+#include "quant.h"
+
 // What compiled programs (see _codegen.py) receive besides their tensors: the sqrt functions
-// torch calls, for programs that call them rather than compute their bits inline.
+// torch calls, for programs that call them rather than compute their bits inline; and the
+// maps of 8-bit state (prelude.h's polyak_ctx has the same layout).
 struct Ctx {
   void (*vms)(int, const float*, float*, long long);
   void (*vmd)(int, const double*, double*, long long);
   long long mode;
+  const float* qmap[2];
+  const float* qmid[2];
+  const uint8_t* qbelow[2];
+  const uint32_t* qpack[2];
+  const int64_t* qinside;
 };
 
 void plain_sqrt(int n, const float* a, float* r, long long) {
@@ -71,7 +79,12 @@ void plain_sqrt(int n, const double* a, double* r, long long) {
 
 const Ctx kCtx = {vmsSqrt != nullptr ? vmsSqrt : static_cast<void (*)(int, const float*, float*, long long)>(plain_sqrt),
                   vmdSqrt != nullptr ? vmdSqrt : static_cast<void (*)(int, const double*, double*, long long)>(plain_sqrt),
-                  kVmlMode};
+                  kVmlMode,
+                  {quant_maps.map[0], quant_maps.map[1]},
+                  {quant_maps.mid[0], quant_maps.mid[1]},
+                  {quant_maps.below[0], quant_maps.below[1]},
+                  {quant_maps.pack[0], quant_maps.pack[1]},
+                  quant_maps.inside};
 
 // A compiled program: ``polyak_run`` of _codegen.py, which runs the vector program over
 // elements [start, end) of one tensor's streams with every element's update in registers, and
@@ -136,6 +149,7 @@ int64_t step_typed(Plan& plan) {
   const std::vector<int64_t>& stored = plan.stored;
   const int64_t nv = static_cast<int64_t>(plan.vstate.size());
   const int64_t n_bound = 2 + nv;
+  const int64_t row = plan.row;
   const int64_t ns = static_cast<int64_t>(plan.sstate.size());
   // The scalar program's stores: (state key, register), made as each tensor is updated.
   std::vector<std::pair<int64_t, int64_t>> stores;
@@ -167,9 +181,18 @@ int64_t step_typed(Plan& plan) {
     for (int64_t k = 0; k < n_vcode; ++k)
       for (int64_t f = 2; f <= 4; ++f)
         if (vc[6 * k + f] >= 0 && vc[6 * k + f] < n_bound) used[vc[6 * k + f]] = true;
+    // 8-bit state is read and written whether or not the program does, as the reference
+    // path dequantizes and quantizes it at every step.
+    for (int64_t k = 0; k < nv; ++k) used[2 + k] = used[2 + k] || plan.qsigned[k] >= 0;
     for (int64_t b = 0; b < n_bound; ++b)
       if (used[b]) read.push_back(b);
   }
+  std::vector<int64_t> quantized;  // the bound registers of 8-bit state
+  for (int64_t k = 0; k < nv; ++k)
+    if (plan.qsigned[k] >= 0) quantized.push_back(2 + k);
+  // 8-bit plans run a quantization block at a time (work items start on one): its new values
+  // are all in the block arrays when its absmax is found and its codes written.
+  const int64_t block = plan.quantized ? kQBlock : kBlock;
   void* const* ptr = plan.ptr.data();
   const CompiledFn compiled = plan.compiled ? plan.compiled->fn.load(std::memory_order_acquire) : nullptr;
   if (compiled != nullptr) {
@@ -186,8 +209,8 @@ int64_t step_typed(Plan& plan) {
           }
         }
         const bool more = w + 1 < hi;
-        compiled(ptr + item.i * n_bound, r, item.start, item.end,
-                 more ? ptr + work[w + 1].i * n_bound : nullptr, more ? work[w + 1].start : 0,
+        compiled(ptr + item.i * row, r, item.start, item.end,
+                 more ? ptr + work[w + 1].i * row : nullptr, more ? work[w + 1].start : 0,
                  item.tail, &kCtx);
       }
       if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
@@ -205,39 +228,54 @@ int64_t step_typed(Plan& plan) {
     auto prefetch_next = [&]() {
       if (pw >= hi) return;
       const Work& item = work[pw];
-      void* const* at = ptr + item.i * n_bound;
-      const int64_t len = std::min(kBlock, item.end - poff);
+      void* const* at = ptr + item.i * row;
+      const int64_t len = std::min(block, item.end - poff);
       for (int64_t b : read) {
         const char* base = static_cast<const char*>(at[b]) + poff * sizes[b];
         for (int64_t q = 0; q < len * sizes[b]; q += 64) __builtin_prefetch(base + q, 0, 3);
       }
-      poff += kBlock;
+      poff += block;
       if (poff >= item.end && ++pw < hi) poff = work[pw].start;
     };
     for (int64_t k = 0; k < kAhead; ++k) prefetch_next();
     // Temporaries, and the streams stored in another type, live in L1-sized blocks.
-    T local[kMaxRegs][kBlock];
+    T local[kMaxRegs][kQBlock];
     T* reg[kMaxRegs];
     for (int64_t k = 0; k < kMaxRegs; ++k) reg[k] = local[k];
     for (int64_t w = lo; w < hi; ++w) {
       const Work& item = work[w];
       const double* r = plan.sregs.data() + plan.srow[item.i] * n_sregs;
-      void* const* bound = ptr + item.i * n_bound;
+      void* const* bound = ptr + item.i * row;
       if (item.start == 0) {
         for (const auto& [key, reg] : stores) {
           store_scalar(plan.sptr[item.i * ns + key], plan.sdouble[item.i * ns + key], r[reg]);
         }
       }
-      for (int64_t off = item.start; off < item.end; off += kBlock) {
-        const int64_t len = std::min(kBlock, item.end - off);
+      for (int64_t off = item.start; off < item.end; off += block) {
+        const int64_t len = std::min(block, item.end - off);
         prefetch_next();
         for (int64_t b = 0; b < n_bound; ++b)
           if (direct[b]) reg[b] = static_cast<T*>(bound[b]) + off;
-        for (int64_t b : read)
-          if (!direct[b]) widen<T>(types[b], bound[b], off, local[b], len);
+        for (int64_t b : read) {
+          if (direct[b]) continue;
+          if (types[b] != at::kByte) {
+            widen<T>(types[b], bound[b], off, local[b], len);
+          } else if constexpr (std::is_same_v<T, float>) {
+            const float* absmax = static_cast<const float*>(bound[n_bound + b - 2]);
+            dequantize_block(static_cast<const uint8_t*>(bound[b]) + off, absmax[off / kQBlock],
+                             plan.qsigned[b - 2] > 0, local[b], len);
+          }
+        }
         run_block<T>(vc, n_vcode, reg, r, len, plan.exact_sqrt, off, item.tail, plan.rounding);
         for (int64_t b : stored)
-          if (!direct[b]) narrow<T>(types[b], local[b], bound[b], off, len);
+          if (!direct[b] && types[b] != at::kByte) narrow<T>(types[b], local[b], bound[b], off, len);
+        if constexpr (std::is_same_v<T, float>) {
+          for (int64_t b : quantized) {
+            float* absmax = static_cast<float*>(bound[n_bound + b - 2]);
+            quantize_block(local[b], len, plan.qsigned[b - 2] > 0,
+                           static_cast<uint8_t*>(bound[b]) + off, absmax + off / kQBlock);
+          }
+        }
       }
     }
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
@@ -434,6 +472,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("ready", [](const Compiled& k) { return k.fn.load() != nullptr; });
   m.def("ctx_address", []() { return reinterpret_cast<uintptr_t>(&kCtx); });
   m.def("has_mkl_sqrt", []() { return vmsSqrt != nullptr; });
+  // bitsandbytes' maps as _quant.py makes them, for each of unsigned (0) and signed (1): the
+  // 256 map values, the midpoints padded with infinities, the table of midpoints below each
+  // pattern of a float32's upper 16 bits, and how many midpoints lie within one pattern.
+  m.def("set_maps", [](int64_t is_signed, at::Tensor map, at::Tensor mid, at::Tensor below,
+                       int64_t inside) {
+    TORCH_CHECK(is_signed == 0 || is_signed == 1, "a map is signed or not");
+    map = map.contiguous().to(at::kFloat);
+    mid = mid.contiguous().to(at::kFloat);
+    below = below.contiguous().to(at::kLong);
+    TORCH_CHECK(map.numel() == 256 && below.numel() == (1 << 16) && inside >= 0 &&
+                    mid.numel() <= 264 && mid.numel() >= 255 + inside + 1,
+                "a map of 256 codes");
+    std::memcpy(quant_maps.map[is_signed], map.data_ptr<float>(), 256 * sizeof(float));
+    std::fill_n(quant_maps.mid[is_signed], 264, std::numeric_limits<float>::infinity());
+    std::memcpy(quant_maps.mid[is_signed], mid.data_ptr<float>(), mid.numel() * sizeof(float));
+    const int64_t* b = below.data_ptr<int64_t>();
+    for (int64_t k = 0; k < (1 << 16); ++k) {
+      TORCH_CHECK(b[k] >= 0 && b[k] < 256 && b[k] + inside <= 256, "a table of codes");
+      quant_maps.below[is_signed][k] = static_cast<uint8_t>(b[k]);
+    }
+    quant_maps.inside[is_signed] = inside;
+    pack_map(static_cast<int>(is_signed));
+  });
+  m.def("quant_block", [](at::Tensor values, bool is_signed) {
+    // One block quantized as a step writes it (for tests): codes and absmax.
+    TORCH_CHECK(maps_ready() && values.numel() <= kQBlock && values.scalar_type() == at::kFloat);
+    at::Tensor v = values.contiguous();
+    at::Tensor codes = at::empty({v.numel()}, v.options().dtype(at::kByte));
+    at::Tensor absmax = at::empty({1}, v.options());
+    quantize_block(v.data_ptr<float>(), v.numel(), is_signed, codes.data_ptr<uint8_t>(),
+                   absmax.data_ptr<float>());
+    return std::make_tuple(codes, absmax);
+  });
   // Sets ``.grad`` to None on every tensor of ``params`` whose type is one of ``plain``, as
   // ``p.grad = None`` does for them (torch's setter resets the gradient where no torch
   // function handles the assignment: the caller makes sure no mode does). Returns the other
@@ -459,7 +530,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              std::optional<std::vector<at::Tensor>> local,
                              std::optional<std::vector<std::vector<at::Tensor>>> counted,
                              bool fma, bool max_keep,
-                             std::optional<std::vector<at::ScalarType>> vdtype) {
+                             std::optional<std::vector<at::ScalarType>> vdtype,
+                             std::optional<std::vector<int64_t>> qsigned,
+                             std::optional<std::vector<std::vector<at::Tensor>>> absmax) {
         Plan plan;
         plan.vector_bytes = vector_bytes;
         plan.rounding = {fma, max_keep};
@@ -487,21 +560,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         plan.vdtype = vdtype ? std::move(*vdtype)
                              : std::vector<at::ScalarType>(plan.vstate.size(), plan.dtype);
         TORCH_CHECK(plan.vdtype.size() == plan.vstate.size(), "one storage type per state key");
+        const int64_t nv = static_cast<int64_t>(plan.vstate.size());
+        plan.qsigned.assign(nv, -1);
+        if (qsigned) {
+          TORCH_CHECK(static_cast<int64_t>(qsigned->size()) == nv, "one map per state key");
+          for (int64_t k = 0; k < nv; ++k) plan.qsigned[k] = static_cast<int8_t>((*qsigned)[k]);
+        }
+        if (absmax) plan.absmax = std::move(*absmax);
         // The conversions a step makes: float64 state with float64 parameters only; otherwise
-        // each key in float32, float16 or bfloat16, all computed in float32.
+        // each key in float32, float16 or bfloat16, all computed in float32; and 8-bit codes
+        // (with their absmax and map) beside float32 parameters.
         const bool wide = plan.dtype == at::kDouble;
-        for (at::ScalarType t : plan.vdtype) {
+        for (int64_t k = 0; k < nv; ++k) {
+          const at::ScalarType t = plan.vdtype[k];
+          if (t == at::kByte) {
+            TORCH_CHECK(plan.dtype == at::kFloat && plan.qsigned[k] >= 0 && maps_ready() &&
+                            static_cast<int64_t>(plan.absmax.size()) == nv &&
+                            plan.absmax[k].size() == plan.params.size() && plan.counted.empty(),
+                        "8-bit state needs float32 parameters, its map and its absmax");
+            plan.quantized = true;
+            continue;
+          }
+          TORCH_CHECK(plan.qsigned[k] < 0, "a map for state not stored in 8 bits");
           TORCH_CHECK(wide ? t == at::kDouble
                            : (t == at::kFloat || t == at::kHalf || t == at::kBFloat16),
                       "state stored as ", t, " beside ", plan.dtype, " parameters");
         }
+        plan.row = 2 + nv + (plan.quantized ? nv : 0);
         return plan;
       }),
            pybind11::arg("params"), pybind11::arg("vstate"), pybind11::arg("sstate"),
            pybind11::arg("state"), pybind11::arg("version"), pybind11::arg("watch"),
            pybind11::arg("vector_bytes"), pybind11::arg("local") = pybind11::none(),
            pybind11::arg("counted") = pybind11::none(), pybind11::arg("fma") = true,
-           pybind11::arg("max_keep") = false, pybind11::arg("vdtype") = pybind11::none())
+           pybind11::arg("max_keep") = false, pybind11::arg("vdtype") = pybind11::none(),
+           pybind11::arg("qsigned") = pybind11::none(), pybind11::arg("absmax") = pybind11::none())
       .def("load_program",
            [](Plan& plan, at::Tensor vcode, at::Tensor scode, int64_t n_sregs, int64_t n_vregs,
               std::vector<int64_t> stored,
@@ -520,8 +613,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              plan.n_sregs = n_sregs;
              plan.stored = std::move(stored);
              const size_t n_bound = 2 + plan.vstate.size();
-             plan.writes.assign(n_bound + plan.sstate.size(), 0);
+             const size_t ns = plan.sstate.size();
+             plan.writes.assign(n_bound + ns + (plan.quantized ? plan.vstate.size() : 0), 0);
              for (int64_t b : plan.stored) plan.writes[b] = 1;
+             for (size_t k = 0; k < plan.vstate.size(); ++k) {
+               if (plan.qsigned[k] >= 0) plan.writes[2 + k] = plan.writes[n_bound + ns + k] = 1;
+             }
              const int64_t* sc = plan.scode.data_ptr<int64_t>();
              for (int64_t k = 0; k < plan.scode.size(0); ++k)
                if (sc[4 * k] == S_STORE) plan.writes[n_bound + sc[4 * k + 2]] = 1;

@@ -28,17 +28,32 @@ struct Plan {
   // what it reads to the compute type exactly and rounds what it writes to nearest even, so
   // that narrower state moves fewer bytes and computes as float32 state does.
   std::vector<at::ScalarType> vdtype;
-  std::vector<void*> ptr;        // [i][param, grad, vector state...]: where each stream starts
+  // [key]: for a key stored in 8 bits (vdtype kByte: uint8 codes of the parameter's shape in
+  // bitsandbytes' block-wise format, see quant.h), whether its map is the signed one (1) or
+  // the unsigned one (0); -1 for the other keys.
+  std::vector<int8_t> qsigned;
+  // [key][i]: each 8-bit key's absmax, one float32 per block of kQBlock (undefined for the
+  // other keys). Read and written by every step, with its key's codes.
+  std::vector<std::vector<at::Tensor>> absmax;
+  // Whether any key is stored in 8 bits: work items then start and end on quantization
+  // blocks, and each tensor's row in ptr holds one absmax pointer per key after its streams.
+  bool quantized = false;
+  int64_t row = 0;  // pointers per tensor in ptr
+  // [i][param, grad, vector state..., (8-bit plans) absmax of each key]: where each stream
+  // starts.
+  std::vector<void*> ptr;
   std::vector<int64_t> numel;    // [i]; -1: no gradient this step
   std::vector<void*> sptr;       // [i][key]: where each scalar state value lives
   std::vector<double> sval;      // [i][key]: its value at the start of the step
   std::vector<uint8_t> sdouble;  // [i][key]: whether it is a double (else a float)
-  // [i][param, grad, vector state..., scalar state...]: the tensors the step writes, whose
+  // [i][param, grad, vector state..., scalar state..., (8-bit plans) absmax of each key]: the
+  // tensors the step writes, whose
   // version counters it advances as in-place operations do (null: not written, or an
   // inference tensor inside inference mode, which counts nothing).
   std::vector<c10::TensorImpl*> written;
-  // [param, grad, vector state..., scalar state...]: whether the program writes each (the
-  // bound registers its vector code stores, the scalar state its scalar code stores).
+  // [param, grad, vector state..., scalar state..., absmax...]: whether the program writes each
+  // (the bound registers its vector code stores, the scalar state its scalar code stores; an
+  // 8-bit key and its absmax always, as the reference path quantizes them at every step).
   std::vector<uint8_t> writes;
   // Whether the step was called in inference mode, where inference tensors may be written.
   bool inference = false;

@@ -16,6 +16,14 @@ struct polyak_ctx {
   void (*vms)(int, const float*, float*, long long);
   void (*vmd)(int, const double*, double*, long long);
   long long mode;
+  /* bitsandbytes' maps for 8-bit state (kernel/quant.h's QuantMaps), by whether signed: the
+     values, the padded midpoints, the table of midpoints below each upper-16-bit pattern, and
+     how many midpoints lie within one pattern. */
+  const float* qmap[2];
+  const float* qmid[2];
+  const uint8_t* qbelow[2];
+  const uint32_t* qpack[2];
+  const int64_t* qinside;
 };
 
 #define PK_INLINE static inline __attribute__((always_inline))
@@ -287,3 +295,109 @@ static void pk_sqrt_mkl(const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = sqrtf(in[i]);
 }
 #endif
+
+/* 8-bit block-wise state, as kernel/quant.h reads and writes it (the rule of polyak/_quant.py):
+   a block of codes read as float32 values (map value times the block's absmax), and a block of
+   new values written as codes and absmax. On AVX-512 the map, the table and the midpoints are
+   read by gathers (the table of bytes read as 32-bit words at byte offsets, masked: QuantMaps
+   has room past its end). */
+static inline void pk_deq(const uint8_t* codes, float absmax, const float* map, float* d,
+                          int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  /* The map in 16 registers, looked up by permutes of 32 values and blends on the code's upper
+     three bits: a third of the gather's time per element here. */
+  const __m512 a = _mm512_set1_ps(absmax);
+  __m512 t[16];
+  for (int k = 0; k < 16; ++k) t[k] = _mm512_loadu_ps(map + 16 * k);
+  const __m512i b5 = _mm512_set1_epi32(32), b6 = _mm512_set1_epi32(64);
+  const __m512i b7 = _mm512_set1_epi32(128);
+  for (; j + 16 <= n; j += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + j)));
+    __m512 r[8];
+    for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(t[2 * k], idx, t[2 * k + 1]);
+    const __mmask16 m5 = _mm512_test_epi32_mask(idx, b5), m6 = _mm512_test_epi32_mask(idx, b6);
+    const __m512 u0 = _mm512_mask_blend_ps(m6, _mm512_mask_blend_ps(m5, r[0], r[1]),
+                                           _mm512_mask_blend_ps(m5, r[2], r[3]));
+    const __m512 u1 = _mm512_mask_blend_ps(m6, _mm512_mask_blend_ps(m5, r[4], r[5]),
+                                           _mm512_mask_blend_ps(m5, r[6], r[7]));
+    const __m512 v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, b7), u0, u1);
+    _mm512_storeu_ps(d + j, _mm512_mul_ps(v, a));
+  }
+#endif
+  for (; j < n; ++j) d[j] = map[codes[j]] * absmax;
+}
+
+static inline uint8_t pk_code(float x, const float* mid, const uint8_t* below, int64_t inside) {
+  uint32_t bits;
+  memcpy(&bits, &x, 4);
+  int64_t code = below[bits >> 16];
+  const int64_t base = code;
+  for (int64_t k = 0; k < inside; ++k) code += x > mid[base + k];
+  return (uint8_t)code;
+}
+
+static inline void pk_quant(const float* s, int64_t n, uint8_t* codes, float* absmax,
+                            const struct polyak_ctx* ctx, int sgn) {
+  const float* mid = ctx->qmid[sgn];
+  const uint8_t* below = ctx->qbelow[sgn];
+  const int64_t inside = ctx->qinside[sgn];
+  /* The block's largest magnitude, NaN where it holds one (as torch's amax). */
+  float m = 0.0f;
+  int nan = 0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 vnan = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 x = _mm512_abs_ps(_mm512_loadu_ps(s + j));
+    vnan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  m = _mm512_reduce_max_ps(vmax);
+  nan = vnan != 0;
+#endif
+  for (; j < n; ++j) {
+    const float a = fabsf(s[j]);
+    nan |= a != a;
+    m = a > m ? a : m;
+  }
+  const float found = nan ? __builtin_nanf("") : m;
+  const float floor = found < 1e-38f ? 1e-38f : found; /* torch's clamp(min=): NaN stays */
+  /* A full block is scaled by the float32 reciprocal, the last short one divided. */
+  const int full = n == 256;
+  const float scale = 1.0f / floor;
+  j = 0;
+#if defined(__AVX512F__)
+  /* One gather per vector, of the packed word of each value's pattern (see kernel/quant.h). */
+  if (inside == 1) {
+    const uint32_t* pack = ctx->qpack[sgn];
+    const __m512 vs = _mm512_set1_ps(scale), vf = _mm512_set1_ps(floor);
+    const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+    const __m512i low16 = _mm512_set1_epi32(0xffff), one = _mm512_set1_epi32(1);
+    for (; j + 16 <= n; j += 16) {
+      const __m512 v = _mm512_loadu_ps(s + j);
+      __m512 x = full ? _mm512_mul_ps(v, vs) : _mm512_div_ps(v, vf);
+      x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), x, lo);
+      x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), x, hi);
+      const __m512i bits = _mm512_castps_si512(x);
+      const __m512i word = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), (const void*)pack, 4);
+      /* The lower 16 bits, flipped for negative values, against the midpoint's. */
+      const __m512i flip = _mm512_and_si512(_mm512_srai_epi32(bits, 31), low16);
+      const __m512i low = _mm512_xor_si512(_mm512_and_si512(bits, low16), flip);
+      const __mmask16 above =
+          _mm512_cmpgt_epi32_mask(low, _mm512_and_si512(word, low16));
+      const __m512i base = _mm512_srli_epi32(word, 16);
+      const __m512i code = _mm512_mask_add_epi32(base, above, base, one);
+      _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(code));
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    float x = full ? s[j] * scale : s[j] / floor;
+    x = x < -1.0f ? -1.0f : x;
+    x = x > 1.0f ? 1.0f : x;
+    codes[j] = pk_code(x, mid, below, inside);
+  }
+  *absmax = full ? found : floor;
+}
