@@ -182,7 +182,7 @@ def test_corrupt_state_dict_loads_or_changes_nothing(case: Any, data: st.DataObj
     saved = copy.deepcopy(sd)
     try:
         opt.load_state_dict(sd)
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):  # as torch refuses it
         assert_same(_snapshot(opt), before)
     # Whatever happened, the optimizer still steps, or fails as torch.optim fails with the same
     # state dict (both take a flag such as capturable=True at load and refuse it at the step).
