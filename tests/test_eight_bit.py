@@ -4,25 +4,16 @@ step computing as torch's does with its state quantized and dequantized after ev
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 from typing import Any
 
 import pytest
 import torch
-from registry import REGISTRY, Entry, ids
-from test_precision import stepping_configs
+from registry import Entry, ids
+from test_precision import CASES, stepping_configs
 
 import polyak
 from polyak import _quant
-
-CASES = [
-    entry
-    for entry in REGISTRY
-    if "state_dtype" in inspect.signature(entry.cls).parameters
-    and not entry.sparse_grads
-    and not entry.step_closure
-]
 
 SHAPES = [(20, 30), (300,), (7,), ()]
 

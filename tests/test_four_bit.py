@@ -6,13 +6,12 @@ rounding after every step."""
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any
 
 import pytest
 import torch
-from registry import REGISTRY, Entry, ids
-from test_precision import stepping_configs
+from registry import Entry, ids
+from test_precision import CASES, stepping_configs
 
 import polyak
 from polyak import _quant
@@ -45,13 +44,6 @@ def test_the_maps_codes_and_values_are_torchaos(signed: bool) -> None:
         assert torch.equal(back, state.dequantize())
 
 
-CASES = [
-    entry
-    for entry in REGISTRY
-    if "state_dtype" in inspect.signature(entry.cls).parameters
-    and not entry.sparse_grads
-    and not entry.step_closure
-]
 SHAPES = [(16, 24), (256,), (300,), (7,)]  # (300,) and (7,): no whole blocks, kept in float32
 
 

@@ -18,6 +18,8 @@ from polyak import _precision
 
 NARROW = [torch.bfloat16, torch.float16]
 
+#: The registry's optimizers that take ``state_dtype`` and step on dense gradients without a
+#: closure (the storage tests of every format run over them).
 CASES = [
     entry
     for entry in REGISTRY
