@@ -101,7 +101,7 @@ def _path(optimizer: Any, group: dict[str, Any]) -> tuple[str, str]:
     grads = [p.grad if p.grad is not None else p for p in with_grads]
     reference = choose(group, with_grads, grads, optimizer.foreach_by_default).value
     if not optimizer.elementwise:
-        return reference, (
+        return reference, optimizer.not_flat_reason or (
             f"{type(optimizer).__name__}'s update is not elementwise (per-tensor reductions or "
             "matrix products): torch's operations run it"
         )

@@ -108,6 +108,9 @@ class Optimizer(torch.optim.Optimizer):
     #: The update is elementwise, so the flat kernel may run it; rules with per-tensor norms or
     #: matrix products set False and run on the other strategies.
     elementwise: ClassVar[bool] = True
+    #: Why a class that is not ``elementwise`` takes torch's operations, where it is not that
+    #: its rule has reductions or matrix products (``polyak.explain`` says it).
+    not_flat_reason: ClassVar[str] = ""
     #: Under torch.compile the step runs eagerly, one graph break, as torch's does where dynamo
     #: cannot trace it (SparseAdam's sparse gradients).
     eager_under_compile: ClassVar[bool] = False

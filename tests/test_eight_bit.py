@@ -220,3 +220,12 @@ def test_a_checkpoint_with_another_map_is_refused_unchanged() -> None:
     after = opt.state_dict()["state"][0]["__bnb_optimizer_quant_state__"]
     for key, value in before["state"][0]["__bnb_optimizer_quant_state__"].items():
         assert torch.equal(after[key], value)
+
+
+def test_explain_says_why_bitsandbytes_classes_take_torchs_operations() -> None:
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = polyak.AdamW8bit([p])
+    p.grad = torch.randn(4)
+    opt.step()
+    reason = polyak.explain(opt).groups[0].reason
+    assert "bitsandbytes' rule" in reason and "not elementwise" not in reason

@@ -76,6 +76,10 @@ class AdamW8bit(Optimizer):
     # Its own rule, tensor by tensor, with its own keyword set: not the flat kernel's, and no
     # state_dtype keyword (the state is 8-bit).
     elementwise = False
+    not_flat_reason = (
+        "bitsandbytes' rule, by tensor size (its 8-bit and 32-bit paths' orders), runs tensor "
+        "by tensor on torch's operations; state_dtype='8bit' runs AdamW's on the flat kernel"
+    )
     _default_decay = 1e-2
 
     def __init__(
