@@ -124,12 +124,17 @@ def dense_and_capturable(
     return check_step
 
 
-def step_from_group(entry: dict[str, Any], group: Mapping[str, Any]) -> None:
-    """Give a loaded parameter state without a ``step`` its group's count, where a checkpoint
-    of a package that counts steps per group (``group["step"]``) holds one."""
+def upgrade_group_step_state(
+    self: Any, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor
+) -> None:
+    """``upgrade_state`` of a rule whose reference package counts steps per group
+    (``group["step"]``): a loaded parameter state without a ``step`` takes its group's count,
+    and a count kept as a Python number becomes a tensor (assigned as the class's
+    ``upgrade_state``)."""
     count = group.get("step")
     if entry and "step" not in entry and isinstance(count, int) and not isinstance(count, bool):
         entry["step"] = torch.tensor(float(count), dtype=scalar_dtype())
+    upgrade_step(entry, param, False)
 
 
 def with_group_steps(optimizer: Any, state_dict: dict[str, Any]) -> None:

@@ -110,10 +110,8 @@ class Adan(Optimizer):
         """Adan takes dense gradients."""
         _common.check_dense("Adan", grads)
 
-    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
-        """timm keeps the step count in the group: each parameter takes it."""
-        _common.step_from_group(entry, group)
-        _common.upgrade_step(entry, param, False)
+    # timm keeps the step count in the group: each parameter takes it.
+    upgrade_state = _common.upgrade_group_step_state
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step counter and zero moments; ``neg_pre_grad`` is set at the first step."""

@@ -159,10 +159,8 @@ class AdEMAMix(Optimizer):
         if any(p.is_complex() for p in params):
             raise RuntimeError("AdEMAMix does not support complex parameters")
 
-    def upgrade_state(self, entry: dict[str, Any], group: Mapping[str, Any], param: Tensor) -> None:
-        """pytorch-optimizer keeps the step count in the group: each parameter takes it."""
-        _common.step_from_group(entry, group)
-        _common.upgrade_step(entry, param, False)
+    # pytorch-optimizer keeps the step count in the group: each parameter takes it.
+    upgrade_state = _common.upgrade_group_step_state
 
     def init_state(self, param: Tensor, hp: Hyper) -> dict[str, Tensor]:
         """A zero step counter and zero moments."""
